@@ -1,0 +1,1 @@
+"""Services behind the RunPod handler: storage, outputs, actions and the GPU runner."""

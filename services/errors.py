@@ -1,0 +1,45 @@
+"""The worker's own exceptions. Vendor errors are translated into these at the boundary.
+
+The handler turns each into RunPod's ``{"error": "<string>"}``; ``refresh_worker`` asks
+RunPod to replace the worker after the job (a broken CUDA context, say).
+"""
+
+from __future__ import annotations
+
+
+class WorkerError(Exception):
+    """Base of every error the worker reports to the caller."""
+
+    refresh_worker: bool = False
+
+
+class InputError(WorkerError):
+    """The job input is invalid; the message names the field and what is allowed."""
+
+
+class StorageError(WorkerError):
+    """A storage operation failed for a reason other than the backend being unavailable."""
+
+
+class ObjectNotFound(StorageError):
+    """The key does not exist."""
+
+
+class StorageUnavailable(StorageError):
+    """The storage backend is unreachable or the circuit breaker is open."""
+
+
+class GpuError(WorkerError):
+    """Training or generation failed."""
+
+
+class GpuOutOfMemory(GpuError):
+    """CUDA ran out of memory; the worker is refreshed so the next job starts clean."""
+
+    refresh_worker = True
+
+
+class ModelStateError(GpuError):
+    """The model or CUDA state is broken; the worker is refreshed."""
+
+    refresh_worker = True

@@ -1,0 +1,186 @@
+"""Concurrent, idempotent batch upload of training files into ``datasets/<dataset>/``.
+
+Each file is ``{"name": ..., "data": <base64>}`` or ``{"name": ..., "url": "https://..."}``.
+Every input file ends up in exactly one of ``uploaded``, ``skipped`` (already there with
+the same sha256) and ``failed`` (with the reason); one failed file never stops the others,
+and a file is reported uploaded only after the store acknowledged it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import logging
+import mimetypes
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from services.errors import StorageError, WorkerError
+from services.storage.base import Storage
+
+log = logging.getLogger(__name__)
+
+MAX_NAME_BYTES = 255
+DATASET_ROOT = "datasets"
+
+# Downloads a URL source into the job workspace and returns the local file.
+UrlFetcher = Callable[[str, str], Awaitable[Path]]
+
+
+class UploadedFile(BaseModel):
+    name: str
+    key: str
+    size: int
+    sha256: str
+
+
+class SkippedFile(BaseModel):
+    name: str
+    key: str
+    reason: str
+
+
+class FailedFile(BaseModel):
+    name: str
+    error: str
+
+
+class BatchResult(BaseModel):
+    """The fate of every file of one batch."""
+
+    dataset: str
+    prefix: str
+    uploaded: list[UploadedFile] = Field(default_factory=list)
+    skipped: list[SkippedFile] = Field(default_factory=list)
+    failed: list[FailedFile] = Field(default_factory=list)
+
+
+class FileSource(BaseModel):
+    """One file of a batch: inline base64 ``data`` or a ``url`` to fetch."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="File name inside the dataset (no separators, at most 255 bytes).")
+    data: str | None = Field(None, description="File content, base64.")
+    url: str | None = Field(None, description="http(s) URL to download the file from.")
+    content_type: str | None = Field(None, description="MIME type; guessed from the name when absent.")
+
+
+def file_name_problem(name: str) -> str | None:
+    """Why ``name`` is not a valid dataset file name, or ``None`` when it is.
+
+    Names are checked, never rewritten: what the caller sent is the key they get.
+    """
+    if not name:
+        return "must not be empty"
+    if "/" in name or "\\" in name:
+        return "path separators are not allowed"
+    if name in (".", "..") or ".." in name:
+        return "'..' is not allowed"
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+        return "control characters are not allowed"
+    if len(name.encode()) > MAX_NAME_BYTES:
+        return f"longer than {MAX_NAME_BYTES} bytes"
+    return None
+
+
+def dataset_prefix(dataset: str) -> str:
+    """The key prefix of a dataset: ``datasets/<dataset>/``."""
+    problem = file_name_problem(dataset)
+    if problem:
+        raise StorageError(f"dataset {dataset!r}: {problem}")
+    return f"{DATASET_ROOT}/{dataset}/"
+
+
+def _decode(data: str) -> bytes:
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(f"data is not valid base64 ({exc})") from exc
+
+
+class _Batch:
+    def __init__(self, storage: Storage, dataset: str, fetch: UrlFetcher | None, max_file_bytes: int | None):
+        self.storage = storage
+        self.fetch = fetch
+        self.max_file_bytes = max_file_bytes
+        self.result = BatchResult(dataset=dataset, prefix=dataset_prefix(dataset))
+
+    def fail(self, name: str, error: str) -> None:
+        self.result.failed.append(FailedFile(name=name, error=error))
+
+    async def upload_one(self, index: int, source: FileSource) -> None:
+        key = self.result.prefix + source.name
+        content_type = source.content_type or mimetypes.guess_type(source.name)[0] or "application/octet-stream"
+        async with self.storage.upload_slots:
+            try:
+                if source.data is not None:
+                    data = _decode(source.data)
+                else:
+                    if self.fetch is None:
+                        raise ValueError("url sources are not enabled here")
+                    path = await self.fetch(source.url or "", source.name)
+                    data = await asyncio.to_thread(path.read_bytes)
+                if self.max_file_bytes is not None and len(data) > self.max_file_bytes:
+                    raise ValueError(f"{len(data)} bytes is over the {self.max_file_bytes}-byte limit (MAX_FILE_BYTES)")
+                digest = hashlib.sha256(data).hexdigest()
+                existing = await self.storage.head(key)
+                if existing is not None and existing.sha256 == digest:
+                    self.result.skipped.append(
+                        SkippedFile(name=source.name, key=key, reason="already stored with the same sha256")
+                    )
+                    return
+                info = await self.storage.put_bytes(key, data, content_type=content_type, sha256=digest)
+            except ValueError as exc:
+                self.fail(source.name, f"files[{index}]: {exc}")
+                return
+            except WorkerError as exc:
+                log.warning("upload of %s failed: %s", key, exc)
+                self.fail(source.name, f"files[{index}]: {exc}")
+                return
+        self.result.uploaded.append(UploadedFile(name=source.name, key=key, size=info.size, sha256=digest))
+
+
+def _parse(index: int, item: Any, seen: set[str]) -> tuple[FileSource | None, FailedFile | None]:
+    name = item.get("name") if isinstance(item, dict) else None
+    label = name if isinstance(name, str) else f"files[{index}]"
+    try:
+        source = FileSource.model_validate(item)
+    except ValidationError as exc:
+        problems = "; ".join(f"files[{index}]{''.join(f'.{p}' for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        return None, FailedFile(name=label, error=problems)
+    if problem := file_name_problem(source.name):
+        return None, FailedFile(name=label, error=f"files[{index}].name: {problem}")
+    if (source.data is None) == (source.url is None):
+        return None, FailedFile(name=label, error=f"files[{index}]: give exactly one of 'data' and 'url'")
+    if source.name in seen:
+        return None, FailedFile(name=label, error=f"files[{index}].name: duplicate of an earlier file in the batch")
+    seen.add(source.name)
+    return source, None
+
+
+async def upload_batch(
+    storage: Storage,
+    files: list[dict[str, Any]],
+    dataset: str = "default",
+    *,
+    fetch: UrlFetcher | None = None,
+    max_file_bytes: int | None = None,
+) -> BatchResult:
+    """Upload ``files`` concurrently (bounded by the storage's upload slots)."""
+    batch = _Batch(storage, dataset, fetch, max_file_bytes)
+    seen: set[str] = set()
+    jobs = []
+    for index, item in enumerate(files):
+        source, failure = _parse(index, item, seen)
+        if failure is not None:
+            batch.result.failed.append(failure)
+        elif source is not None:
+            jobs.append(batch.upload_one(index, source))
+    await asyncio.gather(*jobs)
+    return batch.result

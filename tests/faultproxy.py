@@ -1,0 +1,155 @@
+"""A small fault-injecting HTTP reverse proxy for tests and benchmarks.
+
+Sits between an S3 client and the moto server and adds latency, ``503 SlowDown``
+answers, connection resets, or a full outage (``down``), and counts the requests
+that reached it. Runs its own event loop in a background thread, so it serves
+synchronous and asynchronous clients alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import socket
+import threading
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+log = logging.getLogger(__name__)
+
+SLOW_DOWN_BODY = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+    b"<Message>Please reduce your request rate.</Message></Error>"
+)
+HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "host"}
+
+
+@dataclass
+class Faults:
+    """What the proxy does to each request (change at any time)."""
+
+    latency: float = 0.0
+    error_rate: float = 0.0
+    reset_rate: float = 0.0
+    down: bool = False
+    fail_after: int | None = None  # go down after this many forwarded requests
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class FaultProxy:
+    """``with FaultProxy(upstream, Faults(latency=0.025)) as proxy: ... proxy.url``."""
+
+    def __init__(self, upstream: str, faults: Faults | None = None, seed: int = 0) -> None:
+        self.upstream = upstream.rstrip("/")
+        self.faults = faults or Faults()
+        self.port = free_port()
+        self.requests = 0
+        self.forwarded = 0
+        self.injected_errors = 0
+        self.injected_resets = 0
+        self._random = random.Random(seed)
+        self._lock = threading.Lock()
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="fault-proxy", daemon=True)
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> FaultProxy:
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("fault proxy did not start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            future = asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop)
+            future.result(10)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(self._start())
+        self._ready.set()
+        self._loop.run_forever()
+        self._loop.close()
+
+    async def _start(self) -> None:
+        app = web.Application(client_max_size=1024**3)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        connector = aiohttp.TCPConnector(limit=256)
+        self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+
+    async def _shutdown(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def _decide(self) -> str:
+        with self._lock:
+            self.requests += 1
+            faults = self.faults
+            if faults.down or (faults.fail_after is not None and self.forwarded >= faults.fail_after):
+                return "down"
+            roll = self._random.random()
+            if roll < faults.error_rate:
+                self.injected_errors += 1
+                return "error"
+            if roll < faults.error_rate + faults.reset_rate:
+                self.injected_resets += 1
+                return "reset"
+            self.forwarded += 1
+            return "forward"
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        decision = self._decide()
+        body = await request.read()
+        if decision == "down":
+            return self._reset(request)
+        if self.faults.latency:
+            await asyncio.sleep(self.faults.latency)
+        if decision == "error":
+            return web.Response(status=503, body=SLOW_DOWN_BODY, content_type="application/xml")
+        if decision == "reset":
+            return self._reset(request)
+        assert self._session is not None
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        headers["Host"] = request.headers.get("Host", "")
+        async with self._session.request(
+            request.method, self.upstream + request.path_qs, headers=headers, data=body, allow_redirects=False
+        ) as upstream:
+            payload = await upstream.read()
+            out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
+            return web.Response(status=upstream.status, headers=out_headers, body=payload)
+
+    @staticmethod
+    def _reset(request: web.Request) -> web.StreamResponse:
+        transport = request.transport
+        if transport is not None:
+            with contextlib.suppress(OSError):
+                sock = transport.get_extra_info("socket")
+                if sock is not None:  # RST instead of FIN, like a crashed server
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            transport.abort()
+        raise asyncio.CancelledError

@@ -1,0 +1,207 @@
+"""The S3 circuit breaker: what counts, fail-fast while open, one half-open trial, recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import pybreaker
+import pytest
+from botocore.exceptions import ClientError, EndpointConnectionError
+
+from config.settings import Settings
+from services.errors import ObjectNotFound, StorageError, StorageUnavailable
+from services.storage import Storage
+from services.storage.breaker import (
+    S3_CIRCUIT_BREAKER,
+    breaker_state,
+    configure_breaker,
+    is_backend_failure,
+    safe_s3_operation,
+)
+from tests.conftest import run_with_storage
+from tests.faultproxy import FaultProxy, Faults, free_port
+
+
+def client_error(code: str, status: int) -> ClientError:
+    return ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")
+
+
+@pytest.mark.parametrize(
+    ("exc", "counts"),
+    [
+        (client_error("SlowDown", 503), True),
+        (client_error("InternalError", 500), True),
+        (client_error("TooManyRequests", 429), True),
+        (client_error("Throttling", 400), True),
+        (EndpointConnectionError(endpoint_url="http://x"), True),
+        (TimeoutError(), True),
+        (ConnectionResetError(), True),
+        (client_error("NoSuchKey", 404), False),
+        (client_error("AccessDenied", 403), False),
+        (client_error("InvalidArgument", 400), False),
+        (ValueError("bad parameter"), False),
+    ],
+)
+def test_only_backend_health_errors_count(exc: BaseException, counts: bool) -> None:
+    assert is_backend_failure(exc) is counts
+
+
+def _run(coro_factory, times: int = 1) -> list[BaseException | object]:  # type: ignore[no-untyped-def]
+    async def main() -> list[BaseException | object]:
+        results: list[BaseException | object] = []
+        for _ in range(times):
+            try:
+                results.append(await coro_factory())
+            except StorageError as exc:
+                results.append(exc)
+        return results
+
+    return asyncio.run(main())
+
+
+def test_business_errors_never_trip() -> None:
+    configure_breaker(2, 30)
+
+    async def missing() -> None:
+        raise client_error("NoSuchKey", 404)
+
+    results = _run(lambda: safe_s3_operation("get_object", missing, resource="s3://b/k"), times=5)
+    assert all(isinstance(r, ObjectNotFound) for r in results)
+    assert "s3://b/k" in str(results[0])
+    assert S3_CIRCUIT_BREAKER.current_state == pybreaker.STATE_CLOSED
+
+
+def test_cancellation_is_not_counted() -> None:
+    configure_breaker(1, 30)
+
+    async def main() -> None:
+        task = asyncio.create_task(safe_s3_operation("put_object", asyncio.sleep, 10))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert S3_CIRCUIT_BREAKER.current_state == pybreaker.STATE_CLOSED
+    assert S3_CIRCUIT_BREAKER.fail_counter == 0
+
+
+def test_dead_endpoint_opens_then_fails_fast(s3_settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    """Nothing listens on the port: after fail_max failures, calls fail at once, saying so."""
+    dead = s3_settings.model_copy(
+        update={"s3_endpoint_url": f"http://127.0.0.1:{free_port()}", "s3_breaker_fail_max": 3, "s3_max_attempts": 1}
+    )
+    caplog.set_level(logging.WARNING, logger="services.storage.breaker")
+
+    async def scenario(storage: Storage) -> list[BaseException]:
+        errors = []
+        for i in range(5):
+            with pytest.raises(StorageUnavailable) as info:
+                await storage.put_bytes(f"k{i}", b"x")
+            errors.append(info.value)
+        return errors
+
+    errors = run_with_storage(dead, scenario)
+    assert "circuit open" not in str(errors[0])
+    assert "circuit open, retry in" in str(errors[3])
+    assert "circuit open, retry in" in str(errors[4])
+    assert breaker_state()["state"] == "open"
+    assert breaker_state()["retry_in_seconds"] > 0
+    assert any("closed -> open" in r.getMessage() for r in caplog.records)
+
+
+def test_failing_endpoint_half_open_trial_and_recovery(s3_settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    """503s trip the breaker; after the reset timeout exactly one trial goes through; success closes it."""
+    caplog.set_level(logging.WARNING, logger="services.storage.breaker")
+    faults = Faults(error_rate=1.0)
+    with FaultProxy(s3_settings.s3_endpoint_url or "", faults) as proxy:
+        settings = s3_settings.model_copy(
+            update={
+                "s3_endpoint_url": proxy.url,
+                "s3_breaker_fail_max": 2,
+                "s3_breaker_reset_timeout": 0.3,
+                "s3_max_attempts": 1,
+            }
+        )
+
+        async def scenario(storage: Storage) -> None:
+            for _ in range(2):
+                with pytest.raises(StorageUnavailable):
+                    await storage.put_bytes("k", b"x")
+            assert S3_CIRCUIT_BREAKER.current_state == pybreaker.STATE_OPEN
+            before = proxy.requests
+            for _ in range(10):
+                with pytest.raises(StorageUnavailable, match="circuit open"):
+                    await storage.put_bytes("k", b"x")
+            assert proxy.requests == before  # fail fast: nothing reached the network
+            faults.error_rate = 0.0
+            faults.latency = 0.2
+            await asyncio.sleep(0.35)
+            results = await asyncio.gather(
+                *(storage.put_bytes(f"trial{i}", b"x") for i in range(5)), return_exceptions=True
+            )
+            passed = [r for r in results if not isinstance(r, BaseException)]
+            refused = [r for r in results if isinstance(r, StorageUnavailable)]
+            assert len(passed) == 1  # one trial call while half-open
+            assert len(refused) == 4
+            assert all("half-open" in str(r) for r in refused)
+            assert S3_CIRCUIT_BREAKER.current_state == pybreaker.STATE_CLOSED
+            faults.latency = 0.0
+            await storage.put_bytes("after", b"ok")
+
+        run_with_storage(settings, scenario)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("open -> half-open" in m for m in messages)
+    assert any("half-open -> closed" in m for m in messages)
+
+
+def test_failed_trial_reopens(s3_settings: Settings) -> None:
+    with FaultProxy(s3_settings.s3_endpoint_url or "", Faults(error_rate=1.0)) as proxy:
+        settings = s3_settings.model_copy(
+            update={
+                "s3_endpoint_url": proxy.url,
+                "s3_breaker_fail_max": 1,
+                "s3_breaker_reset_timeout": 0.2,
+                "s3_max_attempts": 1,
+            }
+        )
+
+        async def scenario(storage: Storage) -> None:
+            with pytest.raises(StorageUnavailable):
+                await storage.put_bytes("k", b"x")
+            await asyncio.sleep(0.25)
+            with pytest.raises(StorageUnavailable):
+                await storage.put_bytes("k", b"x")  # the trial, refused by the server
+            assert S3_CIRCUIT_BREAKER.current_state == pybreaker.STATE_OPEN
+            with pytest.raises(StorageUnavailable, match="circuit open"):
+                await storage.put_bytes("k", b"x")
+
+        run_with_storage(settings, scenario)
+
+
+def test_open_breaker_fails_fast_without_network(s3_settings: Settings) -> None:
+    """While open, a call returns without any I/O (the proxy counts every request)."""
+    with FaultProxy(s3_settings.s3_endpoint_url or "", Faults(down=True)) as proxy:
+        settings = s3_settings.model_copy(
+            update={"s3_endpoint_url": proxy.url, "s3_breaker_fail_max": 2, "s3_max_attempts": 1}
+        )
+
+        async def scenario(storage: Storage) -> None:
+            for _ in range(2):
+                with pytest.raises(StorageUnavailable):
+                    await storage.head("k")
+            seen = proxy.requests
+            for _ in range(20):
+                with pytest.raises(StorageUnavailable, match="circuit open"):
+                    await storage.head("k")
+            assert proxy.requests == seen
+
+        run_with_storage(settings, scenario)
+
+
+def test_local_backend_is_default(tmp_path: Path) -> None:
+    from config.settings import build_settings
+
+    assert build_settings().backend == "local"
