@@ -15,7 +15,7 @@ import pytest
 from botocore.config import Config
 from moto.server import ThreadedMotoServer
 
-from config.settings import Settings, build_settings
+from config.settings import Settings, build_settings, load_settings
 from services.storage import Storage, open_storage
 from services.storage.breaker import reset_breaker
 
@@ -51,6 +51,7 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         if name.upper().startswith(CONFIG_PREFIXES):
             monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)
+    load_settings.cache_clear()
     reset_breaker()
 
 
@@ -116,5 +117,37 @@ def run_with_storage(settings: Settings, scenario: Callable[[Storage], Awaitable
             return await scenario(storage)
         finally:
             await storage.close()
+
+    return asyncio.run(main())
+
+
+def use_settings_env(monkeypatch: pytest.MonkeyPatch, settings: Settings) -> None:
+    """Put ``settings`` into the environment so the handler's ``load_settings()`` sees them."""
+    values = {
+        "S3_BUCKET": settings.s3_bucket,
+        "S3_ENDPOINT_URL": settings.s3_endpoint_url,
+        "S3_REGION": settings.s3_region,
+        "AWS_ACCESS_KEY_ID": settings.aws_access_key_id.get_secret_value() if settings.aws_access_key_id else None,
+        "AWS_SECRET_ACCESS_KEY": (
+            settings.aws_secret_access_key.get_secret_value() if settings.aws_secret_access_key else None
+        ),
+        "STORAGE_DIR": str(settings.storage_dir),
+    }
+    for name, value in values.items():
+        if value is not None:
+            monkeypatch.setenv(name, value)
+    load_settings.cache_clear()
+
+
+def run_jobs(*jobs: dict[str, Any]) -> list[dict[str, Any]]:
+    """Run jobs through ``rp_handler.handler`` on one event loop, concurrently."""
+    from rp_handler import handler
+    from services.storage import close_storages
+
+    async def main() -> list[dict[str, Any]]:
+        try:
+            return list(await asyncio.gather(*(handler(job) for job in jobs)))
+        finally:
+            await close_storages()
 
     return asyncio.run(main())

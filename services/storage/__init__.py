@@ -21,6 +21,7 @@ __all__ = [
     "ObjectInfo",
     "PresignedUpload",
     "Storage",
+    "close_storages",
     "get_storage",
     "open_storage",
     "validate_key",
@@ -45,3 +46,9 @@ async def get_storage(settings: Settings) -> Storage:
     if storage is None:
         storage = per_settings[id(settings)] = await open_storage(settings)
     return storage
+
+
+async def close_storages() -> None:
+    """Close the storage services of the running event loop (worker shutdown, tests)."""
+    for storage in _PER_LOOP.pop(asyncio.get_running_loop(), {}).values():
+        await storage.close()

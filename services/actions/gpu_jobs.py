@@ -1,0 +1,109 @@
+"""``train_lora`` and ``generate``: storage in and out around the GPU runner.
+
+The runner (``services.gpu``) is synchronous and imports torch; it runs in a worker
+thread under the GPU lock, so the event loop keeps serving storage jobs meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from services.context import JobContext, gpu_lock
+from services.errors import InputError, ObjectNotFound
+from services.gpu.params import GenerateInput, TrainLoraInput
+from services.outputs import OutputFile
+from services.storage.batch import dataset_prefix
+
+LORA_ROOT = "loras"
+
+
+def lora_key(output_name: str, kohya: bool = False) -> str:
+    """Where a trained LoRA is stored: ``loras/<name>/<name>.safetensors``."""
+    suffix = ".kohya.safetensors" if kohya else ".safetensors"
+    return f"{LORA_ROOT}/{output_name}/{output_name}{suffix}"
+
+
+async def _fetch_dataset(request: TrainLoraInput, ctx: JobContext) -> Path:
+    target = ctx.workspace / "dataset"
+    target.mkdir()
+    if request.dataset_url:
+        from services.fetch import download
+        from services.zipsafe import extract_zip
+
+        archive = await download(request.dataset_url, ctx.workspace / "dataset.zip", ctx.settings, expect="zip")
+        await asyncio.to_thread(extract_zip, archive.path, target, ctx.settings)
+        return target
+    prefix = dataset_prefix(request.dataset or "")
+    objects = await ctx.storage.list_all(prefix, limit=ctx.settings.max_files_per_batch * 10)
+    if not objects:
+        raise InputError(f"input.dataset: no files under {prefix}; upload them with upload_training_files first")
+    slots = asyncio.Semaphore(ctx.settings.upload_concurrency)
+
+    async def fetch(key: str) -> None:
+        relative = key.removeprefix(prefix)
+        path = target / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        async with slots:
+            await ctx.storage.download_file(key, path)
+
+    await asyncio.gather(*(fetch(o.key) for o in objects))
+    return target
+
+
+async def train_lora(request: TrainLoraInput, ctx: JobContext) -> dict[str, Any]:
+    """Train, store the LoRA under ``loras/<output_name>/``, return it with samples and metrics."""
+    from services.gpu.train import train_lora as run_training
+
+    dataset_dir = await _fetch_dataset(request, ctx)
+    out_dir = ctx.workspace / "train"
+    out_dir.mkdir()
+    async with gpu_lock():
+        result = await asyncio.to_thread(run_training, request, dataset_dir, out_dir, ctx.settings, ctx.progress)
+    key = lora_key(request.output_name)
+    await ctx.storage.put_file(key, result.lora_path, content_type="application/octet-stream")
+    response: dict[str, Any] = {
+        "lora": OutputFile.from_path(key.rsplit("/", 1)[1], result.lora_path, "application/octet-stream", key=key),
+        "samples": [OutputFile.from_bytes(s.name, s.data, s.mime) for s in result.samples],
+        "metrics": result.metrics,
+    }
+    if result.kohya_path is not None:
+        kohya = lora_key(request.output_name, kohya=True)
+        await ctx.storage.put_file(kohya, result.kohya_path, content_type="application/octet-stream")
+        response["kohya_lora"] = OutputFile.from_path(
+            kohya.rsplit("/", 1)[1], result.kohya_path, "application/octet-stream", key=kohya
+        )
+    return response
+
+
+async def _fetch_lora(request: GenerateInput, ctx: JobContext) -> Path | None:
+    path = ctx.workspace / "lora.safetensors"
+    if request.lora_url:
+        from services.fetch import download
+
+        await download(request.lora_url, path, ctx.settings, expect="any")
+        return path
+    if not request.lora:
+        return None
+    key = request.lora if "/" in request.lora else lora_key(request.lora)
+    if not key.startswith(f"{LORA_ROOT}/"):
+        raise InputError(f"input.lora: {request.lora} must be a key under {LORA_ROOT}/ or a train_lora output_name")
+    try:
+        await ctx.storage.download_file(key, path)
+    except ObjectNotFound:
+        raise InputError(f"input.lora: no LoRA stored at {key}") from None
+    return path
+
+
+async def generate(request: GenerateInput, ctx: JobContext) -> dict[str, Any]:
+    """Generate images (with the job's LoRA, if any); images go through the output policy."""
+    from services.gpu.generate import generate_images
+
+    lora_path = await _fetch_lora(request, ctx)
+    async with gpu_lock():
+        result = await asyncio.to_thread(generate_images, request, lora_path, ctx.settings)
+    return {
+        "images": [OutputFile.from_bytes(i.name, i.data, i.mime) for i in result.images],
+        "seed": result.seed,
+    }

@@ -1,0 +1,80 @@
+"""``upload_training_files`` and ``presign_uploads``."""
+
+from __future__ import annotations
+
+import mimetypes
+from pathlib import Path
+from typing import Any
+
+from services.context import JobContext
+from services.errors import InputError, PartialFailure
+from services.schemas import PresignUploadsInput, UploadTrainingFilesInput
+from services.storage.batch import dataset_prefix, file_name_problem, upload_batch
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp"}
+
+
+def _url_fetcher(ctx: JobContext) -> Any:
+    """Downloads a URL source into the job workspace (SSRF-safe, size-capped)."""
+    from services.fetch import download
+
+    downloads = ctx.workspace / "downloads"
+    downloads.mkdir(exist_ok=True)
+
+    async def fetch(url: str, name: str) -> Path:
+        expect = "image" if Path(name).suffix.lower() in IMAGE_SUFFIXES else "any"
+        fetched = await download(
+            url, downloads / name, ctx.settings, expect=expect, max_bytes=ctx.settings.max_file_bytes
+        )
+        return fetched.path
+
+    return fetch
+
+
+async def upload_training_files(request: UploadTrainingFilesInput, ctx: JobContext) -> dict[str, Any]:
+    """Upload the batch; any failed file makes the job an error that keeps the full report."""
+    files = [f.model_dump(exclude_none=True) for f in request.files]
+    result = await upload_batch(
+        ctx.storage,
+        files,
+        request.dataset,
+        fetch=_url_fetcher(ctx),
+        max_file_bytes=ctx.settings.max_file_bytes,
+    )
+    report = result.model_dump()
+    if result.failed:
+        details = "; ".join(f"input.{f.error}" for f in result.failed[:10])
+        more = f" (and {len(result.failed) - 10} more)" if len(result.failed) > 10 else ""
+        raise PartialFailure(f"{len(result.failed)} of {len(files)} files failed: {details}{more}", report)
+    return report
+
+
+async def presign_uploads(request: PresignUploadsInput, ctx: JobContext) -> dict[str, Any]:
+    """Presigned PUT URLs into ``datasets/<dataset>/`` for files sent straight to storage."""
+    prefix = dataset_prefix(request.dataset)
+    problems = [
+        f"input.files[{i}].name: {problem}"
+        for i, f in enumerate(request.files)
+        if (problem := file_name_problem(f.name))
+    ]
+    names = [f.name for f in request.files]
+    problems += [f"input.files[{i}].name: duplicate" for i, n in enumerate(names) if n in names[:i]]
+    if problems:
+        raise InputError("invalid input: " + "; ".join(problems))
+    uploads = []
+    for item in request.files:
+        content_type = item.content_type or mimetypes.guess_type(item.name)[0] or "application/octet-stream"
+        presigned = await ctx.storage.presign_put(
+            prefix + item.name, content_type=content_type, expires_in=request.expires_in
+        )
+        uploads.append(
+            {
+                "name": item.name,
+                "key": presigned.key,
+                "url": presigned.url,
+                "method": presigned.method,
+                "headers": presigned.headers,
+                "expires_in": presigned.expires_in,
+            }
+        )
+    return {"dataset": request.dataset, "prefix": prefix, "uploads": uploads}

@@ -1,0 +1,470 @@
+"""SSRF-safe, size-capped downloads for URL inputs.
+
+:func:`download` fetches an ``http(s)`` URL into a file and refuses anything that could reach
+the worker's own network: every host is resolved once, every address it resolves to must be
+public, the connection is pinned to those addresses (no second DNS lookup that a rebinding
+server could answer differently), the address actually connected is checked before the
+request is sent, and redirects are followed by hand (at most :data:`MAX_REDIRECTS`) with the
+same checks on every hop. The body is streamed to a temporary file beside ``dest`` under a
+byte cap and renamed into place only when complete and valid.
+
+Query strings (presigned URLs carry their signature there) never appear in an error or a log
+line: messages name the URL through :func:`redact_url`.
+
+Example::
+
+    got = await download(job.url, workspace / "input.png", settings, expect="image")
+    got.path, got.size, got.sha256
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ipaddress
+import logging
+import os
+import re
+import secrets
+import socket
+import struct
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urljoin, urlsplit, urlunsplit
+
+import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+from PIL import Image, UnidentifiedImageError
+from yarl import URL
+
+from config.settings import Settings
+from services.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+MAX_REDIRECTS = 5
+MAX_URL_LENGTH = 8192  # presigned URLs with a session token run to a few thousand characters
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+
+# Cloud metadata endpoints stay refused even with ``allow_private_urls``: they hand out
+# credentials, and no test needs them.
+METADATA_HOSTS = frozenset(
+    {"metadata", "metadata.google.internal", "metadata.goog", "instance-data", "instance-data.ec2.internal"}
+)
+METADATA_ADDRESSES = frozenset(
+    ipaddress.ip_address(a)
+    for a in (
+        "169.254.169.254",  # AWS, GCP, Azure, OCI, DigitalOcean
+        "169.254.170.2",  # AWS ECS task metadata
+        "169.254.170.23",  # AWS EKS pod identity
+        "100.100.100.200",  # Alibaba Cloud
+        "fd00:ec2::254",  # AWS IMDS over IPv6
+        "fd00:ec2::23",  # AWS EKS pod identity over IPv6
+    )
+)
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_NUMERIC_HOST = re.compile(r"^(0x[0-9a-f]*|[0-9]+)(\.(0x[0-9a-f]*|[0-9]*))*$", re.IGNORECASE)
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Resolver = Callable[[str, int], Awaitable[Sequence[str]]]
+"""``async (host, port) -> addresses``: how :func:`download` looks a host up (tests inject one)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Downloaded:
+    """A completed download. ``final_url`` is the last hop, without its query string."""
+
+    path: Path
+    size: int
+    sha256: str
+    content_type: str | None
+    final_url: str
+
+
+def redact_url(url: str) -> str:
+    """``url`` without query string, fragment or credentials: safe for errors and logs."""
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc.rpartition("@")[2]
+        return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    except ValueError:
+        return "<unparseable url>"
+
+
+def check_url_syntax(url: str) -> str:
+    """Check what can be checked without DNS; return ``url`` unchanged or raise ``ValueError``.
+
+    Usable as a pydantic validator: http(s) only, a host, no credentials, no whitespace or
+    control characters, no backslash, no legacy numeric host forms (``2130706433``, ``127.1``).
+    """
+    if not isinstance(url, str) or not url:
+        raise ValueError("must be a non-empty http(s) URL")
+    if len(url) > MAX_URL_LENGTH:
+        raise ValueError(f"URL is {len(url)} characters, over the {MAX_URL_LENGTH}-character limit")
+    if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in url):
+        raise ValueError("URL contains whitespace or control characters")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"URL is malformed: {exc}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        raise ValueError(f"only http and https URLs are accepted, not {scheme or 'a relative URL'}")
+    if "@" in parts.netloc:
+        raise ValueError("URL must not carry credentials (user:password@)")
+    if "\\" in parts.netloc:
+        raise ValueError("URL host must not contain a backslash")
+    host = parts.hostname
+    if not host:
+        raise ValueError("URL has no host")
+    if port == 0:
+        raise ValueError("URL port must be between 1 and 65535")
+    if _NUMERIC_HOST.match(host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ValueError(f"numeric host {host!r} is not a dotted-quad IPv4 address") from None
+    return url
+
+
+def _embedded_ipv4(ip: IPAddress) -> IPAddress:
+    """The IPv4 address an IPv6 address stands for (mapped, 6to4, NAT64), else ``ip``."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return ip.ipv4_mapped
+        if ip.sixtofour is not None:
+            return ip.sixtofour
+        if ip in _NAT64:
+            return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return ip
+
+
+def address_problem(ip: IPAddress, *, allow_private: bool = False) -> str | None:
+    """Why a connection to ``ip`` is refused (``"a loopback address"``), or None when allowed."""
+    ip = _embedded_ipv4(ip)
+    if ip in METADATA_ADDRESSES:
+        return "a cloud metadata address"
+    if allow_private:
+        return None
+    checks = (
+        (ip.is_loopback, "a loopback address"),
+        (ip.is_unspecified, "an unspecified address"),
+        (ip.is_link_local, "a link-local address"),
+        (ip.is_multicast, "a multicast address"),
+        (ip.is_reserved, "a reserved address"),
+        (ip.is_private, "a private address"),
+        (not ip.is_global, "a non-public address"),
+    )
+    return next((why for hit, why in checks if hit), None)
+
+
+async def system_resolver(host: str, port: int) -> list[str]:
+    """Resolve ``host`` with the system resolver; addresses in answer order, deduplicated."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """One validated hop: the URL to request and the addresses its host may be reached at."""
+
+    url: URL
+    host: str
+    addresses: tuple[IPAddress, ...]
+
+
+class _PinnedResolver(AbstractResolver):
+    """Answers aiohttp's lookup with the already validated addresses and nothing else."""
+
+    def __init__(self, host: str, addresses: Sequence[IPAddress]) -> None:
+        self._host = host
+        self._addresses = tuple(addresses)
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        if host != self._host:
+            raise OSError(f"host {host!r} was not validated")
+        return [
+            ResolveResult(
+                hostname=host,
+                host=str(ip),
+                port=port,
+                family=socket.AF_INET if ip.version == 4 else socket.AF_INET6,
+                proto=0,
+                flags=socket.AI_NUMERICHOST,
+            )
+            for ip in self._addresses
+        ]
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+
+class _PeerRefused(Exception):
+    """The socket connected to an address that was not validated (raised before any request)."""
+
+    def __init__(self, peer: str) -> None:
+        super().__init__(peer)
+        self.peer = peer
+
+
+class _CheckedConnector(aiohttp.TCPConnector):
+    """A connector that checks the connected peer address before the request goes out."""
+
+    def __init__(self, target: _Target, allow_private: bool, **kwargs: Any) -> None:
+        resolver = _PinnedResolver(target.host, target.addresses)
+        super().__init__(resolver=resolver, use_dns_cache=False, force_close=True, limit=1, **kwargs)
+        self._allowed = frozenset(target.addresses)
+        self._allow_private = allow_private
+
+    async def connect(self, req: Any, traces: Any, timeout: Any) -> Any:
+        conn = await super().connect(req, traces, timeout)
+        peername = conn.transport.get_extra_info("peername") if conn.transport else None
+        peer = str(peername[0]) if peername else "an unknown address"
+        ip = _ip_or_none(peer)
+        if ip is None or ip not in self._allowed or address_problem(ip, allow_private=self._allow_private):
+            conn.close()
+            raise _PeerRefused(peer)
+        return conn
+
+
+def _ip_or_none(text: str) -> IPAddress | None:
+    """``text`` as an IP address (any IPv6 zone dropped), or None when it is a host name."""
+    try:
+        return ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
+
+
+def _show(ip: IPAddress) -> str:
+    """``ip`` for a message, with the IPv4 address it stands for when it embeds one."""
+    inner = _embedded_ipv4(ip)
+    return str(ip) if inner == ip else f"{ip} = {inner}"
+
+
+def _where(original: str, current: str) -> str:
+    """The URL named in messages: the original, plus the hop when a redirect led elsewhere."""
+    first = redact_url(original)
+    return first if current == original else f"{first} (redirected to {redact_url(current)})"
+
+
+async def _validate(url: str, original: str, settings: Settings, resolver: Resolver) -> _Target:
+    """Check one hop's URL and resolve its host; return the target or raise :class:`InputError`."""
+    where = _where(original, url)
+    try:
+        check_url_syntax(url)
+    except ValueError as exc:
+        raise InputError(f"url {where}: {exc}") from None
+    try:
+        parsed = URL(url)
+    except ValueError as exc:
+        raise InputError(f"url {where}: URL is malformed") from exc
+    host = parsed.raw_host or ""
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    if host.lower().rstrip(".") in METADATA_HOSTS:
+        raise InputError(f"url {where}: host is a cloud metadata endpoint")
+    literal = _ip_or_none(host)
+    if literal is not None:
+        addresses = [literal]
+    else:
+        try:
+            async with asyncio.timeout(settings.download_connect_timeout):
+                answer = await resolver(host, port)
+        except TimeoutError:
+            raise InputError(
+                f"could not download {where}: DNS lookup timed out after {settings.download_connect_timeout:g} s"
+            ) from None
+        except OSError as exc:  # socket.gaierror and friends
+            logger.warning("DNS lookup failed for %s: %s", redact_url(url), type(exc).__name__)
+            raise InputError(f"could not download {where}: host not found") from None
+        found = [_ip_or_none(str(a)) for a in answer]
+        addresses = [ip for ip in found if ip is not None]
+        if len(addresses) != len(found):
+            raise InputError(f"url {where}: the resolver returned an invalid address")
+        if not addresses:
+            raise InputError(f"could not download {where}: host not found")
+    for ip in addresses:
+        why = address_problem(ip, allow_private=settings.allow_private_urls)
+        if why:
+            verb = "is" if literal is not None else "resolves to"
+            raise InputError(f"url {where}: host {verb} {why} ({_show(ip)})")
+    return _Target(url=parsed, host=host, addresses=tuple(addresses))
+
+
+def _network_message(exc: BaseException, settings: Settings) -> str:
+    """A short, URL-free description of a network failure."""
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return f"connection timed out after {settings.download_connect_timeout:g} s"
+    if isinstance(exc, aiohttp.SocketTimeoutError | TimeoutError):
+        return f"timed out after {settings.download_read_timeout:g} s without data"
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return "TLS certificate verification failed"
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return "TLS handshake failed"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"connection failed ({exc.os_error.strerror or type(exc.os_error).__name__})"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "the connection closed before the whole body arrived"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the server closed the connection"
+    return f"network error ({type(exc).__name__})"
+
+
+def _leaks(exc: BaseException, queries: Sequence[str]) -> bool:
+    """Whether ``exc`` or anything it chains mentions one of the ``queries``."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = f"{current!s} {current!r}"
+        if any(q in text for q in queries):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+async def _stream(resp: aiohttp.ClientResponse, tmp: Path, cap: int, where: str) -> tuple[int, str]:
+    """Write the body to ``tmp`` under the byte cap; return (size, sha256)."""
+    declared = resp.content_length
+    if declared is not None and declared > cap:
+        raise InputError(f"url {where}: body is {declared} bytes, over the {cap}-byte limit")
+    digest = hashlib.sha256()
+    size = 0
+    with tmp.open("xb") as out:
+        async for chunk in resp.content.iter_any():  # as it arrives, so a partial file is real
+            size += len(chunk)
+            if size > cap:
+                raise InputError(f"url {where}: body is larger than the {cap}-byte limit")
+            digest.update(chunk)
+            out.write(chunk)
+    return size, digest.hexdigest()
+
+
+async def _fetch(
+    url: str, tmp: Path, cap: int, settings: Settings, resolver: Resolver
+) -> tuple[int, str, str | None, str]:
+    """Follow redirects by hand, validating each hop; stream the final body into ``tmp``."""
+    timeout = aiohttp.ClientTimeout(
+        total=None,
+        connect=settings.download_connect_timeout,
+        sock_connect=settings.download_connect_timeout,
+        sock_read=settings.download_read_timeout,
+    )
+    headers = {"Accept-Encoding": "identity", "User-Agent": "runpod-lora-worker"}
+    current = url
+    queries: list[str] = []
+    for _hop in range(MAX_REDIRECTS + 1):
+        target = await _validate(current, url, settings, resolver)
+        queries += [q for q in (urlsplit(current).query, target.url.raw_query_string) if q]
+        where = _where(url, current)
+        connector = _CheckedConnector(target, settings.allow_private_urls)
+        try:
+            async with (
+                aiohttp.ClientSession(
+                    connector=connector, timeout=timeout, trust_env=False, auto_decompress=False
+                ) as session,
+                session.get(target.url, allow_redirects=False, headers=headers) as resp,
+            ):
+                if resp.status in REDIRECT_STATUSES:
+                    location = resp.headers.get("Location")
+                    if not location:
+                        raise InputError(f"url {where}: HTTP {resp.status} redirect without a Location")
+                    current = urljoin(current, location)
+                    continue
+                if resp.status != 200:
+                    raise InputError(f"could not download {where}: HTTP {resp.status}")
+                size, sha256 = await _stream(resp, tmp, cap, where)
+                return size, sha256, resp.headers.get("Content-Type"), current
+        except _PeerRefused as exc:
+            raise InputError(
+                f"url {where}: connected to {exc.peer}, which is not an address validated for the host"
+            ) from None
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            logger.warning("download of %s failed: %s", where, type(exc).__name__)
+            message = f"could not download {where}: {_network_message(exc, settings)}"
+            if _leaks(exc, queries):
+                raise InputError(message) from None
+            raise InputError(message) from exc
+    raise InputError(f"url {redact_url(url)}: more than {MAX_REDIRECTS} redirects")
+
+
+def _check_image(path: Path, max_pixels: int, where: str) -> None:
+    """Magic bytes of an accepted format, a pixel count within the cap, and a clean decode."""
+    with path.open("rb") as f:
+        head = f.read(16)
+    known = (
+        head.startswith(b"\x89PNG\r\n\x1a\n")
+        or head.startswith(b"\xff\xd8\xff")
+        or head[:6] in (b"GIF87a", b"GIF89a")
+        or head.startswith(b"BM")
+        or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+    )
+    if not known:
+        raise InputError(f"url {where}: not an image (accepted: {', '.join(IMAGE_FORMATS)})")
+    try:
+        with Image.open(path, formats=IMAGE_FORMATS) as im:
+            width, height = im.size
+            if width * height > max_pixels:
+                raise InputError(
+                    f"url {where}: image is {width}x{height} ({width * height} pixels), "
+                    f"over the {max_pixels}-pixel limit"
+                )
+            im.verify()
+        with Image.open(path, formats=IMAGE_FORMATS) as im:  # verify() leaves it unusable
+            im.load()
+    except Image.DecompressionBombError:
+        raise InputError(f"url {where}: image dimensions are too large") from None
+    except UnidentifiedImageError:
+        raise InputError(f"url {where}: image could not be decoded") from None
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
+        raise InputError(f"url {where}: image could not be decoded ({exc})") from exc
+
+
+def _check_zip(path: Path, where: str) -> None:
+    with path.open("rb") as f:
+        if f.read(4) != b"PK\x03\x04":
+            raise InputError(f"url {where}: not a zip file")
+
+
+async def download(
+    url: str,
+    dest: Path,
+    settings: Settings,
+    *,
+    expect: Literal["image", "zip", "any"] = "any",
+    max_bytes: int | None = None,
+    resolver: Resolver | None = None,
+) -> Downloaded:
+    """Download ``url`` to ``dest`` with the SSRF checks in the module docstring.
+
+    ``max_bytes`` overrides ``settings.max_download_bytes``. ``expect="image"`` accepts
+    PNG, JPEG, WEBP, GIF and BMP that Pillow decodes within ``settings.max_image_pixels``;
+    ``expect="zip"`` checks the zip signature (extract with :mod:`services.zipsafe`).
+    ``resolver`` replaces the system DNS lookup (tests simulate DNS answers with it).
+    Every refusal or failure raises :class:`InputError`; nothing is left at ``dest`` or
+    beside it unless the download completed and passed its checks, even on cancellation.
+    """
+    cap = settings.max_download_bytes if max_bytes is None else max_bytes
+    if cap < 1:
+        raise ValueError("max_bytes must be at least 1")
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.{secrets.token_hex(6)}.part"
+    try:
+        size, sha256, content_type, final = await _fetch(url, tmp, cap, settings, resolver or system_resolver)
+        where = _where(url, final)
+        if expect == "image":
+            await asyncio.to_thread(_check_image, tmp, settings.max_image_pixels, where)
+        elif expect == "zip":
+            _check_zip(tmp, where)
+        os.replace(tmp, dest)
+    except BaseException:  # cancellation included: never leave a partial file behind
+        tmp.unlink(missing_ok=True)
+        raise
+    logger.info("downloaded %s: %d bytes, sha256 %s", where, size, sha256)
+    return Downloaded(path=dest, size=size, sha256=sha256, content_type=content_type, final_url=redact_url(final))

@@ -1,0 +1,100 @@
+"""Training datasets: images plus optional same-name ``.txt`` captions, validated before any
+model is loaded, then resized and centre-cropped to the training resolution."""
+
+from __future__ import annotations
+
+import logging
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageOps
+
+from services.errors import InputError
+from services.gpu.catalog import CAPTION_EXTENSION, IMAGE_EXTENSIONS
+
+log = logging.getLogger(__name__)
+
+_MAX_NAMED = 10
+# What Pillow raises for files it cannot decode (plugins raise SyntaxError for broken headers).
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training image and its final caption (trigger word included)."""
+
+    path: Path
+    caption: str
+
+
+def _skipped(path: Path, root: Path) -> bool:
+    parts = path.relative_to(root).parts
+    return any(part.startswith(".") or part == "__MACOSX" for part in parts)
+
+
+def _decode_error(path: Path) -> str | None:
+    """None when Pillow decodes the whole image, else the reason."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except _DECODE_ERRORS as exc:
+        return str(exc) or type(exc).__name__
+    return None
+
+
+def with_trigger(caption: str, trigger_word: str | None) -> str:
+    """Prepend the trigger word unless the caption already holds it."""
+    caption = " ".join(caption.split())
+    if not trigger_word or trigger_word.lower() in caption.lower():
+        return caption
+    return f"{trigger_word}, {caption}" if caption else trigger_word
+
+
+def _caption(image: Path, root: Path, fallback: str) -> str:
+    text_file = image.with_suffix(CAPTION_EXTENSION)
+    if not text_file.is_file():
+        return fallback
+    try:
+        return text_file.read_text(encoding="utf-8").strip() or fallback
+    except UnicodeDecodeError as exc:
+        raise InputError(f"input.dataset: caption {text_file.relative_to(root)} is not UTF-8 text") from exc
+
+
+def scan_dataset(root: Path, caption: str = "", trigger_word: str | None = None) -> list[Example]:
+    """Every decodable image under ``root`` with its caption; :class:`InputError` naming the
+    files that do not decode, or saying that there is no image at all."""
+    if not root.is_dir():
+        raise InputError(f"input.dataset: {root.name} is not a folder of images")
+    images: list[Path] = []
+    ignored: list[str] = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and not _skipped(p, root)):
+        if path.suffix.lower() in IMAGE_EXTENSIONS:
+            images.append(path)
+        elif path.suffix.lower() != CAPTION_EXTENSION:
+            ignored.append(str(path.relative_to(root)))
+    if ignored:
+        log.warning("dataset %s: ignoring %d files that are neither images nor captions: %s",
+                    root.name, len(ignored), ", ".join(ignored[:_MAX_NAMED]))
+    bad = [(path, reason) for path in images if (reason := _decode_error(path)) is not None]
+    if bad:
+        named = ", ".join(f"{path.relative_to(root)} ({reason})" for path, reason in bad[:_MAX_NAMED])
+        more = f" and {len(bad) - _MAX_NAMED} more" if len(bad) > _MAX_NAMED else ""
+        raise InputError(f"input.dataset: {len(bad)} files are not decodable images: {named}{more}")
+    if not images:
+        raise InputError(
+            f"input.dataset: no images found (accepted: {', '.join(IMAGE_EXTENSIONS)}, captions in .txt files)"
+        )
+    return [Example(path, with_trigger(_caption(path, root, caption), trigger_word)) for path in images]
+
+
+def load_square(path: Path, size: int) -> Image.Image:
+    """RGB, upright (EXIF), transparency on white, shorter side resized to ``size``, centre crop."""
+    with Image.open(path) as source:
+        image = ImageOps.exif_transpose(source)
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            rgba = image.convert("RGBA")
+            image = Image.new("RGB", rgba.size, (255, 255, 255))
+            image.paste(rgba, mask=rgba.getchannel("A"))
+        image = image.convert("RGB")
+    return ImageOps.fit(image, (size, size), method=Image.Resampling.BICUBIC, centering=(0.5, 0.5))

@@ -1,0 +1,179 @@
+"""Image generation: ``generate_images`` (the ``generate`` action) and the core ``render``.
+
+The same inputs and seed give the same images on the same device: image ``i`` starts from a
+CPU generator seeded with ``seed + i``. A job's LoRA and scheduler are set for that job only
+(:func:`services.gpu.adapters.fused_lora`, :func:`scheduler_for`). With compilation on, the
+denoiser runs through ``torch.compile`` in reduce-overhead mode; the first call for each new
+shape compiles, and its time is recorded as a warm-up (``gpu_info``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import secrets
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from services.errors import InputError
+from services.gpu import models
+from services.gpu.adapters import fused_lora
+from services.gpu.catalog import check_pixels
+from services.gpu.encode import encode_image
+from services.gpu.guard import gpu_errors
+from services.gpu.state import RUNNER_STATE
+from services.gpu.types import GenerateResult
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from config.settings import Settings
+    from services.gpu.models import LoadedPipeline
+    from services.gpu.params import GenerateInput
+
+log = logging.getLogger(__name__)
+
+# scheduler name -> (diffusers class, extra config)
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What to render; sizes already resolved (see :func:`generate_images`)."""
+
+    prompt: str
+    width: int
+    height: int
+    seed: int
+    steps: int = 25
+    num_images: int = 1
+    negative_prompt: str | None = None
+    guidance_scale: float | None = None
+    scheduler: str = "default"
+    lora_scale: float = 1.0
+
+
+def generate_images(params: GenerateInput, lora_path: Path | None, settings: Settings) -> GenerateResult:
+    """Render ``params.num_images`` images; sync (run it in a worker thread under the GPU lock)."""
+    seed = params.seed if params.seed is not None else secrets.randbelow(2**32)
+    with gpu_errors("generate"):
+        device = models.runtime_device()
+        entry = models.load_pipeline(
+            params.base_model or settings.model_id, settings, models.inference_dtype(device), device
+        )
+        width = params.width or entry.native_size
+        height = params.height or entry.native_size
+        check_pixels(width, height, settings.max_image_pixels)
+        request = GenerationRequest(
+            prompt=params.prompt,
+            width=width,
+            height=height,
+            seed=seed,
+            steps=params.steps,
+            num_images=params.num_images,
+            negative_prompt=params.negative_prompt,
+            guidance_scale=params.guidance_scale,
+            scheduler=params.scheduler,
+            lora_scale=params.lora_scale,
+        )
+        images = render(entry, request, lora_path, compile=models.resolve_compile(settings.compile, device))
+    files = [encode_image(image, f"image-{i}", params.format, params.quality) for i, image in enumerate(images)]
+    return GenerateResult(images=files, seed=seed)
+
+
+def render(
+    entry: LoadedPipeline, request: GenerationRequest, lora_path: Path | None, *, compile: bool
+) -> list[Image.Image]:
+    """Run the pipeline for one request with its LoRA and scheduler; returns PIL images."""
+    kwargs = _call_kwargs(entry, request)
+    with scheduler_for(entry, request.scheduler), fused_lora(entry, lora_path, request.lora_scale):
+        with _denoiser(entry, compile) as first_call:
+            started = time.perf_counter()
+            output = entry.pipe(**kwargs)
+            if first_call(request):
+                seconds = time.perf_counter() - started
+                RUNNER_STATE.record_warmup(
+                    f"generate {entry.key.model} {request.num_images}x{request.width}x{request.height}", seconds
+                )
+                log.info("compile warm-up for %s: %.1f s", entry.key, seconds)
+    return list(output.images)
+
+
+def _call_kwargs(entry: LoadedPipeline, request: GenerationRequest) -> dict[str, Any]:
+    import torch
+
+    accepted = inspect.signature(entry.pipe.__call__).parameters
+    kwargs: dict[str, Any] = {
+        "prompt": request.prompt,
+        "width": request.width,
+        "height": request.height,
+        "num_inference_steps": request.steps,
+        "num_images_per_prompt": request.num_images,
+        "generator": [torch.Generator("cpu").manual_seed(request.seed + i) for i in range(request.num_images)],
+        "output_type": "pil",
+    }
+    if request.negative_prompt:
+        if "negative_prompt" not in accepted:
+            raise InputError(f"input.negative_prompt: {type(entry.pipe).__name__} does not take one")
+        kwargs["negative_prompt"] = request.negative_prompt
+    if request.guidance_scale is not None:
+        kwargs["guidance_scale"] = request.guidance_scale
+    return kwargs
+
+
+@contextmanager
+def scheduler_for(entry: LoadedPipeline, name: str) -> Iterator[None]:
+    """Swap the pipeline's scheduler for this job (``default`` keeps the model's own)."""
+    if name == "default":
+        yield
+        return
+    import diffusers
+
+    class_name, extra = SCHEDULERS[name]
+    default = entry.default_scheduler
+    compatible = {cls.__name__ for cls in getattr(default, "compatibles", [])} | {type(default).__name__}
+    if class_name not in compatible:
+        raise InputError(
+            f"input.scheduler: {name} does not work with {type(entry.pipe).__name__}; use 'default'"
+        )
+    entry.pipe.scheduler = getattr(diffusers, class_name).from_config(default.config, **extra)
+    try:
+        yield
+    finally:
+        entry.pipe.scheduler = default
+
+
+@contextmanager
+def _denoiser(entry: LoadedPipeline, compile: bool) -> Iterator[Any]:
+    """Swap in the compiled denoiser for the call; yields ``first_call(request) -> bool``."""
+    if not compile:
+        yield lambda _request: False
+        return
+    name = entry.denoiser_name
+    plain = getattr(entry.pipe, name)
+    setattr(entry.pipe, name, models.compiled_denoiser(entry))
+
+    def first_call(request: GenerationRequest) -> bool:
+        shape = (request.num_images, request.width, request.height, request.guidance_scale)
+        if shape in entry.warm_shapes:
+            return False
+        entry.warm_shapes.add(shape)
+        return True
+
+    try:
+        yield first_call
+    finally:
+        setattr(entry.pipe, name, plain)

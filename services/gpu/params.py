@@ -1,0 +1,259 @@
+"""Job inputs of the GPU actions (pydantic; imports no torch).
+
+``train_lora``::
+
+    {"action": "train_lora", "dataset": "my-set", "output_name": "my-lora",
+     "trigger_word": "sks", "steps": 1000, "rank": 16, "export_formats": ["diffusers", "kohya"]}
+
+``generate``::
+
+    {"action": "generate", "prompt": "a photo of sks", "lora": "my-lora", "num_images": 2,
+     "width": 512, "height": 512, "steps": 25, "seed": 7, "format": "webp", "quality": 90}
+
+Static bounds are checked by pydantic; bounds that come from the worker's settings
+(``MAX_TRAIN_STEPS``, ``MAX_GEN_STEPS``, ``MAX_IMAGES_PER_REQUEST``, ``MAX_IMAGE_PIXELS``) by
+``check_limits``, which raises :class:`services.errors.InputError` naming the field.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+
+from services.errors import InputError
+from services.gpu.catalog import (
+    BUILTIN_MODELS,
+    BUILTIN_PREFIX,
+    ExportFormat,
+    ImageFormat,
+    MixedPrecision,
+    SchedulerName,
+    check_pixels,
+)
+
+if TYPE_CHECKING:
+    from config.settings import Settings
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9_.-]{1,96}$")
+_STORAGE_KEY = re.compile(r"^[A-Za-z0-9_.\-/]{1,512}$")
+_MAX_URL = 2048
+
+Prompt = Annotated[str, StringConstraints(min_length=1, max_length=2000)]
+
+
+def safe_name(value: str, field: str) -> str:
+    """Letters, digits, ``-``, ``_`` and ``.``; 1..128 characters; no ``..``."""
+    if not _SAFE_NAME.fullmatch(value) or ".." in value or value == ".":
+        raise ValueError(
+            f"{field} must be 1-128 letters, digits, '-', '_' or '.', without '..' or separators"
+        )
+    return value
+
+
+def check_base_model(value: str | None) -> str | None:
+    """A builtin name, a Hugging Face repo id (``org/name``) or an absolute local directory."""
+    if value is None:
+        return None
+    if value.startswith(BUILTIN_PREFIX):
+        if value not in BUILTIN_MODELS:
+            raise ValueError(f"unknown builtin model; choose one of {', '.join(BUILTIN_MODELS)}")
+        return value
+    if value.startswith("/"):
+        if len(value) > 1024 or "\x00" in value or ".." in value.split("/"):
+            raise ValueError("a local model directory must be an absolute path without '..'")
+        return value
+    if _REPO_ID.fullmatch(value) and ".." not in value:
+        return value
+    raise ValueError(
+        "must be a Hugging Face repo id (org/name, loaded from the local cache), an absolute "
+        f"directory, or one of {', '.join(BUILTIN_MODELS)}"
+    )
+
+
+def check_url(value: str | None) -> str | None:
+    """An http(s) URL of bounded length (fetching and its safety checks happen elsewhere)."""
+    if value is None:
+        return None
+    if not value.startswith(("https://", "http://")) or len(value) > _MAX_URL:
+        raise ValueError(f"must be an http(s) URL of at most {_MAX_URL} characters")
+    return value
+
+
+def _limit(field: str, value: int, limit: int, setting: str) -> None:
+    if value > limit:
+        raise InputError(f"input.{field}: at most {limit} ({setting})")
+
+
+class TrainLoraInput(BaseModel):
+    """Train a LoRA adapter on the UNet of an SD 1.x/2.x or SDXL model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    action: Literal["train_lora"]
+    dataset: str | None = Field(
+        None, description="Dataset name: images plus optional same-name .txt captions."
+    )
+    dataset_url: str | None = Field(None, description="URL of a zip of images and captions.")
+    base_model: str | None = Field(
+        None,
+        description="builtin:tiny-sd, builtin:tiny-sdxl, a cached Hugging Face repo id or a local "
+        "directory; default MODEL_ID.",
+    )
+    output_name: str = Field(description="Name of the LoRA; stored under loras/<output_name>/.")
+    trigger_word: str | None = Field(
+        None, min_length=1, max_length=100, description="Prepended to every caption that lacks it."
+    )
+    caption: str = Field("", max_length=2000, description="Caption for images without a .txt file.")
+    steps: int = Field(1000, ge=1, le=100_000, description="Optimizer steps.")
+    rank: int = Field(16, ge=1, le=256, description="LoRA rank.")
+    alpha: float | None = Field(None, gt=0, le=1024, description="LoRA alpha; default: the rank.")
+    learning_rate: float = Field(1e-4, gt=0, le=1.0)
+    resolution: int | None = Field(
+        None,
+        ge=16,
+        le=2048,
+        multiple_of=8,
+        description="Square training size in pixels; default: the model's native size.",
+    )
+    batch_size: int = Field(1, ge=1, le=64)
+    gradient_accumulation: int = Field(1, ge=1, le=64)
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    mixed_precision: MixedPrecision = Field(
+        "auto", description="auto: bf16 on a CUDA GPU, fp32 on the CPU."
+    )
+    gradient_checkpointing: bool = Field(False, description="Less memory, about 2x slower steps.")
+    cache_latents: bool = Field(True, description="Encode the images with the VAE once.")
+    cache_text_embeddings: bool = Field(True, description="Encode the captions once.")
+    sample_prompts: list[Prompt] = Field(
+        default_factory=list, max_length=8, description="Prompts rendered with the trained LoRA."
+    )
+    sample_steps: int = Field(25, ge=1, le=500)
+    export_formats: list[ExportFormat] = Field(
+        default_factory=lambda: ["diffusers"],
+        min_length=1,
+        max_length=2,
+        description="diffusers (always written) and optionally kohya (A1111/ComfyUI).",
+    )
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset_name(cls, value: str | None) -> str | None:
+        return None if value is None else safe_name(value, "dataset")
+
+    @field_validator("output_name")
+    @classmethod
+    def _output_name(cls, value: str) -> str:
+        return safe_name(value, "output_name")
+
+    @field_validator("base_model")
+    @classmethod
+    def _base_model(cls, value: str | None) -> str | None:
+        return check_base_model(value)
+
+    @field_validator("dataset_url")
+    @classmethod
+    def _dataset_url(cls, value: str | None) -> str | None:
+        return check_url(value)
+
+    @field_validator("trigger_word")
+    @classmethod
+    def _trigger_word(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip() or any(c in value for c in "\r\n\t")):
+            raise ValueError("must be non-blank text on one line")
+        return None if value is None else value.strip()
+
+    @field_validator("export_formats")
+    @classmethod
+    def _unique_formats(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(value))
+
+    @model_validator(mode="after")
+    def _one_dataset(self) -> TrainLoraInput:
+        if (self.dataset is None) == (self.dataset_url is None):
+            raise ValueError("give exactly one of dataset or dataset_url")
+        return self
+
+    def check_limits(self, settings: Settings) -> None:
+        """Bounds from the worker's settings; raises :class:`InputError` naming the field."""
+        _limit("steps", self.steps, settings.max_train_steps, "MAX_TRAIN_STEPS")
+        _limit("sample_steps", self.sample_steps, settings.max_gen_steps, "MAX_GEN_STEPS")
+        _limit(
+            "sample_prompts", len(self.sample_prompts), settings.max_images_per_request, "MAX_IMAGES_PER_REQUEST"
+        )
+        if self.resolution is not None:
+            pixels = self.resolution * self.resolution
+            if pixels > settings.max_image_pixels:
+                raise InputError(
+                    f"input.resolution: {self.resolution}x{self.resolution} is over "
+                    f"{settings.max_image_pixels} pixels (MAX_IMAGE_PIXELS)"
+                )
+
+
+class GenerateInput(BaseModel):
+    """Generate images with a base model and optionally a LoRA."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    action: Literal["generate"]
+    prompt: Prompt
+    negative_prompt: str | None = Field(None, max_length=2000)
+    base_model: str | None = Field(
+        None,
+        description="builtin:tiny-sd, builtin:tiny-sdxl, a cached Hugging Face repo id or a local "
+        "directory; default MODEL_ID.",
+    )
+    lora: str | None = Field(None, description="Storage key of a LoRA file, or a train_lora output_name.")
+    lora_url: str | None = Field(None, description="URL of a LoRA .safetensors file.")
+    lora_scale: float = Field(1.0, ge=-4.0, le=4.0, description="Strength of the LoRA; 0 = the base model.")
+    num_images: int = Field(1, ge=1, le=8)
+    width: int | None = Field(
+        None, ge=16, le=2048, multiple_of=8, description="Pixels; default: the model's native size."
+    )
+    height: int | None = Field(
+        None, ge=16, le=2048, multiple_of=8, description="Pixels; default: the model's native size."
+    )
+    steps: int = Field(25, ge=1, le=500, description="Denoising steps.")
+    guidance_scale: float | None = Field(
+        None, ge=0.0, le=30.0, description="Classifier-free guidance; default: the pipeline's."
+    )
+    seed: int | None = Field(
+        None, ge=0, le=2**32 - 1, description="Seed of the first image (image i uses seed+i); chosen when absent."
+    )
+    scheduler: SchedulerName = Field("default", description="Sampler; default: the model's own.")
+    format: ImageFormat = "png"
+    quality: int = Field(90, ge=1, le=100, description="JPEG/WebP quality.")
+
+    @field_validator("base_model")
+    @classmethod
+    def _base_model(cls, value: str | None) -> str | None:
+        return check_base_model(value)
+
+    @field_validator("lora")
+    @classmethod
+    def _lora(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not _STORAGE_KEY.fullmatch(value) or ".." in value or value.startswith("/") or "//" in value:
+            raise ValueError("must be a storage key or an output_name (letters, digits, '-', '_', '.', '/')")
+        return value
+
+    @field_validator("lora_url")
+    @classmethod
+    def _lora_url(cls, value: str | None) -> str | None:
+        return check_url(value)
+
+    @model_validator(mode="after")
+    def _one_lora(self) -> GenerateInput:
+        if self.lora is not None and self.lora_url is not None:
+            raise ValueError("give at most one of lora or lora_url")
+        return self
+
+    def check_limits(self, settings: Settings) -> None:
+        """Bounds from the worker's settings; raises :class:`InputError` naming the field."""
+        _limit("steps", self.steps, settings.max_gen_steps, "MAX_GEN_STEPS")
+        _limit("num_images", self.num_images, settings.max_images_per_request, "MAX_IMAGES_PER_REQUEST")
+        if self.width is not None and self.height is not None:
+            check_pixels(self.width, self.height, settings.max_image_pixels)

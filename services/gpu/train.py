@@ -1,0 +1,240 @@
+"""The ``train_lora`` action's runner: dataset check, training, LoRA files, samples, metrics.
+
+``train_lora`` is synchronous; the caller runs it in a worker thread under the GPU lock. The
+order of work is: validate the dataset (no model loaded yet), load the cached pipeline,
+train (:mod:`services.gpu.training`), save the diffusers LoRA and the optional kohya copy,
+render the sample prompts through the generation path with the saved file, and report.
+
+Compilation: with ``COMPILE`` unset, training compiles on a GPU only when the job is long
+enough to earn the warm-up back (``TRAIN_COMPILE_MIN_STEPS``; fewer when an earlier worker
+left the inductor cache warm on the network volume); ``COMPILE=true`` always compiles and
+``COMPILE=false`` never does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from services.errors import InputError
+from services.gpu import SOFTWARE_NAME, SOFTWARE_VERSION, models
+from services.gpu.catalog import check_pixels
+from services.gpu.dataset import load_square, scan_dataset
+from services.gpu.encode import encode_image
+from services.gpu.generate import GenerationRequest, render
+from services.gpu.guard import gpu_errors
+from services.gpu.lora_files import export_kohya, save_diffusers_lora
+from services.gpu.state import RUNNER_STATE
+from services.gpu.training import (
+    LoraTrainer,
+    Precision,
+    ProgressReporter,
+    TrainConfig,
+    run_steps,
+    torch_dtype,
+)
+from services.gpu.types import ImageFile, TrainResult
+
+if TYPE_CHECKING:
+    import torch
+
+    from config.settings import Settings
+    from services.gpu.models import LoadedPipeline
+    from services.gpu.params import TrainLoraInput
+
+log = logging.getLogger(__name__)
+
+# Measured on an H200 (REFERENCE.md): compile saves ~0.066 s/step at SD1.5 512 px batch 4
+# after a ~156 s cold warm-up, so it pays from ~2400 steps; with a warm cache far sooner.
+TRAIN_COMPILE_MIN_STEPS = 2500
+TRAIN_COMPILE_MIN_STEPS_WARM = 1000
+_MARKERS = "runpod-lora-worker"
+
+
+def resolve_precision(requested: str, device: torch.device) -> Precision:
+    """``auto`` is bf16 on CUDA and fp32 on the CPU; fp16 needs CUDA."""
+    if requested == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if requested == "fp16" and device.type != "cuda":
+        raise InputError("input.mixed_precision: fp16 needs a CUDA GPU; use auto, no or bf16")
+    return {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}[requested]
+
+
+def _marker(cfg_key: str) -> Path | None:
+    cache = models.configure_compile_cache()
+    if cache is None:
+        return None
+    digest = hashlib.sha256(cfg_key.encode()).hexdigest()[:16]
+    return cache / _MARKERS / f"train-{digest}.json"
+
+
+def should_compile(setting: bool | None, device: torch.device, steps: int, cfg_key: str) -> bool:
+    """The training compile policy (see the module docstring)."""
+    if setting is not None:
+        return setting
+    if device.type != "cuda":
+        return False
+    marker = _marker(cfg_key)
+    warm = marker is not None and marker.is_file()
+    return steps >= (TRAIN_COMPILE_MIN_STEPS_WARM if warm else TRAIN_COMPILE_MIN_STEPS)
+
+
+def _remember_warm(cfg_key: str, warmup: float) -> None:
+    marker = _marker(cfg_key)
+    if marker is None:
+        return
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps({"key": cfg_key, "warmup_seconds": round(warmup, 1)}), encoding="utf-8")
+    except OSError as exc:
+        log.warning("cannot write the compile marker %s: %s", marker, exc)
+
+
+def lora_metadata(
+    entry: LoadedPipeline, cfg: TrainConfig, output_name: str, trigger_word: str | None, images: int
+) -> dict[str, str]:
+    """Header metadata: the worker's own keys plus kohya's ``ss_*`` keys that UIs display."""
+    import diffusers
+    import peft
+    import torch
+
+    cross = getattr(entry.pipe.unet.config, "cross_attention_dim", 768)
+    version = "sdxl_base_v1-0" if entry.family == "sdxl" else ("sd_v2" if cross == 1024 else "sd_v1")
+    return {
+        "base_model": entry.key.model,
+        "base_model_family": entry.family,
+        "rank": str(cfg.rank),
+        "alpha": f"{cfg.alpha:g}",
+        "steps": str(cfg.steps),
+        "trigger_word": trigger_word or "",
+        "resolution": str(cfg.resolution),
+        "learning_rate": f"{cfg.learning_rate:g}",
+        "batch_size": str(cfg.batch_size),
+        "images": str(images),
+        "software": f"{SOFTWARE_NAME} {SOFTWARE_VERSION}",
+        "software_version": SOFTWARE_VERSION,
+        "libraries": f"diffusers {diffusers.__version__}; peft {peft.__version__}; torch {torch.__version__}",
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(cfg.rank),
+        "ss_network_alpha": f"{cfg.alpha:g}",
+        "ss_output_name": output_name,
+        "ss_base_model_version": version,
+        "ss_max_train_steps": str(cfg.steps),
+        "ss_resolution": f"({cfg.resolution}, {cfg.resolution})",
+        "ss_num_train_images": str(images),
+        "ss_learning_rate": f"{cfg.learning_rate:g}",
+    }
+
+
+def train_lora(
+    params: TrainLoraInput,
+    dataset_dir: Path,
+    work_dir: Path,
+    settings: Settings,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Train a LoRA on the images in ``dataset_dir``; files go to ``work_dir``. Sync."""
+    started = time.perf_counter()
+    examples = scan_dataset(dataset_dir, params.caption, params.trigger_word)
+    model = params.base_model or settings.model_id
+    with gpu_errors("train_lora"):
+        device = models.runtime_device()
+        precision = resolve_precision(params.mixed_precision, device)
+        entry = models.load_pipeline(model, settings, torch_dtype(precision), device)
+        if entry.family not in ("sd", "sdxl"):
+            raise InputError(
+                f"input.base_model: training supports SD 1.x/2.x and SDXL, not {type(entry.pipe).__name__}"
+            )
+        resolution = params.resolution or entry.native_size
+        check_pixels(resolution, resolution, settings.max_image_pixels)
+        images = [load_square(example.path, resolution) for example in examples]
+        captions = [example.caption for example in examples]
+        cfg_key = f"{model}|{precision}|{resolution}|{params.batch_size}|{params.rank}|{params.gradient_checkpointing}"
+        cfg = TrainConfig(
+            steps=params.steps,
+            rank=params.rank,
+            alpha=float(params.alpha if params.alpha is not None else params.rank),
+            learning_rate=params.learning_rate,
+            resolution=resolution,
+            batch_size=params.batch_size,
+            gradient_accumulation=params.gradient_accumulation,
+            seed=params.seed,
+            precision=precision,
+            gradient_checkpointing=params.gradient_checkpointing,
+            cache_latents=params.cache_latents,
+            cache_text_embeddings=params.cache_text_embeddings,
+            compile=should_compile(settings.compile, device, params.steps, cfg_key),
+        )
+        lora_path = work_dir / f"{params.output_name}.safetensors"
+        metadata = lora_metadata(entry, cfg, params.output_name, params.trigger_word, len(images))
+        setup_started = time.perf_counter()
+        if device.type == "cuda":
+            import torch
+
+            torch.cuda.reset_peak_memory_stats(device)
+        trainer = LoraTrainer(entry, cfg)
+        try:
+            trainer.setup(images, captions)
+            setup_seconds = time.perf_counter() - setup_started
+            stats = run_steps(trainer, ProgressReporter(progress, cfg.steps))
+            save_diffusers_lora(
+                entry, trainer.lora_state_dict(), trainer.adapter_config(), lora_path, metadata,
+                torch_dtype("fp32" if precision == "fp32" else "fp16"),
+            )
+        finally:
+            trainer.close()
+        kohya_path = None
+        if "kohya" in params.export_formats:
+            kohya_path = export_kohya(
+                lora_path, work_dir / f"{params.output_name}_kohya.safetensors", cfg.alpha, metadata
+            )
+        samples = _samples(entry, params, resolution, lora_path)
+        metrics = _metrics(cfg, stats, setup_seconds, started, device, len(images))
+    if cfg.compile:
+        RUNNER_STATE.record_warmup(f"train {model} {resolution}px b{cfg.batch_size}", stats.first_step_seconds)
+        _remember_warm(cfg_key, stats.first_step_seconds)
+    log.info("trained %s: %s", params.output_name, metrics)
+    return TrainResult(lora_path=lora_path, kohya_path=kohya_path, samples=samples, metrics=metrics)
+
+
+def _samples(entry: LoadedPipeline, params: TrainLoraInput, resolution: int, lora_path: Path) -> list[ImageFile]:
+    """Sample prompts rendered from the saved file (the same path as ``generate``)."""
+    files = []
+    for i, prompt in enumerate(params.sample_prompts):
+        request = GenerationRequest(
+            prompt=prompt, width=resolution, height=resolution, seed=params.seed + i, steps=params.sample_steps
+        )
+        (image,) = render(entry, request, lora_path, compile=False)
+        files.append(encode_image(image, f"sample-{i}", "png"))
+    return files
+
+
+def _metrics(
+    cfg: TrainConfig, stats: Any, setup_seconds: float, started: float, device: torch.device, images: int
+) -> dict[str, Any]:
+    metrics: dict[str, Any] = {
+        "steps": stats.steps,
+        "final_loss": round(stats.final_loss, 6),
+        "seconds": round(time.perf_counter() - started, 3),
+        "train_seconds": round(stats.seconds, 3),
+        "setup_seconds": round(setup_seconds, 3),
+        "steps_per_second": round(stats.steps / stats.seconds, 3) if stats.seconds > 0 else None,
+        "images": images,
+        "resolution": cfg.resolution,
+        "batch_size": cfg.batch_size,
+        "precision": cfg.precision,
+        "device": device.type,
+        "compiled": cfg.compile,
+    }
+    if cfg.compile:
+        metrics["compile_warmup_seconds"] = round(stats.first_step_seconds, 3)
+    if device.type == "cuda":
+        import torch
+
+        metrics["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+    return metrics

@@ -1,0 +1,34 @@
+"""Plain result types of the GPU runner (dataclasses: no pydantic, no torch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    """One encoded image: ``name`` (e.g. ``image-0.png``), its MIME type and its bytes."""
+
+    name: str
+    mime: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What :func:`services.gpu.train.train_lora` produced in the work directory."""
+
+    lora_path: Path
+    kohya_path: Path | None
+    samples: list[ImageFile] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    """Images of one ``generate`` job and the seed of the first image (image ``i`` used ``seed + i``)."""
+
+    images: list[ImageFile]
+    seed: int

@@ -1,0 +1,166 @@
+"""The entrypoint as users run it: ``--test_input``, ``test_input.json``, ``--rp_serve_api``,
+and the import path of storage-only jobs (no torch, no diffusers)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.faultproxy import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def worker_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("S3_", "AWS_", "BUCKET_", "RUNPOD_"))}
+    env.update({"STORAGE_DIR": str(tmp_path / "storage"), "PYTHONPATH": str(ROOT), **extra})
+    return env
+
+
+def run_worker(tmp_path: Path, job_input: dict[str, Any] | None, *args: str, **env: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(ROOT / "rp_handler.py"), *args]
+    if job_input is not None:
+        command += ["--test_input", json.dumps({"input": job_input})]
+    return subprocess.run(
+        command, cwd=tmp_path, env=worker_env(tmp_path, **env), capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+def result_of(completed: subprocess.CompletedProcess) -> str:
+    return completed.stdout + completed.stderr
+
+
+STORAGE_JOBS = [
+    {"action": "upload_training_files", "dataset": "smoke", "files": [{"name": "a.txt", "data": "aGk="}]},
+    {"action": "presign_uploads", "dataset": "smoke", "files": [{"name": "b.png"}]},
+    {"action": "list_files", "prefix": "datasets/"},
+    {"action": "delete_files", "keys": ["datasets/smoke/nothing.txt"]},
+    {"action": "health"},
+]
+
+
+@pytest.mark.parametrize("job_input", STORAGE_JOBS, ids=[j["action"] for j in STORAGE_JOBS])
+def test_test_input_runs_storage_actions(tmp_path: Path, job_input: dict[str, Any]) -> None:
+    completed = run_worker(tmp_path, job_input)
+    output = result_of(completed)
+    assert completed.returncode == 0, output
+    assert "completed successfully" in output
+    assert "Traceback" not in output
+
+
+def test_test_input_get_file_and_error_exit(tmp_path: Path) -> None:
+    upload = {"action": "upload_training_files", "dataset": "g", "files": [{"name": "a.txt", "data": "aGk="}]}
+    assert run_worker(tmp_path, upload).returncode == 0
+    completed = run_worker(tmp_path, {"action": "get_file", "key": "datasets/g/a.txt"})
+    assert completed.returncode == 0, result_of(completed)
+    assert "'data': 'aGk='" in result_of(completed)
+    failed = run_worker(tmp_path, {"action": "get_file", "key": "datasets/g/missing.txt"})
+    assert failed.returncode == 1
+    assert "does not exist" in result_of(failed)
+    assert "Traceback" not in result_of(failed)
+
+
+def test_bad_setting_stops_start_up_naming_the_variable(tmp_path: Path) -> None:
+    completed = run_worker(tmp_path, {"action": "health"}, S3_ADDRESSING_STYLE="sideways")
+    assert completed.returncode != 0
+    assert "S3_ADDRESSING_STYLE" in completed.stderr
+    assert "'auto', 'path' or 'virtual'" in completed.stderr
+    assert "Traceback" not in completed.stderr
+
+
+def test_test_input_json_beside_the_script_is_the_default_job() -> None:
+    job = json.loads((ROOT / "test_input.json").read_text())
+    assert job["input"]["action"] == "generate"
+
+
+def test_storage_jobs_never_import_torch_or_diffusers(tmp_path: Path) -> None:
+    """A fresh interpreter runs every storage action; torch and diffusers stay unloaded."""
+    script = f"""
+import asyncio, json, sys
+sys.path.insert(0, {str(ROOT)!r})
+from rp_handler import handler
+from services.storage import close_storages
+jobs = {json.dumps([*STORAGE_JOBS, {"action": "get_file", "key": "datasets/smoke/a.txt"}])}
+async def main():
+    try:
+        return [await handler({{"id": str(i), "input": j}}) for i, j in enumerate(jobs)]
+    finally:
+        await close_storages()
+results = asyncio.run(main())
+assert all("error" not in r for r in results), results
+heavy = sorted(m for m in ("torch", "diffusers", "transformers", "peft") if m in sys.modules)
+print(json.dumps(heavy))
+"""
+    completed = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env=worker_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert json.loads(completed.stdout.strip().splitlines()[-1]) == []
+
+
+def _post(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    request = urllib.request.Request(  # noqa: S310 - loopback
+        url, data=json.dumps(body).encode(), method="POST", headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310
+        return json.loads(response.read())
+
+
+def test_rp_serve_api_runsync(tmp_path: Path) -> None:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "rp_handler.py"), "--rp_serve_api", "--rp_api_port", str(port)],
+        cwd=tmp_path,
+        env=worker_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/docs", timeout=2).close()  # noqa: S310
+                break
+            except (urllib.error.URLError, ConnectionError):
+                if time.monotonic() > deadline or process.poll() is not None:
+                    pytest.fail("the local API did not start")
+                time.sleep(0.3)
+        data = base64.b64encode(b"over http").decode()
+        upload = {"action": "upload_training_files", "dataset": "api", "files": [{"name": "h.txt", "data": data}]}
+        response = _post(f"{base}/runsync", {"input": upload})
+        assert response["status"] == "COMPLETED", response
+        assert response["output"]["uploaded"][0]["key"] == "datasets/api/h.txt"
+        bad = _post(f"{base}/runsync", {"input": {"action": "get_file"}})
+        assert bad["status"] == "FAILED"
+        assert bad["error"] == "invalid input: input.key: Field required"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_readme_quick_start_commands_are_the_ones_ci_runs() -> None:
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    test_command = "python3 -m venv .venv && . .venv/bin/activate && pip install -q -r requirements-dev.txt"
+    assert test_command.replace(" -q", "") in readme
+    assert test_command in ci
+    assert shutil.which("python3") is not None

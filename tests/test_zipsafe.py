@@ -1,0 +1,231 @@
+"""Safe zip extraction: what goes through, what is refused, and that failures leave nothing."""
+
+from __future__ import annotations
+
+import io
+import re
+import stat
+import warnings
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from config.settings import Settings, build_settings
+from services import zipsafe
+from services.errors import InputError
+from services.zipsafe import extract_zip
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return build_settings(max_zip_entries=10, max_zip_uncompressed_bytes=8 * 1024 * 1024, max_zip_ratio=100)
+
+
+def make_zip(
+    path: Path, entries: list[tuple[str | zipfile.ZipInfo, bytes]], compression: int = zipfile.ZIP_DEFLATED
+) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # zipfile warns on duplicate names
+        with zipfile.ZipFile(path, "w", compression=compression) as zf:
+            for name, data in entries:
+                zf.writestr(name, data)
+    return path
+
+
+def patch_bytes(path: Path, old: bytes, new: bytes) -> None:
+    data = path.read_bytes()
+    assert old in data
+    path.write_bytes(data.replace(old, new))
+
+
+def files_under(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_normal_zip_keeps_relative_paths_and_skips_folders(tmp_path: Path, settings: Settings) -> None:
+    archive = make_zip(
+        tmp_path / "ok.zip",
+        [("a.txt", b"alpha"), ("sub/", b""), ("sub/b.bin", bytes(range(256))), ("./c/d.txt", b"delta")],
+    )
+    dest = tmp_path / "out"
+    got = extract_zip(archive, dest, settings)
+    root = dest.resolve()
+    assert got == [root / "a.txt", root / "sub" / "b.bin", root / "c" / "d.txt"]
+    assert (root / "a.txt").read_bytes() == b"alpha"
+    assert (root / "sub" / "b.bin").read_bytes() == bytes(range(256))
+    assert (root / "c" / "d.txt").read_bytes() == b"delta"
+    assert files_under(dest) == ["a.txt", "c", "c/d.txt", "sub", "sub/b.bin"]
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("../evil.txt", "'..'"),
+        ("a/../../evil.txt", "'..'"),
+        ("/etc/evil.txt", "absolute path"),
+        ("C:/evil.txt", "drive letter"),
+        ("c:evil.txt", "drive letter"),
+        ("..\\evil.txt", "backslash"),
+        ("a\\b.txt", "backslash"),
+        ("../", "'..'"),
+    ],
+)
+def test_unsafe_names_are_refused_before_anything_is_written(
+    tmp_path: Path, settings: Settings, name: str, why: str
+) -> None:
+    archive = make_zip(tmp_path / "bad.zip", [("first.txt", b"fine"), (name, b"payload")])
+    dest = tmp_path / "out"
+    with pytest.raises(InputError, match=why) as err:
+        extract_zip(archive, dest, settings)
+    assert repr(name) in str(err.value)
+    assert files_under(dest) == []
+    assert not (tmp_path / "evil.txt").exists()
+
+
+def test_nul_byte_in_name_is_refused(tmp_path: Path, settings: Settings) -> None:
+    archive = make_zip(tmp_path / "nul.zip", [("aXZb.txt", b"payload")])
+    patch_bytes(archive, b"aXZb.txt", b"a\x00Zb.txt")
+    with pytest.raises(InputError, match="NUL byte"):
+        extract_zip(archive, tmp_path / "out", settings)
+
+
+def test_symlink_entry_is_refused(tmp_path: Path, settings: Settings) -> None:
+    link = zipfile.ZipInfo("link")
+    link.external_attr = (stat.S_IFLNK | 0o777) << 16
+    archive = make_zip(tmp_path / "link.zip", [(link, b"/etc/passwd")])
+    with pytest.raises(InputError, match="'link': symbolic links"):
+        extract_zip(archive, tmp_path / "out", settings)
+    assert files_under(tmp_path / "out") == []
+
+
+def test_special_file_entry_is_refused(tmp_path: Path, settings: Settings) -> None:
+    fifo = zipfile.ZipInfo("pipe")
+    fifo.external_attr = (stat.S_IFIFO | 0o644) << 16
+    archive = make_zip(tmp_path / "fifo.zip", [(fifo, b"")])
+    with pytest.raises(InputError, match="'pipe': not a regular file"):
+        extract_zip(archive, tmp_path / "out", settings)
+
+
+def test_too_many_entries(tmp_path: Path) -> None:
+    settings = build_settings(max_zip_entries=3)
+    archive = make_zip(tmp_path / "many.zip", [(f"f{i}.txt", b"x") for i in range(4)])
+    with pytest.raises(InputError, match="4 entries, over the 3-entry limit"):
+        extract_zip(archive, tmp_path / "out", settings)
+
+
+def test_bomb_by_compression_ratio(tmp_path: Path, settings: Settings) -> None:
+    archive = make_zip(tmp_path / "bomb.zip", [("zeros.bin", bytes(4 * 1024 * 1024))])
+    with pytest.raises(InputError, match=r"'zeros.bin': compression ratio \d+:1 is over the 100:1 limit"):
+        extract_zip(archive, tmp_path / "out", settings)
+    assert files_under(tmp_path / "out") == []
+
+
+def test_small_entries_may_compress_well(tmp_path: Path, settings: Settings) -> None:
+    archive = make_zip(tmp_path / "small.zip", [("zeros.bin", bytes(64 * 1024))])
+    assert len(extract_zip(archive, tmp_path / "out", settings)) == 1
+
+
+def test_bomb_by_total_size(tmp_path: Path) -> None:
+    settings = build_settings(max_zip_uncompressed_bytes=1000)
+    archive = make_zip(
+        tmp_path / "big.zip", [("a.bin", bytes(600)), ("b.bin", bytes(600))], compression=zipfile.ZIP_STORED
+    )
+    with pytest.raises(InputError, match=re.escape("'b.bin': total uncompressed size is over the 1000-byte limit")):
+        extract_zip(archive, tmp_path / "out", settings)
+    assert files_under(tmp_path / "out") == []
+
+
+def test_streaming_counts_bytes_actually_produced(settings: Settings) -> None:
+    info = zipfile.ZipInfo("liar.bin")
+    info.file_size, info.compress_size = 10, 10
+    with pytest.raises(InputError, match=re.escape("'liar.bin': larger than its header says")):
+        zipsafe._copy_entry(io.BytesIO(bytes(100)), io.BytesIO(), info, 10_000, settings)
+    info.file_size = 10_000
+    with pytest.raises(InputError, match=re.escape("'liar.bin': total uncompressed size")):
+        zipsafe._copy_entry(io.BytesIO(bytes(100)), io.BytesIO(), info, 50, settings)
+
+
+def test_lying_size_header_is_refused(tmp_path: Path, settings: Settings) -> None:
+    archive = tmp_path / "liar.zip"
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_STORED) as zf:
+        zf.writestr("liar.bin", bytes(5000))
+    data = bytearray(archive.read_bytes())
+    central = data.index(b"PK\x01\x02")
+    data[central + 24 : central + 28] = (100).to_bytes(4, "little")  # uncompressed size: 5000 -> 100
+    archive.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=re.escape("'liar.bin'")):
+        extract_zip(archive, tmp_path / "out", settings)
+    assert files_under(tmp_path / "out") == []
+
+
+def test_encrypted_entry_is_refused(tmp_path: Path, settings: Settings) -> None:
+    archive = make_zip(tmp_path / "enc.zip", [("secret.txt", b"data")], compression=zipfile.ZIP_STORED)
+    data = bytearray(archive.read_bytes())
+    local, central = data.index(b"PK\x03\x04"), data.index(b"PK\x01\x02")
+    data[local + 6] |= 0x1  # general purpose flag bit 0: encrypted
+    data[central + 8] |= 0x1
+    archive.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=re.escape("'secret.txt': encrypted")):
+        extract_zip(archive, tmp_path / "out", settings)
+
+
+@pytest.mark.parametrize(
+    ("names", "why"),
+    [
+        (["a.txt", "a.txt"], "'a.txt': duplicate of entry 'a.txt'"),
+        (["d/a.txt", "d/./a.txt"], "'d/./a.txt': duplicate of entry 'd/a.txt'"),
+        (["x", "x/y.txt"], "'x/y.txt': a file and a folder share this path"),
+        (["x/y.txt", "x"], "'x': a file and a folder share this path"),
+    ],
+)
+def test_duplicate_and_clashing_names(tmp_path: Path, settings: Settings, names: list[str], why: str) -> None:
+    archive = make_zip(tmp_path / "dup.zip", [(n, b"v") for n in names])
+    with pytest.raises(InputError, match=why):
+        extract_zip(archive, tmp_path / "out", settings)
+    assert files_under(tmp_path / "out") == []
+
+
+def test_not_a_zip(tmp_path: Path, settings: Settings) -> None:
+    bogus = tmp_path / "bogus.zip"
+    bogus.write_bytes(b"this is text")
+    with pytest.raises(InputError, match="zip file: corrupt or not a zip"):
+        extract_zip(bogus, tmp_path / "out", settings)
+
+
+def test_failure_midway_removes_what_was_extracted_and_keeps_what_was_there(tmp_path: Path, settings: Settings) -> None:
+    archive = make_zip(
+        tmp_path / "crc.zip",
+        [("good/one.txt", b"first file"), ("two.txt", b"hello world")],
+        compression=zipfile.ZIP_STORED,
+    )
+    patch_bytes(archive, b"hello world", b"hellO world")  # the CRC no longer matches
+    dest = tmp_path / "out"
+    dest.mkdir()
+    (dest / "keep.txt").write_text("mine")
+    with pytest.raises(InputError, match=re.escape("'two.txt': corrupt")):
+        extract_zip(archive, dest, settings)
+    assert files_under(dest) == ["keep.txt"]
+    assert (dest / "keep.txt").read_text() == "mine"
+
+
+def test_existing_file_is_not_overwritten(tmp_path: Path, settings: Settings) -> None:
+    dest = tmp_path / "out"
+    dest.mkdir()
+    (dest / "a.txt").write_text("mine")
+    archive = make_zip(tmp_path / "a.zip", [("a.txt", b"theirs")])
+    with pytest.raises(InputError, match=re.escape("'a.txt': something already exists")):
+        extract_zip(archive, dest, settings)
+    assert (dest / "a.txt").read_text() == "mine"
+
+
+def test_link_already_in_dest_is_not_followed(tmp_path: Path, settings: Settings) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    dest = tmp_path / "out"
+    dest.mkdir()
+    (dest / "link").symlink_to(outside, target_is_directory=True)
+    archive = make_zip(tmp_path / "l.zip", [("link/x.txt", b"payload")])
+    with pytest.raises(InputError, match=re.escape("'link/x.txt': path leaves the extraction folder")):
+        extract_zip(archive, dest, settings)
+    assert list(outside.iterdir()) == []
