@@ -39,11 +39,11 @@ async def handler(job: dict[str, Any]) -> dict[str, Any]:
         return _error(str(exc.code))
     if not isinstance(job, dict):
         return _error("invalid job: expected an object with an 'input' field")
-    action = job.get("input", {}).get("action") if isinstance(job.get("input"), dict) else None
     try:
         request = parse_job_input(job.get("input"), settings)
     except WorkerError as exc:
         return _error(str(exc))
+    action = request.action
 
     async with job_context(job, settings) as ctx:
         policy = OutputPolicy(ctx.storage, settings, ctx.key_id)
@@ -53,13 +53,13 @@ async def handler(job: dict[str, Any]) -> dict[str, Any]:
         except PartialFailure as exc:
             return _error(str(exc), **await policy.render(exc.result))
         except WorkerError as exc:
-            log.warning("job %s (%s) failed: %s", ctx.job_id, action, exc)
+            log.warning("job %s (%s) failed: %s", ctx.key_id, action, exc)
             if exc.refresh_worker:
                 return _error(str(exc), refresh_worker=True)
             return _error(str(exc))
         except Exception as exc:
             # A bug, not a user error: keep the worker alive, log the traceback, tell the caller.
-            log.exception("job %s (%s) failed unexpectedly", ctx.job_id, action)
+            log.exception("job %s (%s) failed unexpectedly", ctx.key_id, action)
             return _error(f"internal error while running {action}: {type(exc).__name__}: {exc}")
 
 

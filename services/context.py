@@ -48,7 +48,7 @@ class JobContext:
         if not force and now - self._last_progress < PROGRESS_INTERVAL:
             return
         self._last_progress = now
-        log.info("job %s progress: %s", self.job_id, update)
+        log.info("job %s progress: %s", self.key_id, update)
         if os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT"):  # only on RunPod: locally there is no one to tell
             from runpod.serverless import progress_update
 
@@ -73,7 +73,8 @@ async def job_context(job: dict[str, Any], settings: Settings) -> AsyncIterator[
     parent = settings.work_dir
     if parent is not None:
         parent.mkdir(parents=True, exist_ok=True)
-    safe_id = "".join(c if c.isalnum() or c in "-_" else "_" for c in job_id)[:64]
+    # ASCII only: 64 four-byte letters would pass isalnum() and make a name over NAME_MAX (255 bytes).
+    safe_id = "".join(c if (c.isascii() and c.isalnum()) or c in "-_" else "_" for c in job_id)[:64]
     workspace = Path(tempfile.mkdtemp(prefix=f"job-{safe_id}-", dir=parent))
     try:
         yield JobContext(

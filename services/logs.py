@@ -2,9 +2,10 @@
 
 The filter removes configured secret values, presigned-URL credentials and signatures
 (``X-Amz-Signature``, ``X-Amz-Credential``, ``X-Amz-Security-Token``, SigV2's
-``Signature``/``AWSAccessKeyId``) and base64 blobs longer than 256 characters. The RunPod
-SDK prints through its own logger (DEBUG by default, which prints job inputs): its level
-is set from ``LOG_LEVEL`` and its lines pass through the same redaction.
+``Signature``/``AWSAccessKeyId``, the ``Signature:`` botocore's signer logs at DEBUG) and
+base64 blobs longer than 256 characters. The RunPod SDK prints through its own logger (DEBUG
+by default, which prints job inputs): its level is set from ``LOG_LEVEL`` and its lines pass
+through the same redaction.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ REDACTED = "REDACTED"
 _URL_SECRETS = re.compile(
     r"(?i)\b(X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|Signature|AWSAccessKeyId|x-id-token)=[^&\s\"'<>]+"
 )
+# botocore's signer logs the signature it computed ("Signature:\n<hex>") at DEBUG: for a
+# presigned URL that is the URL's own X-Amz-Signature.
+_SIGNER_SIGNATURE = re.compile(r"\b(Signature):\s*[A-Za-z0-9+/=]{16,}")
 _BASE64_BLOB = re.compile(r"[A-Za-z0-9+/]{257,}={0,2}")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -34,6 +38,7 @@ class Redactor:
             if secret in text:
                 text = text.replace(secret, REDACTED)
         text = _URL_SECRETS.sub(lambda m: f"{m.group(1)}={REDACTED}", text)
+        text = _SIGNER_SIGNATURE.sub(lambda m: f"{m.group(1)}: {REDACTED}", text)
         return _BASE64_BLOB.sub(lambda m: f"<{len(m.group(0))} base64 characters>", text)
 
 

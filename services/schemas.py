@@ -32,6 +32,7 @@ from pydantic import (
 from services.errors import InputError
 from services.gpu.params import GenerateInput, TrainLoraInput, safe_name
 from services.storage.base import validate_key
+from services.storage.batch import FileSource, content_type_problem
 
 if TYPE_CHECKING:
     from config.settings import Settings
@@ -50,6 +51,16 @@ def managed_key(key: str) -> str:
 DatasetName = Annotated[str, AfterValidator(lambda value: safe_name(value, "dataset"))]
 
 
+def _content_type(value: str | None) -> str | None:
+    if value is not None and (problem := content_type_problem(value)):
+        raise ValueError(problem)
+    return value
+
+
+# Sent as an HTTP header to storage: no line breaks (header injection), ASCII only.
+ContentType = Annotated[str | None, AfterValidator(_content_type)]
+
+
 class _Action(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -57,7 +68,8 @@ class _Action(BaseModel):
         """Bounds from settings; raises InputError before any work starts."""
 
 
-class TrainingFileInput(BaseModel):
+# A FileSource, so the batch upload takes these as they are (no second model per file).
+class TrainingFileInput(FileSource):
     """One file of an upload: inline base64 ``data`` or a ``url`` to fetch (exactly one).
 
     Names are checked per file by the upload itself: a bad name fails that file only.
@@ -68,7 +80,7 @@ class TrainingFileInput(BaseModel):
     name: str = Field(max_length=1024, description="File name in the dataset: no separators, no '..', <= 255 bytes.")
     data: str | None = Field(None, description="File content, base64.")
     url: str | None = Field(None, max_length=2048, description="http(s) URL to download the file from.")
-    content_type: str | None = Field(None, max_length=255, description="MIME type; guessed from the name if absent.")
+    content_type: ContentType = Field(None, max_length=255, description="MIME type; guessed from the name if absent.")
 
 
 class UploadTrainingFilesInput(_Action):
@@ -104,7 +116,7 @@ class PresignFileInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(max_length=1024, description="File name in the dataset.")
-    content_type: str | None = Field(None, max_length=255, description="MIME type the client will send.")
+    content_type: ContentType = Field(None, max_length=255, description="MIME type the client will send.")
 
 
 class PresignUploadsInput(_Action):

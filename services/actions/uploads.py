@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mimetypes
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -15,17 +16,21 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp"}
 
 
 def _url_fetcher(ctx: JobContext) -> Any:
-    """Downloads a URL source into the job workspace (SSRF-safe, size-capped)."""
+    """Downloads a URL source into the job workspace (SSRF-safe, size-capped).
+
+    The cap is the smaller of ``MAX_DOWNLOAD_BYTES`` and ``MAX_FILE_BYTES``. The local file
+    gets a short generated name: the dataset name may be up to 255 bytes, and the download's
+    temporary ``.<name>.<random>.part`` beside it would then pass the file system's limit.
+    """
     from services.fetch import download
 
     downloads = ctx.workspace / "downloads"
     downloads.mkdir(exist_ok=True)
+    cap = min(ctx.settings.max_download_bytes, ctx.settings.max_file_bytes)
 
     async def fetch(url: str, name: str) -> Path:
         expect = "image" if Path(name).suffix.lower() in IMAGE_SUFFIXES else "any"
-        fetched = await download(
-            url, downloads / name, ctx.settings, expect=expect, max_bytes=ctx.settings.max_file_bytes
-        )
+        fetched = await download(url, downloads / uuid.uuid4().hex, ctx.settings, expect=expect, max_bytes=cap)
         return fetched.path
 
     return fetch
@@ -33,13 +38,14 @@ def _url_fetcher(ctx: JobContext) -> Any:
 
 async def upload_training_files(request: UploadTrainingFilesInput, ctx: JobContext) -> dict[str, Any]:
     """Upload the batch; any failed file makes the job an error that keeps the full report."""
-    files = [f.model_dump(exclude_none=True) for f in request.files]
+    files = request.files  # validated FileSources: the batch uses them without a copy
     result = await upload_batch(
         ctx.storage,
         files,
         request.dataset,
         fetch=_url_fetcher(ctx),
         max_file_bytes=ctx.settings.max_file_bytes,
+        max_batch_bytes=ctx.settings.max_batch_bytes,
     )
     report = result.model_dump()
     if result.failed:

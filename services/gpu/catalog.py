@@ -9,6 +9,8 @@ from services.errors import InputError
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_MODELS = ("builtin:tiny-sd", "builtin:tiny-sdxl")
+DEFAULT_TRAIN_STEPS = 1000
+DEFAULT_TINY_TRAIN_STEPS = 100  # the builtin models train in seconds on a CPU
 
 # RunPod mounts its cached models here (REFERENCE.md, "RunPod SDK").
 RUNPOD_HF_CACHE = Path("/runpod-volume/huggingface-cache/hub")

@@ -74,8 +74,12 @@ def scan_dataset(root: Path, caption: str = "", trigger_word: str | None = None)
         elif path.suffix.lower() != CAPTION_EXTENSION:
             ignored.append(str(path.relative_to(root)))
     if ignored:
-        log.warning("dataset %s: ignoring %d files that are neither images nor captions: %s",
-                    root.name, len(ignored), ", ".join(ignored[:_MAX_NAMED]))
+        log.warning(
+            "dataset %s: ignoring %d files that are neither images nor captions: %s",
+            root.name,
+            len(ignored),
+            ", ".join(ignored[:_MAX_NAMED]),
+        )
     bad = [(path, reason) for path in images if (reason := _decode_error(path)) is not None]
     if bad:
         named = ", ".join(f"{path.relative_to(root)} ({reason})" for path, reason in bad[:_MAX_NAMED])

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 # scheduler name -> (diffusers class, extra config)
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "ddim": ("DDIMScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
     "euler": ("EulerDiscreteScheduler", {}),
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
     "heun": ("HeunDiscreteScheduler", {}),
@@ -99,16 +99,19 @@ def render(
 ) -> list[Image.Image]:
     """Run the pipeline for one request with its LoRA and scheduler; returns PIL images."""
     kwargs = _call_kwargs(entry, request)
-    with scheduler_for(entry, request.scheduler), fused_lora(entry, lora_path, request.lora_scale):
-        with _denoiser(entry, compile) as first_call:
-            started = time.perf_counter()
-            output = entry.pipe(**kwargs)
-            if first_call(request):
-                seconds = time.perf_counter() - started
-                RUNNER_STATE.record_warmup(
-                    f"generate {entry.key.model} {request.num_images}x{request.width}x{request.height}", seconds
-                )
-                log.info("compile warm-up for %s: %.1f s", entry.key, seconds)
+    with (
+        scheduler_for(entry, request.scheduler),
+        fused_lora(entry, lora_path, request.lora_scale),
+        _denoiser(entry, compile) as first_call,
+    ):
+        started = time.perf_counter()
+        output = entry.pipe(**kwargs)
+        if first_call(request):
+            seconds = time.perf_counter() - started
+            RUNNER_STATE.record_warmup(
+                f"generate {entry.key.model} {request.num_images}x{request.width}x{request.height}", seconds
+            )
+            log.info("compile warm-up for %s: %.1f s", entry.key, seconds)
     return list(output.images)
 
 
@@ -146,9 +149,7 @@ def scheduler_for(entry: LoadedPipeline, name: str) -> Iterator[None]:
     default = entry.default_scheduler
     compatible = {cls.__name__ for cls in getattr(default, "compatibles", [])} | {type(default).__name__}
     if class_name not in compatible:
-        raise InputError(
-            f"input.scheduler: {name} does not work with {type(entry.pipe).__name__}; use 'default'"
-        )
+        raise InputError(f"input.scheduler: {name} does not work with {type(entry.pipe).__name__}; use 'default'")
     entry.pipe.scheduler = getattr(diffusers, class_name).from_config(default.config, **extra)
     try:
         yield

@@ -48,9 +48,7 @@ def save_diffusers_lora(
 ) -> Path:
     """Write ``layers`` (diffusers naming, no prefix) as a pipeline-loadable LoRA at ``path``."""
     layers = {key: value.detach().to("cpu", dtype).contiguous() for key, value in layers.items()}
-    adapter_config = {
-        key: sorted(value) if isinstance(value, set) else value for key, value in adapter_config.items()
-    }
+    adapter_config = {key: sorted(value) if isinstance(value, set) else value for key, value in adapter_config.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
         type(entry.pipe).save_lora_weights(

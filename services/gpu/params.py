@@ -47,9 +47,7 @@ Prompt = Annotated[str, StringConstraints(min_length=1, max_length=2000)]
 def safe_name(value: str, field: str) -> str:
     """Letters, digits, ``-``, ``_`` and ``.``; 1..128 characters; no ``..``."""
     if not _SAFE_NAME.fullmatch(value) or ".." in value or value == ".":
-        raise ValueError(
-            f"{field} must be 1-128 letters, digits, '-', '_' or '.', without '..' or separators"
-        )
+        raise ValueError(f"{field} must be 1-128 letters, digits, '-', '_' or '.', without '..' or separators")
     return value
 
 
@@ -93,9 +91,7 @@ class TrainLoraInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     action: Literal["train_lora"]
-    dataset: str | None = Field(
-        None, description="Dataset name: images plus optional same-name .txt captions."
-    )
+    dataset: str | None = Field(None, description="Dataset name: images plus optional same-name .txt captions.")
     dataset_url: str | None = Field(None, description="URL of a zip of images and captions.")
     base_model: str | None = Field(
         None,
@@ -107,7 +103,9 @@ class TrainLoraInput(BaseModel):
         None, min_length=1, max_length=100, description="Prepended to every caption that lacks it."
     )
     caption: str = Field("", max_length=2000, description="Caption for images without a .txt file.")
-    steps: int = Field(1000, ge=1, le=100_000, description="Optimizer steps.")
+    steps: int | None = Field(
+        None, ge=1, le=100_000, description="Optimizer steps; default 1000 (100 for the builtin tiny models)."
+    )
     rank: int = Field(16, ge=1, le=256, description="LoRA rank.")
     alpha: float | None = Field(None, gt=0, le=1024, description="LoRA alpha; default: the rank.")
     learning_rate: float = Field(1e-4, gt=0, le=1.0)
@@ -121,9 +119,7 @@ class TrainLoraInput(BaseModel):
     batch_size: int = Field(1, ge=1, le=64)
     gradient_accumulation: int = Field(1, ge=1, le=64)
     seed: int = Field(0, ge=0, le=2**32 - 1)
-    mixed_precision: MixedPrecision = Field(
-        "auto", description="auto: bf16 on a CUDA GPU, fp32 on the CPU."
-    )
+    mixed_precision: MixedPrecision = Field("auto", description="auto: bf16 on a CUDA GPU, fp32 on the CPU.")
     gradient_checkpointing: bool = Field(False, description="Less memory, about 2x slower steps.")
     cache_latents: bool = Field(True, description="Encode the images with the VAE once.")
     cache_text_embeddings: bool = Field(True, description="Encode the captions once.")
@@ -134,7 +130,7 @@ class TrainLoraInput(BaseModel):
     export_formats: list[ExportFormat] = Field(
         default_factory=lambda: ["diffusers"],
         min_length=1,
-        max_length=2,
+        max_length=4,
         description="diffusers (always written) and optionally kohya (A1111/ComfyUI).",
     )
 
@@ -178,11 +174,11 @@ class TrainLoraInput(BaseModel):
 
     def check_limits(self, settings: Settings) -> None:
         """Bounds from the worker's settings; raises :class:`InputError` naming the field."""
-        _limit("steps", self.steps, settings.max_train_steps, "MAX_TRAIN_STEPS")
-        _limit("sample_steps", self.sample_steps, settings.max_gen_steps, "MAX_GEN_STEPS")
-        _limit(
-            "sample_prompts", len(self.sample_prompts), settings.max_images_per_request, "MAX_IMAGES_PER_REQUEST"
-        )
+        if self.steps is not None:
+            _limit("steps", self.steps, settings.max_train_steps, "MAX_TRAIN_STEPS")
+        if self.sample_prompts:
+            _limit("sample_steps", self.sample_steps, settings.max_gen_steps, "MAX_GEN_STEPS")
+        _limit("sample_prompts", len(self.sample_prompts), settings.max_images_per_request, "MAX_IMAGES_PER_REQUEST")
         if self.resolution is not None:
             pixels = self.resolution * self.resolution
             if pixels > settings.max_image_pixels:

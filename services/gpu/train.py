@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from services.errors import InputError
 from services.gpu import SOFTWARE_NAME, SOFTWARE_VERSION, models
-from services.gpu.catalog import check_pixels
+from services.gpu.catalog import BUILTIN_MODELS, DEFAULT_TINY_TRAIN_STEPS, DEFAULT_TRAIN_STEPS, check_pixels
 from services.gpu.dataset import load_square, scan_dataset
 from services.gpu.encode import encode_image
 from services.gpu.generate import GenerationRequest, render
@@ -54,6 +54,12 @@ log = logging.getLogger(__name__)
 TRAIN_COMPILE_MIN_STEPS = 2500
 TRAIN_COMPILE_MIN_STEPS_WARM = 1000
 _MARKERS = "runpod-lora-worker"
+
+
+def default_steps(model: str, max_steps: int) -> int:
+    """1000 optimizer steps (100 on the builtin tiny models), within ``MAX_TRAIN_STEPS``."""
+    default = DEFAULT_TINY_TRAIN_STEPS if model in BUILTIN_MODELS else DEFAULT_TRAIN_STEPS
+    return min(default, max_steps)
 
 
 def resolve_precision(requested: str, device: torch.device) -> Precision:
@@ -154,9 +160,10 @@ def train_lora(
         check_pixels(resolution, resolution, settings.max_image_pixels)
         images = [load_square(example.path, resolution) for example in examples]
         captions = [example.caption for example in examples]
+        steps = params.steps or default_steps(model, settings.max_train_steps)
         cfg_key = f"{model}|{precision}|{resolution}|{params.batch_size}|{params.rank}|{params.gradient_checkpointing}"
         cfg = TrainConfig(
-            steps=params.steps,
+            steps=steps,
             rank=params.rank,
             alpha=float(params.alpha if params.alpha is not None else params.rank),
             learning_rate=params.learning_rate,
@@ -168,7 +175,7 @@ def train_lora(
             gradient_checkpointing=params.gradient_checkpointing,
             cache_latents=params.cache_latents,
             cache_text_embeddings=params.cache_text_embeddings,
-            compile=should_compile(settings.compile, device, params.steps, cfg_key),
+            compile=should_compile(settings.compile, device, steps, cfg_key),
         )
         lora_path = work_dir / f"{params.output_name}.safetensors"
         metadata = lora_metadata(entry, cfg, params.output_name, params.trigger_word, len(images))
@@ -183,7 +190,11 @@ def train_lora(
             setup_seconds = time.perf_counter() - setup_started
             stats = run_steps(trainer, ProgressReporter(progress, cfg.steps))
             save_diffusers_lora(
-                entry, trainer.lora_state_dict(), trainer.adapter_config(), lora_path, metadata,
+                entry,
+                trainer.lora_state_dict(),
+                trainer.adapter_config(),
+                lora_path,
+                metadata,
                 torch_dtype("fp32" if precision == "fp32" else "fp16"),
             )
         finally:

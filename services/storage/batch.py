@@ -14,7 +14,8 @@ import binascii
 import hashlib
 import logging
 import mimetypes
-from collections.abc import Awaitable, Callable
+import re
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +29,17 @@ log = logging.getLogger(__name__)
 MAX_NAME_BYTES = 255
 DATASET_ROOT = "datasets"
 
-# Downloads a URL source into the job workspace and returns the local file.
+# Downloads a URL source into the job workspace and returns the local file; the batch
+# removes that file once it has read it, so a batch of URLs never holds more than the
+# files in flight on disk.
 UrlFetcher = Callable[[str, str], Awaitable[Path]]
+# RFC 6838 type/subtype with optional parameters, printable ASCII only: the value becomes an
+# HTTP header (S3 Content-Type), so a line break would be header injection, and the HTTP
+# client's refusal of one would look like a storage failure and count against the breaker.
+_MIME_PART = r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*"
+_CONTENT_TYPE = re.compile(
+    rf'{_MIME_PART}/{_MIME_PART}(?: *; *{_MIME_PART}=(?:[A-Za-z0-9!#$&^_.+-]+|"[ !#-\[\]-~]*"))*', re.ASCII
+)
 
 
 class UploadedFile(BaseModel):
@@ -89,6 +99,13 @@ def file_name_problem(name: str) -> str | None:
     return None
 
 
+def content_type_problem(value: str) -> str | None:
+    """Why ``value`` is not an acceptable MIME type (``image/png``), or ``None`` when it is."""
+    if len(value) > 255 or not _CONTENT_TYPE.fullmatch(value):
+        return "must be a MIME type such as image/png (printable ASCII, no line breaks)"
+    return None
+
+
 def dataset_prefix(dataset: str) -> str:
     """The key prefix of a dataset: ``datasets/<dataset>/``."""
     problem = file_name_problem(dataset)
@@ -105,10 +122,19 @@ def _decode(data: str) -> bytes:
 
 
 class _Batch:
-    def __init__(self, storage: Storage, dataset: str, fetch: UrlFetcher | None, max_file_bytes: int | None):
+    def __init__(
+        self,
+        storage: Storage,
+        dataset: str,
+        fetch: UrlFetcher | None,
+        max_file_bytes: int | None,
+        max_batch_bytes: int | None = None,
+    ):
         self.storage = storage
         self.fetch = fetch
         self.max_file_bytes = max_file_bytes
+        self.max_batch_bytes = max_batch_bytes
+        self.batch_bytes = 0  # bytes of the files taken on so far (URL sources are sized only here)
         self.result = BatchResult(dataset=dataset, prefix=dataset_prefix(dataset))
         # Sizes of the objects already in the dataset (None: unknown, HEAD every file).
         self.existing: dict[str, int] | None = None
@@ -135,9 +161,19 @@ class _Batch:
                     if self.fetch is None:
                         raise ValueError("url sources are not enabled here")
                     path = await self.fetch(source.url or "", source.name)
-                    data = await asyncio.to_thread(path.read_bytes)
+                    try:
+                        data = await asyncio.to_thread(path.read_bytes)
+                    finally:
+                        await asyncio.to_thread(path.unlink, missing_ok=True)
                 if self.max_file_bytes is not None and len(data) > self.max_file_bytes:
                     raise ValueError(f"{len(data)} bytes is over the {self.max_file_bytes}-byte limit (MAX_FILE_BYTES)")
+                if self.max_batch_bytes is not None:
+                    if self.batch_bytes + len(data) > self.max_batch_bytes:
+                        raise ValueError(
+                            f"{len(data)} more bytes would take the batch over its {self.max_batch_bytes}-byte "
+                            "limit (MAX_BATCH_BYTES)"
+                        )
+                    self.batch_bytes += len(data)
                 digest = hashlib.sha256(data).hexdigest()
                 # Only a listed object of the same size can hold the same bytes.
                 maybe_there = self.existing is None or self.existing.get(key) == len(data)
@@ -159,15 +195,17 @@ class _Batch:
 
 
 def _parse(index: int, item: Any, seen: set[str]) -> tuple[FileSource | None, FailedFile | None]:
-    name = item.get("name") if isinstance(item, dict) else None
+    name = item.get("name") if isinstance(item, dict) else getattr(item, "name", None)
     label = name if isinstance(name, str) else f"files[{index}]"
     try:
-        source = FileSource.model_validate(item)
+        source = item if isinstance(item, FileSource) else FileSource.model_validate(item)
     except ValidationError as exc:
         problems = "; ".join(f"files[{index}]{''.join(f'.{p}' for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         return None, FailedFile(name=label, error=problems)
     if problem := file_name_problem(source.name):
         return None, FailedFile(name=label, error=f"files[{index}].name: {problem}")
+    if source.content_type is not None and (problem := content_type_problem(source.content_type)):
+        return None, FailedFile(name=label, error=f"files[{index}].content_type: {problem}")
     if (source.data is None) == (source.url is None):
         return None, FailedFile(name=label, error=f"files[{index}]: give exactly one of 'data' and 'url'")
     if source.name in seen:
@@ -178,14 +216,19 @@ def _parse(index: int, item: Any, seen: set[str]) -> tuple[FileSource | None, Fa
 
 async def upload_batch(
     storage: Storage,
-    files: list[dict[str, Any]],
+    files: Sequence[dict[str, Any] | FileSource],
     dataset: str = "default",
     *,
     fetch: UrlFetcher | None = None,
     max_file_bytes: int | None = None,
+    max_batch_bytes: int | None = None,
 ) -> BatchResult:
-    """Upload ``files`` concurrently (bounded by the storage's upload slots)."""
-    batch = _Batch(storage, dataset, fetch, max_file_bytes)
+    """Upload ``files`` concurrently (bounded by the storage's upload slots).
+
+    ``max_batch_bytes`` caps the bytes of the whole batch as files are read, which is where
+    URL sources get their size (inline data can be checked before the upload starts).
+    """
+    batch = _Batch(storage, dataset, fetch, max_file_bytes, max_batch_bytes)
     seen: set[str] = set()
     sources: list[tuple[int, FileSource]] = []
     for index, item in enumerate(files):
@@ -196,5 +239,24 @@ async def upload_batch(
             sources.append((index, source))
     if sources:
         await batch.list_existing()
-    await asyncio.gather(*(batch.upload_one(index, source) for index, source in sources))
+    pending = iter(sources)
+
+    async def worker() -> None:
+        for index, source in pending:  # one shared iterator: each file is taken exactly once
+            await batch.upload_one(index, source)
+
+    # A few workers per batch, not a task per file: 20 jobs of 50 files would otherwise hold
+    # 1000 tasks, their frames and semaphore waiters at once; memory follows the concurrency.
+    workers = min(len(sources), storage.upload_concurrency)
+    tasks = [asyncio.create_task(worker()) for _ in range(workers)]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        # gather returns at the first cancelled or failed file; every other file must end its
+        # own cleanup (a multipart abort) before the job ends, or the loop may drop it unfinished.
+        for task in tasks:
+            if not task.cancelling():  # cancel once: a second cancel would cut an abort short
+                task.cancel()
+        await asyncio.shield(asyncio.gather(*tasks, return_exceptions=True))
+        raise
     return batch.result

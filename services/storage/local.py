@@ -82,7 +82,9 @@ class LocalStorageService(Storage):
         return path
 
     def _meta_path(self, key: str) -> Path:
-        return self._meta / f"{key}.json"
+        # Hashed: a 255-byte file name plus ".json" would pass the file system's name limit.
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        return self._meta / digest[:2] / f"{digest}.json"
 
     # --- writes -------------------------------------------------------------------------
 
@@ -220,7 +222,7 @@ class LocalStorageService(Storage):
         source = self.path_for(key)
         if not source.is_file():
             raise ObjectNotFound(f"{self.describe_key(key)}: not found")
-        partial = path.with_name(f".{path.name}.part")
+        partial = path.with_name(f".{uuid.uuid4().hex}.part")  # short: the final name may be 255 bytes
 
         def copy() -> int:
             try:

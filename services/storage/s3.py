@@ -14,7 +14,7 @@ import base64
 import contextlib
 import hashlib
 import logging
-import os
+import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -223,12 +223,26 @@ class RealStorageService(Storage):
     ) -> ObjectInfo:
         """Create, upload parts (a few at a time), complete; abort on any failure or cancel."""
         uri = self._uri(key)
-        created = await safe_s3_operation(
-            "create_multipart_upload",
-            self._client.create_multipart_upload,
-            resource=uri,
-            **self._put_args(key, content_type, metadata),
+        create = asyncio.ensure_future(
+            safe_s3_operation(
+                "create_multipart_upload",
+                self._client.create_multipart_upload,
+                resource=uri,
+                **self._put_args(key, content_type, metadata),
+            )
         )
+        try:
+            created = await asyncio.shield(create)
+        except asyncio.CancelledError:
+            # Cancelled while the server may already have created the upload: let the request
+            # finish, then abort what it created, so no open multipart upload is left behind.
+            try:
+                orphan = await create
+            except StorageError as exc:
+                log.warning("create_multipart_upload of %s failed during cancellation: %s", uri, exc)
+            else:
+                await self._abort_multipart(key, orphan["UploadId"])
+            raise
         upload_id = created["UploadId"]
         parts: dict[int, str] = {}
         size = 0
@@ -323,7 +337,7 @@ class RealStorageService(Storage):
 
     async def download_file(self, key: str, path: Path) -> int:
         response = await self._get_object(key)
-        partial = path.with_name(f".{path.name}.part-{os.getpid()}")
+        partial = path.with_name(f".{uuid.uuid4().hex}.part")  # short: the final name may be 255 bytes
         size = 0
         try:
             async with response["Body"] as body:

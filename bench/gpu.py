@@ -1,0 +1,647 @@
+#!/usr/bin/env python
+"""GPU benchmark: this runner against plain diffusers, on random-initialised full-size models.
+
+    python bench/gpu.py                 # CUDA: SD1.5-size 512 px and SDXL-size 1024 px
+    python bench/gpu.py --tiny          # CPU smoke run on the builtin tiny models (seconds)
+    python bench/gpu.py --only gen --no-sdxl --steps 25 --train-steps 20 --budget 400
+
+Generation (seconds per image, 25 steps, CFG): plain diffusers is an fp16 pipeline called as
+is; this runner is ``services.gpu.generate.render`` (bf16, the UNet compiled in
+reduce-overhead mode, LoRA fused per job). Training (seconds per optimizer step, LoRA rank
+16, batch 4): plain is the diffusers ``train_text_to_image_lora`` recipe (fp16 weights, VAE
+and text encoder every step, autocast + GradScaler, AdamW, a loss ``.item()`` per step); this
+runner is ``services.gpu.training.LoraTrainer`` (cached latents and embeddings, bf16 autocast,
+fused AdamW; eager, then compiled).
+
+Models are built in code from the SD1.5 / SDXL configs with random weights and the offline
+tokenizer: nothing is downloaded. Rows print as they complete (a timeout still shows them);
+compiled sections run last and are skipped when the time left (``--budget``) would not cover
+their warm-up. Needs torch, diffusers, transformers, peft, safetensors and Pillow only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+from PIL import Image
+
+from services.gpu import models
+from services.gpu.generate import GenerationRequest, render
+from services.gpu.tiny import build_tiny_pipeline, build_tokenizer
+from services.gpu.training import LoraTrainer, TrainConfig
+
+PROMPT = "a photo of an astronaut riding a horse on the moon, detailed, 8k"
+TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
+# Rough warm-up costs on an H200 (REFERENCE.md), used to skip what the budget cannot cover.
+WARMUP_ESTIMATE = {"gen sd15": 75.0, "train sd15": 190.0, "gen sdxl": 160.0, "train sdxl": 300.0}
+BENCH_ERRORS = (RuntimeError, ValueError, TypeError, KeyError, AttributeError, OSError)
+
+
+# --- models built in code ---------------------------------------------------------------------
+
+
+def _clip(tokenizer: Any, hidden: int, layers: int, heads: int, act: str, projection: int | None = None) -> Any:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=hidden,
+        intermediate_size=hidden * 4,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=77,
+        hidden_act=act,
+        projection_dim=projection or hidden,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
+
+
+def _vae(scaling: float, force_upcast: bool) -> Any:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=1024 if force_upcast else 512,
+        scaling_factor=scaling,
+        force_upcast=force_upcast,
+    )
+
+
+def build_sd15(device: torch.device) -> Any:
+    """SD 1.5-size pipeline (UNet 860 M, CLIP ViT-L text encoder, SD VAE), random weights."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    tokenizer = build_tokenizer()
+    # Schedulers hold CPU tensors (some convert them to numpy): build them outside the device context.
+    scheduler = PNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1
+    )
+    with torch.device(device):  # initialise the weights on the device: seconds, not minutes
+        unet = UNet2DConditionModel(
+            sample_size=64,
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+        )
+        vae = _vae(0.18215, False)
+        text_encoder = _clip(tokenizer, 768, 12, 12, "quick_gelu")
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def build_sdxl(device: torch.device) -> Any:
+    """SDXL-size pipeline (UNet 2.6 B, CLIP-L + OpenCLIP-bigG text encoders, SDXL VAE)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    tokenizer = build_tokenizer()
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading"
+    )
+    with torch.device(device):
+        unet = UNet2DConditionModel(
+            sample_size=128,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(320, 640, 1280),
+            layers_per_block=2,
+            transformer_layers_per_block=(1, 2, 10),
+            attention_head_dim=(5, 10, 20),
+            cross_attention_dim=2048,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+        )
+        vae = _vae(0.13025, True)
+        text_encoder = _clip(tokenizer, 768, 12, 12, "quick_gelu")
+        text_encoder_2 = _clip(tokenizer, 1280, 32, 20, "gelu", projection=1280)
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=build_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+        add_watermarker=False,
+    )
+
+
+def build(family: str, tiny: bool, device: torch.device, dtype: torch.dtype) -> Any:
+    """A frozen, eval-mode pipeline on ``device`` in ``dtype`` (weights from seed 0)."""
+    torch.manual_seed(0)
+    if tiny:
+        pipe = build_tiny_pipeline("builtin:tiny-sd" if family == "sd15" else "builtin:tiny-sdxl").to(device)
+    else:
+        pipe = build_sd15(device) if family == "sd15" else build_sdxl(device)
+    if dtype != torch.float32:
+        pipe = pipe.to(dtype=dtype)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval().requires_grad_(False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def free(*objects: Any) -> None:
+    del objects
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# --- measuring ------------------------------------------------------------------------------
+
+
+class Clock:
+    """Synchronised wall time and peak memory on the bench device."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def reset_peak(self) -> None:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak_gib(self) -> float | None:
+        return torch.cuda.max_memory_allocated() / 2**30 if self.cuda else None
+
+
+@dataclass
+class Timing:
+    per_item: float  # seconds per image or per step, median of the timed runs
+    first: float  # seconds of the first call (compile warm-up when compiled)
+    peak_gib: float | None
+    setup: float = 0.0
+
+
+def time_calls(
+    clock: Clock, call: Callable[[], Any], runs: int, per: int, warmups: int = 1, reset_peak: bool = True
+) -> Timing:
+    """``warmups`` untimed calls (the first one timed apart), then the median of ``runs``."""
+    if reset_peak:
+        clock.reset_peak()
+    started = clock.now()
+    call()
+    first = clock.now() - started
+    for _ in range(warmups - 1):
+        call()
+    samples = []
+    for _ in range(runs):
+        started = clock.now()
+        call()
+        samples.append((clock.now() - started) / per)
+    return Timing(statistics.median(samples), first, clock.peak_gib())
+
+
+# --- generation -----------------------------------------------------------------------------
+
+
+def plain_generate(pipe: Any, batch: int, size: int, steps: int) -> Any:
+    return pipe(
+        prompt=PROMPT,
+        num_images_per_prompt=batch,
+        height=size,
+        width=size,
+        num_inference_steps=steps,
+        guidance_scale=7.5,
+        output_type="pil",
+    )
+
+
+def ours_generate(entry: Any, batch: int, size: int, steps: int, compile: bool) -> Any:
+    request = GenerationRequest(
+        prompt=PROMPT, width=size, height=size, seed=0, steps=steps, num_images=batch, guidance_scale=7.5
+    )
+    return render(entry, request, None, compile=compile)
+
+
+# --- training -------------------------------------------------------------------------------
+
+
+def dataset(size: int, count: int = 8) -> tuple[list[Image.Image], list[str]]:
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(count)]
+    return images, [f"a photo of sks object number {i}" for i in range(count)]
+
+
+class RecipeTrainer:
+    """The diffusers ``train_text_to_image_lora`` step: VAE and text encoders every step,
+    fp16 weights (SDXL's VAE in fp32, as its script does), LoRA in fp32, autocast + GradScaler
+    on CUDA, AdamW, gradient clipping, and the loss read back every step."""
+
+    def __init__(
+        self, pipe: Any, sdxl: bool, images: list[Image.Image], captions: list[str], rank: int, batch: int
+    ) -> None:
+        from diffusers import DDPMScheduler
+        from diffusers.training_utils import cast_training_params
+        from peft import LoraConfig
+
+        from services.gpu.training import pixel_tensor
+
+        self.pipe, self.sdxl, self.batch = pipe, sdxl, batch
+        self.device = pipe.unet.device
+        self.cuda = self.device.type == "cuda"
+        self.weight_dtype = pipe.unet.dtype
+        self.vae_upcast = sdxl and self.cuda  # the SDXL script keeps its VAE in fp32 (fp16 overflows)
+        if self.vae_upcast:
+            pipe.vae.to(torch.float32)
+        pipe.unet.add_adapter(
+            LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(TARGETS))
+        )
+        cast_training_params(pipe.unet, dtype=torch.float32)
+        self.params = [p for p in pipe.unet.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+        self.scaler = torch.amp.GradScaler("cuda") if self.cuda and self.weight_dtype == torch.float16 else None
+        self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.pixels = pixel_tensor(images)
+        self.captions = captions
+        self.cursor = 0
+
+    def step(self) -> None:
+        import torch.nn.functional as F
+
+        pipe = self.pipe
+        index = [(self.cursor + i) % len(self.captions) for i in range(self.batch)]
+        self.cursor += self.batch
+        pixels = self.pixels[index].to(self.device, pipe.vae.dtype)
+        captions = [self.captions[i] for i in index]
+        with torch.no_grad():
+            latents = pipe.vae.encode(pixels).latent_dist.sample() * pipe.vae.config.scaling_factor
+            latents = latents.to(self.weight_dtype)
+            kwargs: dict[str, Any]
+            if self.sdxl:
+                hidden, _, pooled, _ = pipe.encode_prompt(
+                    prompt=captions, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+                )
+                size = float(pixels.shape[-1])
+                ids = torch.tensor([[size, size, 0, 0, size, size]], device=self.device).repeat(len(index), 1)
+                kwargs = {
+                    "encoder_hidden_states": hidden,
+                    "added_cond_kwargs": {"text_embeds": pooled, "time_ids": ids.to(hidden.dtype)},
+                }
+            else:
+                ids = pipe.tokenizer(
+                    captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+                ).input_ids.to(self.device)
+                kwargs = {"encoder_hidden_states": pipe.text_encoder(ids, return_dict=False)[0]}
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(index),), device=self.device)
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        with torch.autocast(self.device.type, dtype=self.weight_dtype, enabled=self.scaler is not None):
+            prediction = pipe.unet(noisy, timesteps, return_dict=False, **kwargs)[0]
+        loss = F.mse_loss(prediction.float(), noise.float())
+        loss.item()  # the recipe logs the loss every step
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+            self.optimizer.step()
+        self.optimizer.zero_grad()
+
+    def close(self) -> None:
+        self.pipe.unet.unload_lora()
+        if self.vae_upcast:
+            self.pipe.vae.to(self.weight_dtype)
+
+
+def recipe_train(clock: Clock, pipe: Any, sdxl: bool, data: tuple, args: argparse.Namespace) -> Timing:
+    clock.reset_peak()
+    trainer = RecipeTrainer(pipe, sdxl, *data, rank=args.rank, batch=args.train_batch)
+    try:
+        return time_calls(clock, trainer.step, args.train_steps, per=1, warmups=args.warmup_steps, reset_peak=False)
+    finally:
+        trainer.close()
+
+
+def ours_train(
+    clock: Clock, entry: Any, data: tuple, args: argparse.Namespace, compile: bool, precision: str
+) -> Timing:
+    cfg = TrainConfig(
+        steps=args.warmup_steps + args.train_steps,
+        rank=args.rank,
+        alpha=float(args.rank),
+        resolution=data[0][0].size[0],
+        batch_size=args.train_batch,
+        precision=precision,
+        compile=compile,
+    )
+    clock.reset_peak()
+    trainer = LoraTrainer(entry, cfg)
+    try:
+        started = clock.now()
+        trainer.setup(*data)
+        setup = clock.now() - started
+        timing = time_calls(clock, trainer.step, args.train_steps, per=1, warmups=args.warmup_steps, reset_peak=False)
+        timing.setup = setup
+        return timing
+    finally:
+        trainer.close()
+
+
+# --- the run --------------------------------------------------------------------------------
+
+
+class Report:
+    """Prints comparison rows as they complete, and the summary at the end."""
+
+    HEADER = "| workload | plain diffusers | this runner | speed-up | peak GiB plain / ours | notes |"
+
+    def __init__(self, budget: float) -> None:
+        self.started = time.perf_counter()
+        self.budget = budget
+        self.rows: list[str] = []
+        self.results: dict[str, Timing] = {}
+        print(self.HEADER + "\n|---|---|---|---|---|---|", flush=True)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def allows(self, what: str) -> bool:
+        estimate = WARMUP_ESTIMATE.get(what, 0.0)
+        if self.elapsed() + estimate <= self.budget:
+            return True
+        self.line(
+            f"| {what} compiled | | skipped | | | {self.elapsed():.0f} s + ~{estimate:.0f} s warm-up "
+            f"would pass --budget {self.budget:.0f} s |"
+        )
+        return False
+
+    def line(self, text: str) -> None:
+        self.rows.append(text)
+        print(text, flush=True)
+
+    def compare(self, workload: str, plain: Timing | None, ours: Timing | None, unit: str, note: str = "") -> None:
+        def peak(t: Timing | None) -> str:
+            return "-" if t is None or t.peak_gib is None else f"{t.peak_gib:.1f}"
+
+        base = f"{plain.per_item:.4f} {unit}" if plain else "-"
+        mine = f"{ours.per_item:.4f} {unit}" if ours else "-"
+        ratio = f"{plain.per_item / ours.per_item:.2f}x" if plain and ours and ours.per_item > 0 else "-"
+        self.line(f"| {workload} | {base} | {mine} | {ratio} | {peak(plain)} / {peak(ours)} | {note} |")
+
+    def failed(self, what: str, exc: BaseException) -> None:
+        traceback.print_exc()
+        self.line(f"| {what} | | failed | | | {type(exc).__name__}: {str(exc)[:160]} |")
+
+
+def run_guarded(report: Report, what: str, body: Callable[[], Any]) -> Any:
+    try:
+        return body()
+    except BENCH_ERRORS as exc:
+        report.failed(what, exc)
+        return None
+
+
+def eager_phase(family: str, args: argparse.Namespace, device: torch.device, report: Report) -> None:
+    """Plain diffusers and this runner without compilation, for one model size."""
+    clock = Clock(device)
+    cuda = device.type == "cuda"
+    size = args.size or (32 if args.tiny else (512 if family == "sd15" else 1024))
+    label = f"{family} {size}px"
+    plain_dtype = torch.float16 if cuda else torch.float32
+    ours_dtype = models.inference_dtype(device)
+    pipe = build(family, args.tiny, device, plain_dtype)
+    batches = args.batches if family == "sd15" else args.batches[:1]
+    runs = 3 if family == "sd15" and not args.tiny else 2
+    plain_gen: dict[int, Timing] = {}
+    if "gen" in args.only:
+        for batch in batches:
+            plain_gen[batch] = run_guarded(
+                report,
+                f"gen {label} b{batch} plain",
+                lambda b=batch: time_calls(
+                    clock, lambda: plain_generate(pipe, b, size, args.steps), runs, per=b, warmups=args.gen_warmups
+                ),
+            )
+    data = dataset(size)
+    plain_train = None
+    if "train" in args.only:
+        plain_train = run_guarded(
+            report, f"train {label} plain", lambda: recipe_train(clock, pipe, family == "sdxl", data, args)
+        )
+    pipe = pipe.to(dtype=ours_dtype) if ours_dtype != plain_dtype else pipe
+    entry = models.wrap_pipeline(pipe, models.PipelineKey(f"bench:{family}", str(ours_dtype), str(device)))
+    for batch, plain in plain_gen.items():
+        ours = run_guarded(
+            report,
+            f"gen {label} b{batch} ours",
+            lambda b=batch: time_calls(
+                clock,
+                lambda: ours_generate(entry, b, size, args.steps, compile=False),
+                runs,
+                per=b,
+                warmups=args.gen_warmups,
+            ),
+        )
+        report.results[f"gen {family} b{batch} plain"] = plain
+        report.compare(
+            f"gen {label} {args.steps} steps b{batch}, eager",
+            plain,
+            ours,
+            "s/img",
+            f"ours {str(ours_dtype).removeprefix('torch.')}, no compile",
+        )
+    if "train" in args.only:
+        precision = "bf16" if cuda else "fp32"
+        ours = run_guarded(
+            report,
+            f"train {label} ours",
+            lambda: ours_train(clock, entry, data, args, compile=False, precision=precision),
+        )
+        report.results[f"train {family} plain"] = plain_train
+        report.results[f"train {family} eager"] = ours
+        note = f"rank {args.rank} b{args.train_batch}; cached latents+text, {precision}"
+        if ours:
+            note += f", setup {ours.setup:.1f} s"
+        report.compare(f"train {label} b{args.train_batch}, eager", plain_train, ours, "s/step", note)
+    free(entry, pipe)
+
+
+def compiled_phase(family: str, args: argparse.Namespace, device: torch.device, report: Report) -> None:
+    """This runner with torch.compile: generation (reduce-overhead) and training."""
+    clock = Clock(device)
+    size = args.size or (32 if args.tiny else (512 if family == "sd15" else 1024))
+    label = f"{family} {size}px"
+    dtype = models.inference_dtype(device)
+    pipe = build(family, args.tiny, device, dtype)
+    entry = models.wrap_pipeline(pipe, models.PipelineKey(f"bench:{family}", str(dtype), str(device)))
+    batches = args.batches if family == "sd15" else args.batches[:1]
+
+    def gen(batch: int) -> None:
+        if not report.allows(f"gen {family}"):
+            return
+        ours = run_guarded(
+            report,
+            f"gen {label} b{batch} compiled",
+            lambda: time_calls(
+                clock, lambda: ours_generate(entry, batch, size, args.steps, compile=True), 3, per=batch
+            ),
+        )
+        if ours:
+            report.compare(
+                f"gen {label} {args.steps} steps b{batch}, compiled",
+                report.results.get(f"gen {family} b{batch} plain"),
+                ours,
+                "s/img",
+                f"reduce-overhead; first call (compile warm-up) {ours.first:.1f} s",
+            )
+
+    def reset() -> None:  # frees the CUDA graph pools before a memory-measured section
+        torch._dynamo.reset()
+        entry.compiled = None
+        entry.warm_shapes.clear()
+        free()
+
+    if "gen" in args.only and batches:
+        gen(batches[0])
+        reset()
+    if "train" in args.only and report.allows(f"train {family}"):
+        data = dataset(size)
+        precision = "bf16" if device.type == "cuda" else "fp32"
+        ours = run_guarded(
+            report,
+            f"train {label} compiled",
+            lambda: ours_train(clock, entry, data, args, compile=True, precision=precision),
+        )
+        if ours:
+            report.results[f"train {family} compiled"] = ours
+            report.compare(
+                f"train {label} b{args.train_batch}, compiled",
+                report.results.get(f"train {family} plain"),
+                ours,
+                "s/step",
+                f"first step (compile warm-up) {ours.first:.1f} s",
+            )
+        reset()
+    if "gen" in args.only:
+        for batch in batches[1:]:
+            gen(batch)
+    free(entry, pipe)
+
+
+def projections(report: Report, args: argparse.Namespace) -> None:
+    """A 1000-step job end to end: setup + warm-up + steps."""
+    steps = 1000
+    for family in ("sd15", "sdxl"):
+        plain = report.results.get(f"train {family} plain")
+        if plain is None:
+            continue
+        recipe = steps * plain.per_item
+        for variant in ("eager", "compiled"):
+            ours = report.results.get(f"train {family} {variant}")
+            if ours is None:
+                continue
+            warm = ours.first if variant == "compiled" else 0.0
+            total = ours.setup + warm + steps * ours.per_item
+            report.line(
+                f"| {steps}-step job {family} b{args.train_batch}, {variant} (s, incl. setup and "
+                f"warm-up) | {recipe:.1f} s | {total:.1f} s | {recipe / total:.2f}x | | "
+                f"warm-up {warm:.1f} s, cold inductor cache |"
+            )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="builtin tiny models (CPU smoke run)")
+    parser.add_argument("--only", default="gen,train", help="comma list of sections: gen, train")
+    parser.add_argument("--sdxl", action=argparse.BooleanOptionalAction, default=True, help="SDXL-size rows")
+    parser.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=None, help="compiled rows (default: on with CUDA)"
+    )
+    parser.add_argument("--sdxl-compile", action="store_true", help="also compile SDXL (long warm-up)")
+    parser.add_argument("--steps", type=int, default=None, help="generation steps (25; tiny 4)")
+    parser.add_argument("--batches", default="1,4", help="generation batch sizes (SDXL uses the first)")
+    parser.add_argument("--train-steps", type=int, default=None, help="timed training steps (15; tiny 4)")
+    parser.add_argument("--warmup-steps", type=int, default=3, help="untimed training steps first")
+    parser.add_argument("--train-batch", type=int, default=4)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--size", type=int, default=None, help="override the image size")
+    parser.add_argument(
+        "--budget", type=float, default=400.0, help="seconds; compiled sections whose warm-up would pass it are skipped"
+    )
+    args = parser.parse_args(argv)
+    args.only = {part.strip() for part in args.only.split(",") if part.strip()}
+    args.batches = [int(part) for part in args.batches.split(",") if part.strip()]
+    args.steps = args.steps or (4 if args.tiny else 25)
+    args.train_steps = args.train_steps or (3 if args.tiny else 15)
+    args.warmup_steps = 1 if args.tiny else max(1, args.warmup_steps)
+    args.gen_warmups = 2 if args.tiny else 1  # oneDNN sets up per shape on the first CPU calls
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = models.runtime_device()
+    compile = device.type == "cuda" if args.compile is None else args.compile
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(
+        f"bench/gpu.py on {name}; torch {torch.__version__}; tiny={args.tiny}; compile={compile}; "
+        f"sections={','.join(sorted(args.only))}; sdxl={args.sdxl}; budget {args.budget:.0f} s",
+        flush=True,
+    )
+    if args.tiny and device.type == "cpu":
+        print("smoke run: CPU timings of the tiny models exercise the code paths, they measure nothing", flush=True)
+    report = Report(args.budget)
+    phases: list[tuple[str, Callable[[], None]]] = [
+        (f"{family} eager phase", lambda f=family: eager_phase(f, args, device, report))
+        for family in (["sd15", "sdxl"] if args.sdxl else ["sd15"])
+    ]
+    if compile:
+        phases.append(("sd15 compiled phase", lambda: compiled_phase("sd15", args, device, report)))
+        if args.sdxl and (args.sdxl_compile or args.tiny):
+            phases.append(("sdxl compiled phase", lambda: compiled_phase("sdxl", args, device, report)))
+    for what, phase in phases:
+        run_guarded(report, what, phase)
+        torch._dynamo.reset()  # drops compiled graphs and their CUDA graph pools
+        free()
+    projections(report, args)
+    print(f"\nsummary ({report.elapsed():.0f} s)\n{Report.HEADER}\n|---|---|---|---|---|---|", flush=True)
+    for row in report.rows:
+        print(row, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

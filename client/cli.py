@@ -1,0 +1,310 @@
+"""``python -m client``: the worker from the command line.
+
+    export RUNPOD_API_KEY=...  RUNPOD_ENDPOINT_ID=...      # or: --local http://localhost:8000
+    python -m client health
+    python -m client upload ./photos --dataset cats
+    python -m client ls --dataset cats
+    python -m client train --dataset cats --output-name cat-lora --steps 800 --param trigger_word=sks
+    python -m client generate --prompt "a photo of sks cat" --lora cat-lora --num-images 2 --out out/
+    python -m client get loras/cat-lora/cat-lora.safetensors --out .
+
+Progress goes to stderr, results to stdout (``--json`` for machine-readable output). Exit
+status: 0 done, 1 a job or a file failed, 2 bad usage or configuration, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from client.api import WorkerClient
+from client.errors import ClientError
+from client.uploads import DEFAULT_INLINE_BUDGET, DEFAULT_MAX_FILES_PER_BATCH, REQUEST_LIMIT_BYTES
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def parse_param(text: str) -> tuple[str, Any]:
+    """``key=value``; the value is read as JSON when it parses (``8``, ``true``, ``["a"]``), else text."""
+    key, sep, raw = text.partition("=")
+    key = key.strip().replace("-", "_")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw
+    return key, value
+
+
+def _connection_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """The same options on the main parser and on every command (so they go before or after it)."""
+    default: Any = None if top else argparse.SUPPRESS
+
+    def add(*names: str, **kwargs: Any) -> None:
+        value = kwargs.pop("default", None)
+        parser.add_argument(*names, default=value if top else default, **kwargs)
+
+    add("--endpoint", metavar="ID", help="RunPod endpoint id (default: RUNPOD_ENDPOINT_ID; key: RUNPOD_API_KEY)")
+    add("--local", metavar="URL", help="use the local test server instead, e.g. http://localhost:8000")
+    add("--timeout", type=float, metavar="S", default=3600.0, help="seconds to wait for a job (default 3600)")
+    add("--request-timeout", type=float, metavar="S", default=60.0, help="seconds per HTTP request (default 60)")
+    add("--poll-interval", type=float, metavar="S", default=2.0, help="seconds between status polls (default 2)")
+    add("--json", action="store_true", default=False, help="print results as JSON")
+    add("-q", "--quiet", action="store_true", default=False, help="no progress messages on stderr")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m client",
+        description="Client of the RunPod LoRA worker: upload datasets, train, generate, fetch files.",
+    )
+    _connection_options(parser, top=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=text, description=text)
+        _connection_options(sub, top=False)
+        return sub
+
+    command("health", "show the worker's storage backend, GPU and versions")
+
+    upload = command("upload", "upload a folder of images and .txt captions as a training dataset")
+    upload.add_argument("folder", type=Path, help="folder whose images and .txt captions are uploaded")
+    upload.add_argument("--dataset", required=True, help="dataset name (letters, digits, '-', '_', '.')")
+    upload.add_argument(
+        "--inline-budget",
+        type=int,
+        default=DEFAULT_INLINE_BUDGET,
+        metavar="BYTES",
+        help=f"JSON bytes per inline batch (default {DEFAULT_INLINE_BUDGET}, at most {REQUEST_LIMIT_BYTES}); "
+        "larger files go through presigned URLs",
+    )
+    upload.add_argument("--batch-files", type=int, default=DEFAULT_MAX_FILES_PER_BATCH, metavar="N")
+
+    listing = command("ls", "list the files of a dataset or under a prefix")
+    where = listing.add_mutually_exclusive_group(required=True)
+    where.add_argument("--dataset")
+    where.add_argument("--prefix", help="e.g. loras/ or outputs/")
+
+    get = command("get", "download one stored file")
+    get.add_argument("key", help="e.g. loras/my-lora/my-lora.safetensors")
+    get.add_argument("--out", default=".", help="file or folder to save into (default: .)")
+
+    remove = command("rm", "delete stored files, or a whole dataset")
+    remove.add_argument("keys", nargs="*", help="keys to delete")
+    remove.add_argument("--dataset", help="delete every file of this dataset")
+
+    train = command("train", "train a LoRA and download it")
+    train.add_argument("--dataset", required=True)
+    train.add_argument("--output-name", required=True, help="LoRA name; stored under loras/<name>/")
+    train.add_argument("--steps", type=int)
+    train.add_argument("--base-model", help="builtin:tiny-sd, a cached Hugging Face repo id, ... (default: MODEL_ID)")
+    train.add_argument("--trigger-word")
+    train.add_argument("--rank", type=int)
+    train.add_argument("--resolution", type=int)
+    train.add_argument("--out", help="file or folder for the .safetensors (default: .)")
+    _param_option(train, "train_lora")
+
+    generate = command("generate", "generate images and save them")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--negative-prompt")
+    generate.add_argument("--lora", help="a train_lora output_name or a loras/... key")
+    generate.add_argument("--num-images", type=int)
+    generate.add_argument("--steps", type=int)
+    generate.add_argument("--width", type=int)
+    generate.add_argument("--height", type=int)
+    generate.add_argument("--seed", type=int)
+    generate.add_argument("--base-model")
+    generate.add_argument("--format", choices=("png", "jpeg", "webp"))
+    generate.add_argument("--out", default=".", help="folder to save the images into (default: .)")
+    _param_option(generate, "generate")
+    return parser
+
+
+def _param_option(parser: argparse.ArgumentParser, action: str) -> None:
+    parser.add_argument(
+        "--param",
+        action="append",
+        type=parse_param,
+        default=[],
+        metavar="KEY=VALUE",
+        help=f'any other {action} field, e.g. learning_rate=5e-5 or export_formats=\'["diffusers","kohya"]\' '
+        "(values are JSON when they parse, else text)",
+    )
+
+
+def make_client(args: argparse.Namespace, parser: argparse.ArgumentParser) -> WorkerClient:
+    options = {"timeout": args.timeout, "poll_interval": args.poll_interval, "request_timeout": args.request_timeout}
+    if args.command == "upload":
+        if not 0 < args.inline_budget <= REQUEST_LIMIT_BYTES:
+            parser.error(f"--inline-budget must be between 1 and {REQUEST_LIMIT_BYTES}")
+        options |= {"inline_budget": args.inline_budget, "max_files_per_batch": max(1, args.batch_files)}
+    if args.local and args.endpoint:
+        parser.error("give --endpoint or --local, not both")
+    try:
+        if args.local:
+            return WorkerClient.for_local(args.local, **options)
+        return WorkerClient.for_endpoint(args.endpoint, **options)
+    except ClientError as exc:
+        parser.error(str(exc))
+
+
+def _emit(args: argparse.Namespace, data: Any, lines: list[str]) -> None:
+    if args.json:
+        print(json.dumps(data, indent=2, default=str))
+    else:
+        for line in lines:
+            print(line)
+
+
+def cmd_health(worker: WorkerClient, args: argparse.Namespace) -> int:
+    print(json.dumps(worker.health(), indent=2))
+    return 0
+
+
+def cmd_upload(worker: WorkerClient, args: argparse.Namespace) -> int:
+    report = worker.upload_dataset(args.folder, args.dataset)
+    lines = [
+        f"dataset {report.dataset}: {len(report.uploaded)} uploaded ({report.presigned} through presigned URLs, "
+        f"{report.batches} inline batches), {len(report.skipped)} skipped, {len(report.failed)} failed, "
+        f"{len(report.ignored)} ignored"
+    ]
+    lines += [f"  skipped {item.get('name')}: {item.get('reason', '')}" for item in report.skipped]
+    lines += [f"  ignored {item['name']}: {item['reason']}" for item in report.ignored]
+    lines += [f"  FAILED {item.get('name')}: {item.get('error', '')}" for item in report.failed]
+    _emit(args, report.to_dict(), lines)
+    return 0 if report.ok else EXIT_FAILED
+
+
+def cmd_ls(worker: WorkerClient, args: argparse.Namespace) -> int:
+    files = worker.list_files(dataset=args.dataset, prefix=args.prefix)
+    total = sum(int(f.get("size") or 0) for f in files)
+    lines = [f"{f.get('size', 0):>12}  {f.get('key')}" for f in files]
+    lines.append(f"{len(files)} files, {total} bytes")
+    _emit(args, files, lines)
+    return 0
+
+
+def cmd_get(worker: WorkerClient, args: argparse.Namespace) -> int:
+    path = worker.get_file(args.key, args.out)
+    _emit(args, {"key": args.key, "path": str(path)}, [str(path)])
+    return 0
+
+
+def cmd_rm(worker: WorkerClient, args: argparse.Namespace) -> int:
+    if bool(args.keys) == bool(args.dataset):
+        print("error: give keys or --dataset (one of them)", file=sys.stderr)
+        return EXIT_USAGE
+    result = worker.delete_files(keys=args.keys or None, dataset=args.dataset)
+    _emit(args, result, [f"deleted {key}" for key in result.get("deleted", [])])
+    return 0
+
+
+def _print_progress(update: Any) -> None:
+    if isinstance(update, dict) and "step" in update:
+        parts = [f"step {update.get('step')}/{update.get('total_steps', '?')}"]
+        loss = update.get("loss")
+        if loss is not None:
+            parts.append(f"loss {loss:.4f}" if isinstance(loss, float) else f"loss {loss}")
+        if update.get("eta_seconds") is not None:
+            parts.append(f"eta {update['eta_seconds']:.0f}s")
+        print("  ".join(parts), file=sys.stderr)
+    else:
+        print(f"progress: {json.dumps(update, default=str)}", file=sys.stderr)
+
+
+def cmd_train(worker: WorkerClient, args: argparse.Namespace) -> int:
+    params = {
+        "steps": args.steps,
+        "base_model": args.base_model,
+        "trigger_word": args.trigger_word,
+        "rank": args.rank,
+        "resolution": args.resolution,
+        **dict(args.param),
+    }
+    if not args.quiet:
+        print(f"training {args.output_name} on dataset {args.dataset}...", file=sys.stderr)
+    result = worker.train(
+        args.dataset,
+        args.output_name,
+        dest=args.out,
+        on_progress=None if args.quiet else _print_progress,
+        **params,
+    )
+    data = {
+        "lora": str(result.lora),
+        "key": result.key,
+        "kohya_lora": str(result.kohya_lora) if result.kohya_lora else None,
+        "samples": [str(p) for p in result.samples],
+        "metrics": result.metrics,
+    }
+    lines = [f"LoRA saved to {result.lora}" + (f" (stored as {result.key})" if result.key else "")]
+    if result.kohya_lora:
+        lines.append(f"Kohya LoRA saved to {result.kohya_lora}")
+    lines += [f"sample saved to {p}" for p in result.samples]
+    if result.metrics:
+        lines.append("metrics: " + json.dumps(result.metrics))
+    _emit(args, data, lines)
+    return 0
+
+
+def cmd_generate(worker: WorkerClient, args: argparse.Namespace) -> int:
+    params = {
+        "negative_prompt": args.negative_prompt,
+        "lora": args.lora,
+        "num_images": args.num_images,
+        "steps": args.steps,
+        "width": args.width,
+        "height": args.height,
+        "seed": args.seed,
+        "base_model": args.base_model,
+        "format": args.format,
+        **dict(args.param),
+    }
+    result = worker.generate(args.prompt, out_dir=args.out, **params)
+    _emit(
+        args,
+        {"images": [str(p) for p in result.images], "seed": result.seed},
+        [str(p) for p in result.images] + [f"seed {result.seed}"],
+    )
+    return 0
+
+
+COMMANDS: dict[str, Callable[[WorkerClient, argparse.Namespace], int]] = {
+    "health": cmd_health,
+    "upload": cmd_upload,
+    "ls": cmd_ls,
+    "get": cmd_get,
+    "rm": cmd_rm,
+    "train": cmd_train,
+    "generate": cmd_generate,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    worker = make_client(args, parser)  # a usage or configuration error exits here (status 2)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("urllib3").setLevel(logging.WARNING)
+    try:
+        with worker:
+            return COMMANDS[args.command](worker, args)
+    except ClientError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

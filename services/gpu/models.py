@@ -1,0 +1,390 @@
+"""Model sources and the bounded, least-recently-used pipeline cache.
+
+A ``base_model`` is ``builtin:tiny-sd`` / ``builtin:tiny-sdxl`` (built in code), an absolute
+directory holding a diffusers pipeline (``model_index.json``), or a Hugging Face repo id loaded
+from the local cache only (``HF_HOME``'s hub, the default hub cache, and RunPod's cached models
+at ``/runpod-volume/huggingface-cache/hub``): nothing is ever downloaded.
+
+Pipelines stay loaded across jobs, keyed by (model, dtype, device). At rest a cached pipeline
+is frozen (``requires_grad`` off), in eval mode, with no adapter and its default scheduler; the
+training and generation paths restore that state in ``finally`` blocks. When the cache is full,
+the least recently used pipeline is dropped and its GPU memory freed.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from services.errors import InputError
+from services.gpu.catalog import (
+    BUILTIN_MODELS,
+    INDUCTOR_CACHE_ON_VOLUME,
+    RUNPOD_HF_CACHE,
+    RUNPOD_VOLUME,
+)
+from services.gpu.state import RUNNER_STATE
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from config.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Family = Literal["sd", "sdxl", "other"]
+FALLBACK_SIZE = 512
+
+
+@dataclass(frozen=True)
+class PipelineKey:
+    """Cache key: the model name as given, the weights' dtype and the device."""
+
+    model: str
+    dtype: str
+    device: str
+
+    def __str__(self) -> str:
+        return f"{self.model} ({self.dtype}, {self.device})"
+
+
+@dataclass(eq=False)
+class LoadedPipeline:
+    """A cached pipeline and what the runner learned about it."""
+
+    key: PipelineKey
+    pipe: DiffusionPipeline
+    family: Family
+    native_size: int
+    default_scheduler: Any
+    compiled: Any = None  # torch.compile'd denoiser, built on first compiled use
+    warm_shapes: set[tuple[Any, ...]] = field(default_factory=set)
+
+    @property
+    def denoiser_name(self) -> str:
+        """``unet`` (SD, SDXL) or ``transformer`` (Flux, SD3, ...)."""
+        return "unet" if getattr(self.pipe, "unet", None) is not None else "transformer"
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return getattr(self.pipe, self.denoiser_name)
+
+
+class PipelineCache:
+    """Least-recently-used cache of :class:`LoadedPipeline`; thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._entries: OrderedDict[PipelineKey, LoadedPipeline] = OrderedDict()
+
+    def get(self, key: PipelineKey, capacity: int, loader: Callable[[PipelineKey], LoadedPipeline]) -> LoadedPipeline:
+        """The cached pipeline for ``key``, loading it (after making room) when absent."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+                while len(self._entries) > capacity:
+                    self._drop(next(iter(self._entries)))
+                self._publish()
+                return entry
+            while len(self._entries) >= capacity:
+                self._drop(next(iter(self._entries)))
+            entry = loader(key)
+            self._entries[key] = entry
+            self._publish()
+            return entry
+
+    def put(self, entry: LoadedPipeline, capacity: int) -> None:
+        """Insert a pipeline built elsewhere (the benchmark), evicting as needed."""
+        with self._lock:
+            while len(self._entries) >= capacity and entry.key not in self._entries:
+                self._drop(next(iter(self._entries)))
+            self._entries[entry.key] = entry
+            self._entries.move_to_end(entry.key)
+            self._publish()
+
+    def evict(self, key: PipelineKey) -> None:
+        """Drop one pipeline (after a failure left it in an unknown state)."""
+        with self._lock:
+            if key in self._entries:
+                self._drop(key)
+                self._publish()
+
+    def clear(self) -> None:
+        """Drop every pipeline."""
+        with self._lock:
+            for key in list(self._entries):
+                self._drop(key)
+            self._publish()
+
+    def loaded(self) -> list[PipelineKey]:
+        """Cached keys, least recently used first."""
+        with self._lock:
+            return list(self._entries)
+
+    def _drop(self, key: PipelineKey) -> None:
+        entry = self._entries.pop(key)
+        was_compiled = entry.compiled is not None
+        entry.compiled = None
+        entry.pipe = None  # type: ignore[assignment]
+        del entry
+        log.info("pipeline cache: evicted %s", key)
+        _free_memory(reset_compiled=was_compiled)
+        if was_compiled:
+            for other in self._entries.values():
+                other.warm_shapes.clear()
+
+    def _publish(self) -> None:
+        RUNNER_STATE.set_pipelines([str(key) for key in self._entries])
+
+
+PIPELINES = PipelineCache()
+
+
+def _free_memory(reset_compiled: bool = False) -> None:
+    """Collect garbage and return cached CUDA blocks to the driver.
+
+    A compiled model in reduce-overhead mode keeps its CUDA graphs' memory pool until dynamo
+    is reset, so evicting one resets dynamo (other compiled pipelines recompile on next use,
+    from the inductor cache).
+    """
+    import torch
+
+    if reset_compiled:
+        torch._dynamo.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# --- device, dtype, compilation -------------------------------------------------------------
+
+_configured: set[str] = set()
+
+
+def runtime_device() -> torch.device:
+    """The CUDA device when there is one, else the CPU; configures torch once per device type."""
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and "cuda" not in _configured:
+        # TF32 for the fp32 parts; cuDNN autotuning pays off because job shapes repeat.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+        _configured.add("cuda")
+    return device
+
+
+def inference_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA (no fp16 VAE overflow, shares the training weights), fp32 on the CPU."""
+    import torch
+
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def resolve_compile(setting: bool | None, device: torch.device) -> bool:
+    """``COMPILE`` when set, else on with CUDA and off on the CPU."""
+    return device.type == "cuda" if setting is None else setting
+
+
+def configure_compile_cache() -> Path | None:
+    """Point inductor's cache at the network volume when there is one, so the next worker
+    starts warm; returns the cache directory when it is persistent (set or on the volume)."""
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current:
+        return Path(current)
+    if not RUNPOD_VOLUME.is_dir():
+        return None
+    try:
+        INDUCTOR_CACHE_ON_VOLUME.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        log.warning("cannot create the inductor cache %s (%s); compiling without it", INDUCTOR_CACHE_ON_VOLUME, exc)
+        return None
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(INDUCTOR_CACHE_ON_VOLUME)
+    return INDUCTOR_CACHE_ON_VOLUME
+
+
+def compiled_denoiser(entry: LoadedPipeline) -> torch.nn.Module:
+    """The entry's denoiser under ``torch.compile`` in reduce-overhead mode (CUDA graphs).
+
+    The compiled module shares the plain one's parameters, so LoRA weights fused in place are
+    seen without a recompile; it is built once per cached pipeline.
+    """
+    import torch
+
+    if entry.compiled is None:
+        configure_compile_cache()
+        plain = entry.denoiser
+        entry.compiled = _detached_outputs(torch.compile(plain, mode="reduce-overhead"), plain)
+    return entry.compiled
+
+
+def _detached_outputs(compiled: Any, plain: Any) -> Any:
+    """Wrap ``compiled`` so that its outputs are copied out of the CUDA graph pool.
+
+    Outputs of a CUDA graph replay are overwritten by the next replay; a scheduler that keeps
+    a model output across steps (PNDM without guidance does) would read a stale buffer. One
+    small copy per step removes the hazard. Attributes (``config``, ``dtype``, ...) come from
+    the plain module, so the pipeline sees its usual denoiser.
+    """
+    import torch
+
+    def clone(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.clone()
+        if isinstance(value, tuple):
+            return type(value)(clone(item) for item in value)
+        if isinstance(value, dict):  # diffusers' BaseOutput is an ordered dict dataclass
+            return type(value)(**{key: clone(item) for key, item in value.items()})
+        return value
+
+    class DetachedOutputs(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.compiled = compiled
+
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            return clone(self.compiled(*args, **kwargs))
+
+        def __getattr__(self, name: str) -> Any:
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(plain, name)
+
+    return DetachedOutputs()
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+
+def load_pipeline(model: str, settings: Settings, dtype: torch.dtype, device: torch.device) -> LoadedPipeline:
+    """The cached pipeline of ``model`` in ``dtype`` on ``device``, loading it when needed."""
+    key = PipelineKey(model, str(dtype).removeprefix("torch."), str(device))
+    return PIPELINES.get(key, settings.model_cache_size, lambda k: _load(k, settings, dtype, device))
+
+
+def _load(key: PipelineKey, settings: Settings, dtype: torch.dtype, device: torch.device) -> LoadedPipeline:
+    from diffusers.utils import logging as diffusers_logging
+
+    log.info("pipeline cache: loading %s", key)
+    diffusers_logging.disable_progress_bar()  # bars would flood the worker's logs
+    if key.model in BUILTIN_MODELS:
+        from services.gpu.tiny import build_tiny_pipeline
+
+        pipe = build_tiny_pipeline(key.model).to(device)  # built in fp32
+        if key.dtype != "float32":
+            pipe = pipe.to(dtype=dtype)
+    elif key.model.startswith("/"):
+        pipe = _from_directory(Path(key.model), dtype).to(device)
+    else:
+        pipe = _from_hf_cache(key.model, settings, dtype).to(device)
+    return wrap_pipeline(pipe, key)
+
+
+def wrap_pipeline(pipe: DiffusionPipeline, key: PipelineKey) -> LoadedPipeline:
+    """Freeze ``pipe`` and describe it as a cache entry (used by the loader and the benchmark)."""
+    import torch
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval().requires_grad_(False)
+    pipe.set_progress_bar_config(disable=True)
+    family: Family = "other"
+    if isinstance(pipe, StableDiffusionXLPipeline):
+        family = "sdxl"
+    elif isinstance(pipe, StableDiffusionPipeline):
+        family = "sd"
+    return LoadedPipeline(
+        key=key, pipe=pipe, family=family, native_size=_native_size(pipe), default_scheduler=pipe.scheduler
+    )
+
+
+def _native_size(pipe: DiffusionPipeline) -> int:
+    """The pipeline's default image side in pixels (512 SD 1.5, 1024 SDXL, 32 builtin tiny)."""
+    factor = getattr(pipe, "vae_scale_factor", 8)
+    sample = getattr(pipe, "default_sample_size", None)
+    if not isinstance(sample, int):
+        denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+        sample = getattr(getattr(denoiser, "config", None), "sample_size", None)
+    return int(sample * factor) if isinstance(sample, int) else FALLBACK_SIZE
+
+
+def _load_kwargs(index: Path | None, dtype: torch.dtype) -> dict[str, Any]:
+    """from_pretrained options: the dtype, and no safety checker for pipelines that ship one."""
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if index is not None and index.is_file():
+        try:
+            components = json.loads(index.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise InputError(f"input.base_model: cannot read {index}: {exc}") from exc
+        if "safety_checker" in components:
+            kwargs.update(safety_checker=None, requires_safety_checker=False)
+    return kwargs
+
+
+def _from_pretrained(source: str, where: str, kwargs: dict[str, Any]) -> DiffusionPipeline:
+    """AutoPipelineForText2Image.from_pretrained, retrying the fp16 variant, errors as InputError."""
+    from diffusers import AutoPipelineForText2Image
+
+    try:
+        return AutoPipelineForText2Image.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as first:
+        try:
+            return AutoPipelineForText2Image.from_pretrained(source, variant="fp16", **kwargs)
+        except (OSError, ValueError) as second:
+            raise InputError(
+                f"input.base_model: cannot load {source} from {where}: {first} (fp16 variant: {second})"
+            ) from first
+
+
+def _from_directory(path: Path, dtype: torch.dtype) -> DiffusionPipeline:
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise InputError(f"input.base_model: {path} is not a diffusers pipeline directory (no model_index.json there)")
+    return _from_pretrained(str(path), str(path), _load_kwargs(index, dtype))
+
+
+def hf_cache_dirs(settings: Settings) -> list[Path]:
+    """Hub cache folders searched for repo ids, in order, without duplicates."""
+    from huggingface_hub import constants
+
+    candidates: list[Path] = []
+    if settings.hf_home is not None:
+        candidates.append(Path(settings.hf_home) / "hub")
+    candidates.append(Path(constants.HF_HUB_CACHE))
+    candidates.append(RUNPOD_HF_CACHE)
+    unique: list[Path] = []
+    for candidate in candidates:
+        if candidate not in unique:
+            unique.append(candidate)
+    return unique
+
+
+def _from_hf_cache(repo_id: str, settings: Settings, dtype: torch.dtype) -> DiffusionPipeline:
+    folder = "models--" + repo_id.replace("/", "--")
+    searched = hf_cache_dirs(settings)
+    for cache in searched:
+        snapshots = cache / folder / "snapshots"
+        if not snapshots.is_dir():
+            continue
+        indexes = sorted(snapshots.glob("*/model_index.json"))
+        kwargs = _load_kwargs(indexes[0] if indexes else None, dtype)
+        kwargs.update(cache_dir=str(cache), local_files_only=True)
+        return _from_pretrained(repo_id, str(cache), kwargs)
+    looked = ", ".join(str(path) for path in searched)
+    raise InputError(
+        f"input.base_model: {repo_id} is not in the local Hugging Face cache (looked in {looked}); "
+        "this worker never downloads models: bake the model into the image or use RunPod cached models"
+    )

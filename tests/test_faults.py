@@ -1,0 +1,326 @@
+"""Fault suite: flaky storage, a full outage, and cancelled jobs lose nothing and leave nothing.
+
+A :class:`~tests.faultproxy.FaultProxy` sits between ``RealStorageService`` and moto where
+the network matters; what was stored is always checked straight against moto (direct boto3
+client) by hashing the bytes read back. Cancellation is made deterministic by holding a
+multipart upload open at a known point (after its first part) instead of racing a timer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import random
+import statistics
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pybreaker
+import pytest
+
+import services.storage.s3 as s3_module
+from config.settings import Settings
+from services.errors import StorageUnavailable
+from services.storage import LocalStorageService, Storage
+from services.storage.breaker import S3_CIRCUIT_BREAKER
+from tests.conftest import run_with_storage, s3_client
+from tests.faultproxy import FaultProxy, Faults
+
+MIB = 1024 * 1024
+MULTIPART = {"multipart_threshold": 5 * MIB, "multipart_chunk_size": 5 * MIB}
+
+
+def make_files(count: int, sizes: tuple[int, int], seed: int) -> dict[str, bytes]:
+    rng = random.Random(seed)
+    return {f"img_{i:03d}.bin": rng.randbytes(rng.randint(*sizes)) for i in range(count)}
+
+
+def inline(files: dict[str, bytes]) -> list[dict[str, str]]:
+    return [{"name": name, "data": base64.b64encode(data).decode()} for name, data in files.items()]
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def stored(endpoint: str, bucket: str, prefix: str) -> dict[str, bytes]:
+    """Every object under ``prefix`` as moto holds it (name -> bytes), read directly."""
+    client = s3_client(endpoint)
+    found: dict[str, bytes] = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            body = client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
+            found[obj["Key"].removeprefix(prefix)] = body
+    return found
+
+
+def open_uploads(endpoint: str, bucket: str) -> list[str]:
+    """Keys of multipart uploads moto still holds open."""
+    return [u["Key"] for u in s3_client(endpoint).list_multipart_uploads(Bucket=bucket).get("Uploads", [])]
+
+
+def assert_exact(found: dict[str, bytes], files: dict[str, bytes]) -> None:
+    """Every file there once, byte for byte (compared by sha256 to keep failures short)."""
+    assert sorted(found) == sorted(files)
+    assert {name: sha(body) for name, body in found.items()} == {name: sha(data) for name, data in files.items()}
+
+
+# --- flaky storage ----------------------------------------------------------------------------
+
+
+def test_flaky_storage_batch_loses_and_duplicates_nothing(s3_settings: Settings, moto_server: str, bucket: str) -> None:
+    """25 ms latency, 10 % 503 SlowDown, 5 % connection resets: botocore's retries absorb it all.
+
+    S3_MAX_ATTEMPTS is 8 here, not the default 3: at 3 a request fails for good with
+    probability about 0.11**3 (aiohttp resends a reset request once by itself), so one of
+    the ~200 requests does in roughly one run in ten or twenty (1 of 20 runs measured), and
+    that file is then reported failed. The breaker does not trip even then (measured: it
+    stayed closed in all 20): a success resets its count of consecutive failures.
+    """
+    files = make_files(200, (1024, 4096), seed=1)
+    faults = Faults(latency=0.025, error_rate=0.10, reset_rate=0.05)
+    with FaultProxy(moto_server, faults, seed=7) as proxy:
+        settings = s3_settings.model_copy(update={"s3_endpoint_url": proxy.url, "s3_max_attempts": 8})
+        report = run_with_storage(settings, lambda s: s.upload_training_files(inline(files), dataset="flaky"))
+        injected = (proxy.injected_errors, proxy.injected_resets)
+    assert injected[0] >= 5
+    assert injected[1] >= 3  # the faults really happened
+    assert report["failed"] == []
+    assert report["skipped"] == []
+    names = [u["name"] for u in report["uploaded"]]
+    assert sorted(names) == sorted(files)  # each file reported once
+    assert {u["name"]: u["sha256"] for u in report["uploaded"]} == {n: sha(d) for n, d in files.items()}
+    assert_exact(stored(moto_server, bucket, "datasets/flaky/"), files)
+    direct = s3_client(moto_server)
+    head = direct.head_object(Bucket=bucket, Key="datasets/flaky/img_000.bin")
+    assert head["Metadata"]["sha256"] == sha(files["img_000.bin"])
+    assert S3_CIRCUIT_BREAKER.current_state == pybreaker.STATE_CLOSED
+
+
+# --- outage -----------------------------------------------------------------------------------
+
+
+def test_outage_opens_breaker_fails_fast_without_io_and_recovers(s3_settings: Settings, moto_server: str) -> None:
+    """Down: open after S3_BREAKER_FAIL_MAX failures; then no request leaves; back: closes."""
+    faults = Faults(down=True)
+    files = make_files(20, (512, 1024), seed=2)
+    with FaultProxy(moto_server, faults) as proxy:
+        settings = s3_settings.model_copy(
+            update={"s3_endpoint_url": proxy.url, "s3_max_attempts": 1, "s3_breaker_reset_timeout": 1.5}
+        )
+        fail_max = settings.s3_breaker_fail_max
+
+        async def scenario(storage: Storage) -> dict[str, Any]:
+            for attempt in range(1, fail_max + 1):
+                assert S3_CIRCUIT_BREAKER.current_state == pybreaker.STATE_CLOSED
+                with pytest.raises(StorageUnavailable):
+                    await storage.head(f"probe/{attempt}")
+            assert S3_CIRCUIT_BREAKER.current_state == pybreaker.STATE_OPEN
+            # aiohttp resends an idempotent request once when the connection drops, so the
+            # proxy saw fail_max to 2 x fail_max requests for fail_max failed operations.
+            seen = proxy.requests
+            assert fail_max <= seen <= 2 * fail_max
+
+            calls: list[Callable[[], Awaitable[object]]] = [
+                lambda: storage.head("k"),
+                lambda: storage.put_bytes("k", b"x"),
+                lambda: storage.get_bytes("k"),
+                lambda: storage.list_page("datasets/"),
+            ]
+            durations = []
+            for i in range(20):
+                start = time.perf_counter()
+                with pytest.raises(StorageUnavailable, match=r"circuit open, retry in \d+ s"):
+                    await calls[i % len(calls)]()
+                durations.append(time.perf_counter() - start)
+            batch = await storage.upload_training_files(inline(files), dataset="outage")
+            assert proxy.requests == seen  # nothing reached the network while open
+            assert statistics.median(durations) < 0.05  # no I/O at all: microseconds, asked for < 50 ms
+            assert batch["uploaded"] == []
+            assert len(batch["failed"]) == len(files)
+            assert all("circuit open" in f["error"] for f in batch["failed"])
+
+            faults.down = False
+            await asyncio.sleep(settings.s3_breaker_reset_timeout)
+            assert await storage.head("probe/after") is None  # the half-open trial: a 404 is healthy
+            assert S3_CIRCUIT_BREAKER.current_state == pybreaker.STATE_CLOSED
+            assert proxy.requests == seen + 1
+            return await storage.upload_training_files(inline(files), dataset="outage")
+
+        rerun = run_with_storage(settings, scenario)
+    assert rerun["failed"] == []
+    assert len(rerun["uploaded"]) == len(files)
+    assert_exact(stored(moto_server, settings.s3_bucket or "", "datasets/outage/"), files)
+
+
+# --- cancellation -----------------------------------------------------------------------------
+
+
+class HoldAfterFirstChunk:
+    """Wraps a chunk source: chosen uploads stop after their first chunk until cancelled.
+
+    Multipart sends the first part and then waits on the next chunk, so the upload is
+    open on S3 at a known point and the cancel lands in the middle of it, every run.
+    """
+
+    def __init__(self, source: Callable[..., AsyncIterator[bytes]], let_through: int = 0) -> None:
+        self.source = source
+        self.let_through = let_through
+        self.calls = 0
+        self.held = 0
+        self.holding = asyncio.Event()
+        self.enabled = True
+
+    def __call__(self, *args: Any) -> AsyncIterator[bytes]:
+        self.calls += 1
+        hold = self.enabled and self.calls > self.let_through
+        return self._chunks(self.source(*args), hold)
+
+    async def _chunks(self, chunks: AsyncIterable[bytes], hold: bool) -> AsyncIterator[bytes]:
+        async for chunk in chunks:
+            yield chunk
+            if hold:
+                self.held += 1
+                self.holding.set()
+                await asyncio.Event().wait()  # until cancelled
+
+
+async def wait_for_open_upload(endpoint: str, bucket: str, at_least: int = 1) -> list[str]:
+    """Poll moto until ``at_least`` multipart uploads are open (the first part went out)."""
+    for _ in range(500):
+        keys = await asyncio.to_thread(open_uploads, endpoint, bucket)
+        if len(keys) >= at_least:
+            return keys
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"no {at_least} open multipart uploads after 5 s")
+
+
+def test_cancelled_batch_aborts_multipart_and_rerun_completes(
+    s3_settings: Settings, moto_server: str, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """task.cancel() mid-batch (RunPod's per-job stop): no open upload, nothing half-written."""
+    files = make_files(5, (6 * MIB, 6 * MIB), seed=3)  # over the 5 MiB threshold: two parts each
+    settings = s3_settings.model_copy(update={**MULTIPART, "upload_concurrency": 3})
+    hold = HoldAfterFirstChunk(s3_module._memory_chunks, let_through=1)
+    monkeypatch.setattr(s3_module, "_memory_chunks", hold)
+    prefix = "datasets/cancel/"
+
+    async def scenario(storage: Storage) -> tuple[list[str], dict[str, Any]]:
+        job = asyncio.create_task(storage.upload_training_files(inline(files), dataset="cancel"))
+        await asyncio.wait_for(hold.holding.wait(), 30)
+        open_before = await wait_for_open_upload(moto_server, bucket)
+        job.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await job
+        assert await storage.list_open_multipart_uploads() == []  # type: ignore[attr-defined]
+        hold.enabled = False
+        partial = await asyncio.to_thread(stored, moto_server, bucket, prefix)
+        assert len(partial) < len(files)
+        for name, body in partial.items():  # what is there is whole
+            assert sha(body) == sha(files[name])
+        rerun = await storage.upload_training_files(inline(files), dataset="cancel")
+        return open_before, {"rerun": rerun, "before": sorted(partial)}
+
+    open_before, result = run_with_storage(settings, scenario)
+    assert open_before  # the cancel did land in the middle of a multipart upload
+    assert hold.held >= 1
+    assert open_uploads(moto_server, bucket) == []
+    rerun = result["rerun"]
+    assert rerun["failed"] == []
+    assert sorted(s["name"] for s in rerun["skipped"]) == result["before"]
+    assert sorted(u["name"] for u in rerun["uploaded"]) == sorted(set(files) - set(result["before"]))
+    assert_exact(stored(moto_server, bucket, prefix), files)
+
+
+def test_cancelled_put_file_and_put_stream_abort_multipart(
+    s3_settings: Settings, moto_server: str, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    payload = random.Random(4).randbytes(12 * MIB)
+    source = tmp_path / "big.bin"
+    source.write_bytes(payload)
+    hold = HoldAfterFirstChunk(s3_module._read_file_chunks)
+    monkeypatch.setattr(s3_module, "_read_file_chunks", hold)
+    stream_holding = asyncio.Event()
+
+    async def stream() -> AsyncIterator[bytes]:
+        for start in range(0, 7 * MIB, MIB):  # past the threshold: multipart has started
+            yield payload[start : start + MIB]
+        stream_holding.set()
+        await asyncio.Event().wait()  # a client that stalls; the job is then cancelled
+
+    async def cancel_midway(storage: Storage, upload: Awaitable[object], holding: asyncio.Event, key: str) -> None:
+        task = asyncio.ensure_future(upload)
+        await asyncio.wait_for(holding.wait(), 30)
+        assert key in await wait_for_open_upload(moto_server, bucket)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await asyncio.to_thread(open_uploads, moto_server, bucket) == []
+        assert await storage.head(key) is None
+
+    async def scenario(storage: Storage) -> None:
+        await cancel_midway(storage, storage.put_file("big/file.bin", source), hold.holding, "big/file.bin")
+        await cancel_midway(storage, storage.put_stream("big/stream.bin", stream()), stream_holding, "big/stream.bin")
+
+    run_with_storage(s3_settings.model_copy(update=MULTIPART), scenario)
+    assert s3_client(moto_server).list_objects_v2(Bucket=bucket).get("KeyCount") == 0
+
+
+def test_cancelled_local_batch_and_stream_leave_no_temp_files(local_settings: Settings) -> None:
+    """Local backend: a cancelled batch or stream leaves nothing in .tmp and no partial object."""
+    files = make_files(40, (16 * 1024, 64 * 1024), seed=5)
+    settings = local_settings.model_copy(update={"upload_concurrency": 4})
+    tmp_dir = settings.storage_dir.resolve() / ".tmp"
+
+    async def first_attempt(storage: Storage) -> None:
+        assert isinstance(storage, LocalStorageService)
+        original = storage.put_bytes
+        done = asyncio.Event()
+        count = 0
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            nonlocal count
+            info = await original(*args, **kwargs)
+            count += 1
+            if count == 3:
+                done.set()
+            return info
+
+        storage.put_bytes = counted  # type: ignore[method-assign]
+        job = asyncio.create_task(storage.upload_training_files(inline(files), dataset="local"))
+        await asyncio.wait_for(done.wait(), 30)
+        job.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await job
+
+        writing = asyncio.Event()
+
+        async def stream() -> AsyncIterator[bytes]:
+            yield b"a" * 1024
+            writing.set()
+            await asyncio.Event().wait()
+
+        task = asyncio.create_task(storage.put_stream("streams/cut.bin", stream()))
+        await asyncio.wait_for(writing.wait(), 30)
+        assert list(tmp_dir.iterdir())  # the temp file exists while the stream is open
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await storage.head("streams/cut.bin") is None
+
+    # asyncio.run returns once the worker threads finished: a write in flight has landed or gone.
+    run_with_storage(settings, first_attempt)
+    assert list(tmp_dir.iterdir()) == []
+    dataset = settings.storage_dir / "datasets" / "local"
+    partial = {p.name: p.read_bytes() for p in dataset.iterdir()}
+    assert 3 <= len(partial) < len(files)
+    assert all(sha(body) == sha(files[name]) for name, body in partial.items())
+
+    rerun = run_with_storage(settings, lambda s: s.upload_training_files(inline(files), dataset="local"))
+    assert rerun["failed"] == []
+    assert sorted(s["name"] for s in rerun["skipped"]) == sorted(partial)
+    assert_exact({p.name: p.read_bytes() for p in dataset.iterdir()}, files)
+    assert list(tmp_dir.iterdir()) == []
