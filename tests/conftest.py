@@ -3,8 +3,12 @@ a fresh bucket per test, and settings for either storage backend."""
 
 from __future__ import annotations
 
-import asyncio
 import os
+
+# No test may reach a model hub: huggingface_hub reads this once, at import.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import asyncio
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path

@@ -41,7 +41,7 @@ def _driver_gpus(proc: Path = NVIDIA_PROC) -> list[str]:
 def _torch_facts(torch: Any) -> dict[str, Any]:
     """CUDA facts from an already imported torch (never initialises anything heavy)."""
     facts: dict[str, Any] = {"torch": torch.__version__, "cuda_available": bool(torch.cuda.is_available())}
-    if facts["cuda_available"]:
+    if facts["cuda_available"] and torch.cuda.is_initialized():  # never create a CUDA context here
         index = torch.cuda.current_device()
         facts["device"] = torch.cuda.get_device_name(index)
         facts["memory_allocated_gib"] = round(torch.cuda.memory_allocated(index) / 2**30, 3)

@@ -251,5 +251,8 @@ class GenerateInput(BaseModel):
         """Bounds from the worker's settings; raises :class:`InputError` naming the field."""
         _limit("steps", self.steps, settings.max_gen_steps, "MAX_GEN_STEPS")
         _limit("num_images", self.num_images, settings.max_images_per_request, "MAX_IMAGES_PER_REQUEST")
-        if self.width is not None and self.height is not None:
-            check_pixels(self.width, self.height, settings.max_image_pixels)
+        if self.width is not None or self.height is not None:
+            # One side alone: check it as a square (native sizes are square); the runner checks
+            # the exact size once the model is loaded.
+            side = self.width or self.height or 0
+            check_pixels(self.width or side, self.height or side, settings.max_image_pixels)

@@ -160,23 +160,7 @@ def train_lora(
         check_pixels(resolution, resolution, settings.max_image_pixels)
         images = [load_square(example.path, resolution) for example in examples]
         captions = [example.caption for example in examples]
-        steps = params.steps or default_steps(model, settings.max_train_steps)
-        cfg_key = f"{model}|{precision}|{resolution}|{params.batch_size}|{params.rank}|{params.gradient_checkpointing}"
-        cfg = TrainConfig(
-            steps=steps,
-            rank=params.rank,
-            alpha=float(params.alpha if params.alpha is not None else params.rank),
-            learning_rate=params.learning_rate,
-            resolution=resolution,
-            batch_size=params.batch_size,
-            gradient_accumulation=params.gradient_accumulation,
-            seed=params.seed,
-            precision=precision,
-            gradient_checkpointing=params.gradient_checkpointing,
-            cache_latents=params.cache_latents,
-            cache_text_embeddings=params.cache_text_embeddings,
-            compile=should_compile(settings.compile, device, steps, cfg_key),
-        )
+        cfg = _train_config(params, model, settings, precision, resolution, device)
         lora_path = work_dir / f"{params.output_name}.safetensors"
         metadata = lora_metadata(entry, cfg, params.output_name, params.trigger_word, len(images))
         setup_started = time.perf_counter()
@@ -208,9 +192,33 @@ def train_lora(
         metrics = _metrics(cfg, stats, setup_seconds, started, device, len(images))
     if cfg.compile:
         RUNNER_STATE.record_warmup(f"train {model} {resolution}px b{cfg.batch_size}", stats.first_step_seconds)
-        _remember_warm(cfg_key, stats.first_step_seconds)
+        _remember_warm(cfg.compile_key, stats.first_step_seconds)
     log.info("trained %s: %s", params.output_name, metrics)
     return TrainResult(lora_path=lora_path, kohya_path=kohya_path, samples=samples, metrics=metrics)
+
+
+def _train_config(
+    params: TrainLoraInput, model: str, settings: Settings, precision: Precision, resolution: int, device: torch.device
+) -> TrainConfig:
+    """The job's inputs with every default resolved, and the compile decision."""
+    steps = params.steps or default_steps(model, settings.max_train_steps)
+    key = f"{model}|{precision}|{resolution}|{params.batch_size}|{params.rank}|{params.gradient_checkpointing}"
+    return TrainConfig(
+        steps=steps,
+        rank=params.rank,
+        alpha=float(params.alpha if params.alpha is not None else params.rank),
+        learning_rate=params.learning_rate,
+        resolution=resolution,
+        batch_size=params.batch_size,
+        gradient_accumulation=params.gradient_accumulation,
+        seed=params.seed,
+        precision=precision,
+        gradient_checkpointing=params.gradient_checkpointing,
+        cache_latents=params.cache_latents,
+        cache_text_embeddings=params.cache_text_embeddings,
+        compile=should_compile(settings.compile, device, steps, key),
+        compile_key=key,
+    )
 
 
 def _samples(entry: LoadedPipeline, params: TrainLoraInput, resolution: int, lora_path: Path) -> list[ImageFile]:

@@ -56,6 +56,7 @@ class TrainConfig:
     cache_latents: bool = True
     cache_text_embeddings: bool = True
     compile: bool = False
+    compile_key: str = ""  # identifies the compiled graph for the warm-cache marker
 
 
 def torch_dtype(precision: Precision) -> torch.dtype:

@@ -1,0 +1,160 @@
+"""Proof that training learns, and what ``train_lora`` writes and reports."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from services.errors import InputError
+from services.gpu import models
+from services.gpu.adapters import fused_lora, tuner_layers
+from services.gpu.dataset import load_square, scan_dataset
+from services.gpu.lora_files import read_metadata
+from services.gpu.params import TrainLoraInput
+from services.gpu.train import train_lora
+from services.gpu.training import ProgressReporter, evaluation_loss
+from tests.gpu.conftest import SIZE, TRAIN_ALPHA, TRAIN_RANK, TRAIN_STEPS, Trained, decode, write_dataset
+
+pytestmark = pytest.mark.gpu
+
+CPU = torch.device("cpu")
+
+
+def test_evaluation_loss_falls_after_training(trained: Trained, settings) -> None:
+    entry = models.load_pipeline("builtin:tiny-sd", settings, torch.float32, CPU)
+    examples = scan_dataset(trained.dataset, trigger_word="sks")
+    images = [load_square(example.path, SIZE) for example in examples]
+    captions = [example.caption for example in examples]
+    before = evaluation_loss(entry, images, captions)
+    assert evaluation_loss(entry, images, captions) == before  # deterministic
+    with fused_lora(entry, trained.result.lora_path, 1.0):
+        after = evaluation_loss(entry, images, captions)
+    print(f"evaluation loss {before:.4f} -> {after:.4f}")
+    assert after < before * 0.97, (before, after)
+    assert evaluation_loss(entry, images, captions) == before  # and the base is back
+
+
+def test_lora_file_layout_and_metadata(trained: Trained) -> None:
+    path = trained.result.lora_path
+    assert path.name == "shapes-lora.safetensors"
+    tensors = load_file(str(path))
+    assert tensors and all(key.startswith("unet.") and "lora" in key for key in tensors)
+    metadata = read_metadata(path)
+    assert metadata["base_model"] == "builtin:tiny-sd"
+    assert (metadata["rank"], metadata["alpha"], metadata["steps"]) == (str(TRAIN_RANK), "8", str(TRAIN_STEPS))
+    assert metadata["trigger_word"] == "sks"
+    assert metadata["software"].startswith("runpod-lora-worker ")
+    assert metadata["software_version"]
+    assert '"unet.lora_alpha": 8.0' in metadata["lora_adapter_metadata"]  # what load_lora_weights reads
+
+
+def test_kohya_copy_layout(trained: Trained) -> None:
+    kohya = trained.result.kohya_path
+    assert kohya is not None and kohya.name == "shapes-lora_kohya.safetensors"
+    tensors = load_file(str(kohya))
+    assert all(key.startswith("lora_unet_") for key in tensors)
+    alphas = [value for key, value in tensors.items() if key.endswith(".alpha")]
+    assert alphas and all(float(value) == TRAIN_ALPHA for value in alphas)
+    assert read_metadata(kohya)["ss_network_dim"] == str(TRAIN_RANK)
+
+
+def test_metrics_progress_and_samples(trained: Trained) -> None:
+    metrics = trained.result.metrics
+    assert metrics["steps"] == TRAIN_STEPS
+    assert math.isfinite(metrics["final_loss"]) and metrics["final_loss"] > 0
+    assert metrics["seconds"] >= metrics["train_seconds"] > 0
+    assert metrics["steps_per_second"] > 0
+    assert (metrics["device"], metrics["precision"], metrics["compiled"]) == ("cpu", "fp32", False)
+    calls = trained.progress
+    assert 1 <= len(calls) <= TRAIN_STEPS
+    assert all(set(call) == {"step", "total_steps", "loss", "eta_seconds"} for call in calls)
+    assert [call["step"] for call in calls] == sorted({call["step"] for call in calls})
+    assert calls[-1]["step"] == calls[-1]["total_steps"] == TRAIN_STEPS
+    assert calls[-1]["eta_seconds"] == 0
+    (sample,) = trained.result.samples
+    assert (sample.name, sample.mime) == ("sample-0.png", "image/png")
+    assert decode(sample.data).shape == (SIZE, SIZE, 3)
+
+
+def test_training_leaves_the_cached_pipeline_at_rest(trained: Trained, settings) -> None:
+    entry = models.load_pipeline("builtin:tiny-sd", settings, torch.float32, CPU)
+    assert tuner_layers(entry.pipe) == []
+    assert not getattr(entry.pipe.unet, "peft_config", None)
+    assert not any(p.requires_grad for p in entry.pipe.unet.parameters())
+    assert not entry.pipe.unet.is_gradient_checkpointing
+
+
+def test_progress_reporter_throttles() -> None:
+    now = [0.0]
+    calls: list[dict] = []
+    reads: list[int] = []
+    reporter = ProgressReporter(calls.append, total_steps=10, interval=1.0, clock=lambda: now[0])
+    for step in range(1, 11):
+        now[0] += 0.3
+        reporter.update(step, lambda step=step: reads.append(step) or 0.5)
+    assert [call["step"] for call in calls] == [1, 5, 9, 10]  # 0.3 s apart: once a second, plus the last
+    assert reads == [1, 5, 9, 10]  # the loss (a device sync on a GPU) is read only when reported
+    assert calls[1]["eta_seconds"] == pytest.approx(1.5 / 5 * 5)
+
+
+def test_sdxl_slow_path_trains_and_loads(tmp_path: Path, settings) -> None:
+    """SDXL, bf16 autocast, gradient checkpointing, VAE and text encoders every step."""
+    params = TrainLoraInput(
+        action="train_lora",
+        dataset="d",
+        output_name="xl",
+        base_model="builtin:tiny-sdxl",
+        steps=3,
+        rank=2,
+        learning_rate=1e-2,
+        mixed_precision="bf16",
+        gradient_checkpointing=True,
+        cache_latents=False,
+        cache_text_embeddings=False,
+        gradient_accumulation=2,
+        export_formats=["kohya"],
+    )
+    result = train_lora(params, write_dataset(tmp_path / "d", count=2), tmp_path / "work", settings)
+    assert result.metrics["precision"] == "bf16" and result.samples == []
+    assert result.lora_path.is_file() and result.kohya_path is not None
+    assert read_metadata(result.lora_path)["base_model_family"] == "sdxl"
+    entry = models.load_pipeline("builtin:tiny-sdxl", settings, torch.bfloat16, CPU)
+    assert tuner_layers(entry.pipe) == [] and not entry.pipe.unet.is_gradient_checkpointing
+
+
+def test_fp16_needs_cuda(tmp_path: Path, settings, dataset: Path) -> None:
+    params = TrainLoraInput(action="train_lora", dataset="d", output_name="o", steps=1, mixed_precision="fp16")
+    with pytest.raises(InputError, match=r"input\.mixed_precision: fp16 needs a CUDA GPU"):
+        train_lora(params, dataset, tmp_path, settings)
+
+
+def test_training_compile_policy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.gpu.train import (
+        TRAIN_COMPILE_MIN_STEPS,
+        TRAIN_COMPILE_MIN_STEPS_WARM,
+        _remember_warm,
+        should_compile,
+    )
+
+    cuda = torch.device("cuda")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    assert not should_compile(None, CPU, 100_000, "k")  # off on the CPU unless asked
+    assert should_compile(True, CPU, 1, "k") and not should_compile(False, cuda, 100_000, "k")
+    assert not should_compile(None, cuda, TRAIN_COMPILE_MIN_STEPS - 1, "k")  # cold: not worth the warm-up
+    assert should_compile(None, cuda, TRAIN_COMPILE_MIN_STEPS, "k")
+    assert not should_compile(None, cuda, TRAIN_COMPILE_MIN_STEPS_WARM, "k")
+    _remember_warm("k", 150.0)  # an earlier worker compiled this configuration
+    assert should_compile(None, cuda, TRAIN_COMPILE_MIN_STEPS_WARM, "k")
+    assert not should_compile(None, cuda, TRAIN_COMPILE_MIN_STEPS_WARM, "other")
+
+
+def test_default_steps_follow_the_model_and_the_limit() -> None:
+    from services.gpu.train import default_steps
+
+    assert default_steps("builtin:tiny-sd", 10_000) == 100
+    assert default_steps("org/model", 10_000) == 1000
+    assert default_steps("org/model", 300) == 300
