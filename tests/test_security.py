@@ -38,7 +38,7 @@ from config.settings import Settings, load_settings
 from tests.conftest import s3_client, use_settings_env
 
 REPO = Path(__file__).resolve().parents[1]
-QUERY_SECRET = "hunter2-query-secret"
+QUERY_SECRET = "hunter2-query-secret"  # pragma: allowlist secret (a test fake)
 
 
 def b64(data: bytes) -> str:
@@ -285,7 +285,7 @@ def test_gpu_url_inputs_to_loopback_are_refused(
 # --- secrets ------------------------------------------------------------------------------
 
 # URL-safe characters only, so a leak would show verbatim even inside a URL.
-SECRET_KEY_ID = "AKIASECURITYTESTKEY7"
+SECRET_KEY_ID = "AKIASECURITYTESTKEY7"  # pragma: allowlist secret (a test fake)
 SECRET_ACCESS_KEY = "sEcReT-access-key-security-test-0123456789"  # pragma: allowlist secret
 SESSION_TOKEN = "SeSsIoN-token-security-test-abcdefghijklmnop"  # pragma: allowlist secret
 SECRETS = (SECRET_KEY_ID, SECRET_ACCESS_KEY, SESSION_TOKEN)
