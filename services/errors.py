@@ -39,6 +39,10 @@ class StorageUnavailable(StorageError):
     """The storage backend is unreachable or the circuit breaker is open."""
 
 
+class CircuitOpen(StorageUnavailable):
+    """The circuit breaker refused the call without sending it."""
+
+
 class GpuError(WorkerError):
     """Training or generation failed."""
 

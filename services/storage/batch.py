@@ -14,6 +14,7 @@ import binascii
 import hashlib
 import logging
 import mimetypes
+import random
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -21,12 +22,14 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from services.errors import StorageError, WorkerError
-from services.storage.base import Storage
+from services.errors import CircuitOpen, StorageError, StorageUnavailable, WorkerError
+from services.storage.base import ObjectInfo, Storage
 
 log = logging.getLogger(__name__)
 
 MAX_NAME_BYTES = 255
+FILE_RETRIES = 2  # per file, on top of botocore's own retries of each request
+RETRY_BASE_SECONDS = 0.2
 DATASET_ROOT = "datasets"
 
 # Downloads a URL source into the job workspace and returns the local file; the batch
@@ -150,6 +153,31 @@ class _Batch:
     def fail(self, name: str, error: str) -> None:
         self.result.failed.append(FailedFile(name=name, error=error))
 
+    async def _store(self, key: str, data: bytes, digest: str, content_type: str) -> ObjectInfo | None:
+        """Put the file unless it is already there (``None``), retrying a transient failure.
+
+        botocore already retries each request; a file whose retries ran out in a burst of
+        throttling gets up to ``FILE_RETRIES`` more tries after a pause, unless the breaker is
+        open (then storage is down, and waiting inside the job would not help).
+        """
+        for attempt in range(FILE_RETRIES + 1):
+            try:
+                # Only a listed object of the same size can hold the same bytes.
+                maybe_there = self.existing is None or self.existing.get(key) == len(data)
+                existing = await self.storage.head(key) if maybe_there else None
+                if existing is not None and existing.sha256 == digest:
+                    return None
+                return await self.storage.put_bytes(key, data, content_type=content_type, sha256=digest)
+            except CircuitOpen:
+                raise
+            except StorageUnavailable as exc:
+                if attempt == FILE_RETRIES:
+                    raise
+                delay = RETRY_BASE_SECONDS * 2**attempt * (1 + random.random())  # noqa: S311 - jitter
+                log.info("upload of %s: %s; trying again in %.2f s", key, exc, delay)
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
     async def upload_one(self, index: int, source: FileSource) -> None:
         key = self.result.prefix + source.name
         content_type = source.content_type or mimetypes.guess_type(source.name)[0] or "application/octet-stream"
@@ -175,15 +203,12 @@ class _Batch:
                         )
                     self.batch_bytes += len(data)
                 digest = hashlib.sha256(data).hexdigest()
-                # Only a listed object of the same size can hold the same bytes.
-                maybe_there = self.existing is None or self.existing.get(key) == len(data)
-                existing = await self.storage.head(key) if maybe_there else None
-                if existing is not None and existing.sha256 == digest:
+                info = await self._store(key, data, digest, content_type)
+                if info is None:
                     self.result.skipped.append(
                         SkippedFile(name=source.name, key=key, reason="already stored with the same sha256")
                     )
                     return
-                info = await self.storage.put_bytes(key, data, content_type=content_type, sha256=digest)
             except ValueError as exc:
                 self.fail(source.name, f"files[{index}]: {exc}")
                 return

@@ -34,7 +34,7 @@ from botocore.exceptions import (
     ConnectionError as BotoConnectionError,
 )
 
-from services.errors import ObjectNotFound, StorageError, StorageUnavailable
+from services.errors import CircuitOpen, ObjectNotFound, StorageError, StorageUnavailable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -159,9 +159,9 @@ def breaker_state() -> dict[str, Any]:
     return info
 
 
-def _open_error() -> StorageUnavailable:
+def _open_error() -> CircuitOpen:
     retry = max(1, math.ceil(_seconds_until_half_open()))
-    return StorageUnavailable(f"storage unavailable: circuit open, retry in {retry} s")
+    return CircuitOpen(f"storage unavailable: circuit open, retry in {retry} s")
 
 
 def _admit() -> bool:
@@ -172,7 +172,7 @@ def _admit() -> bool:
     if state == pybreaker.STATE_OPEN and _seconds_until_half_open() > 0:
         raise _open_error()
     if _TRIAL.in_flight:
-        raise StorageUnavailable("storage unavailable: circuit half-open, a trial call is in progress")
+        raise CircuitOpen("storage unavailable: circuit half-open, a trial call is in progress")
     _TRIAL.in_flight = True
     return True
 
