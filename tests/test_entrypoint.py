@@ -164,3 +164,29 @@ def test_readme_quick_start_commands_are_the_ones_ci_runs() -> None:
     assert test_command.replace(" -q", "") in readme
     assert test_command in ci
     assert shutil.which("python3") is not None
+
+
+@pytest.mark.gpu
+def test_test_input_trains_then_generates_on_the_tiny_model(tmp_path: Path) -> None:
+    """The GPU actions as a user runs them locally: train a LoRA, then generate with it by name."""
+    import io
+
+    from PIL import Image
+
+    files = []
+    for i, colour in enumerate([(220, 40, 40), (40, 220, 40)]):
+        buffer = io.BytesIO()
+        Image.new("RGB", (32, 32), colour).save(buffer, format="PNG")
+        files.append({"name": f"{i}.png", "data": base64.b64encode(buffer.getvalue()).decode()})
+    upload = {"action": "upload_training_files", "dataset": "tiny", "files": files}
+    assert run_worker(tmp_path, upload).returncode == 0
+    train = {"action": "train_lora", "dataset": "tiny", "output_name": "tiny-lora", "steps": 3, "rank": 2}
+    trained = run_worker(tmp_path, train)
+    assert trained.returncode == 0, result_of(trained)
+    assert "'key': 'loras/tiny-lora/tiny-lora.safetensors'" in result_of(trained)
+    assert (tmp_path / "storage" / "loras" / "tiny-lora" / "tiny-lora.safetensors").is_file()
+    generate = {"action": "generate", "prompt": "a red square", "lora": "tiny-lora", "steps": 2, "seed": 1}
+    generated = run_worker(tmp_path, generate)
+    assert generated.returncode == 0, result_of(generated)
+    assert "'seed': 1" in result_of(generated)
+    assert "'type': 'base64', 'name': 'image-0.png'" in result_of(generated)

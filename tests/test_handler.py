@@ -362,3 +362,62 @@ def test_sha256_in_report_matches_stored_bytes(s3_env: Settings) -> None:
         job({"action": "upload_training_files", "dataset": "h", "files": [{"name": "f", "data": b64(data)}]})
     )
     assert result["uploaded"][0]["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def test_gpu_jobs_are_serialized_while_storage_jobs_keep_running(
+    local_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two generate jobs never overlap on the GPU; a storage job finishes while they wait."""
+    import threading
+    import time as clock
+
+    import services.gpu.generate as gpu_generate
+    from services.gpu.types import GenerateResult, ImageFile
+
+    use_settings_env(monkeypatch, local_settings)
+    events: list[str] = []
+    running = 0
+    overlap = []
+    guard = threading.Lock()
+
+    def fake_generate(params: Any, lora_path: Any, settings: Any) -> GenerateResult:
+        nonlocal running
+        with guard:
+            running += 1
+            overlap.append(running)
+            events.append(f"start {params.seed}")
+        clock.sleep(0.3)  # blocking, like a real GPU call in its worker thread
+        with guard:
+            running -= 1
+            events.append(f"end {params.seed}")
+        return GenerateResult(images=[ImageFile(name="image-0.png", mime="image/png", data=b"png")], seed=params.seed)
+
+    monkeypatch.setattr(gpu_generate, "generate_images", fake_generate)
+
+    async def main() -> list[dict[str, Any]]:
+        from rp_handler import handler
+        from services.storage import close_storages
+
+        async def storage_job() -> dict[str, Any]:
+            result = await handler(job({"action": "list_files", "prefix": "datasets/"}, "storage"))
+            events.append("storage done")
+            return result
+
+        try:
+            return list(
+                await asyncio.gather(
+                    handler(job({"action": "generate", "prompt": "a", "seed": 1}, "g1")),
+                    handler(job({"action": "generate", "prompt": "b", "seed": 2}, "g2")),
+                    storage_job(),
+                )
+            )
+        finally:
+            await close_storages()
+
+    import asyncio
+
+    first, second, listed = asyncio.run(main())
+    assert first["seed"] == 1 and second["seed"] == 2
+    assert "error" not in listed
+    assert max(overlap) == 1  # one GPU job at a time
+    assert events.index("storage done") < events.index("end 1")  # the loop was never blocked
