@@ -190,3 +190,22 @@ def test_test_input_trains_then_generates_on_the_tiny_model(tmp_path: Path) -> N
     assert generated.returncode == 0, result_of(generated)
     assert "'seed': 1" in result_of(generated)
     assert "'type': 'base64', 'name': 'image-0.png'" in result_of(generated)
+
+
+def test_hub_handler_shim_runs_the_worker(tmp_path: Path) -> None:
+    completed = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / ".runpod" / "handler.py"),
+            "--test_input",
+            json.dumps({"input": {"action": "health"}}),
+        ],
+        cwd=tmp_path,
+        env=worker_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert "'status': 'ok'" in completed.stdout
