@@ -81,6 +81,7 @@ class Settings(BaseSettings):
     max_download_bytes: int = Field(100 * 1024 * 1024, ge=1)
     download_connect_timeout: float = Field(5.0, gt=0, le=120)
     download_read_timeout: float = Field(30.0, gt=0, le=600)
+    download_total_timeout: float = Field(300.0, gt=0, le=3600, description="Whole-download deadline in seconds.")
     allow_private_urls: bool = Field(False, description="Allow URL inputs to private hosts (tests only).")
     max_zip_entries: int = Field(10_000, ge=1)
     max_zip_uncompressed_bytes: int = Field(1024**3, ge=1)

@@ -456,7 +456,14 @@ async def download(
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".{dest.name}.{secrets.token_hex(6)}.part"
     try:
-        size, sha256, content_type, final = await _fetch(url, tmp, cap, settings, resolver or system_resolver)
+        try:
+            async with asyncio.timeout(settings.download_total_timeout):  # a trickling server cannot hold a job
+                size, sha256, content_type, final = await _fetch(url, tmp, cap, settings, resolver or system_resolver)
+        except TimeoutError:
+            raise InputError(
+                f"url {redact_url(url)}: could not download within {settings.download_total_timeout:g} s "
+                "(DOWNLOAD_TOTAL_TIMEOUT)"
+            ) from None
         where = _where(url, final)
         if expect == "image":
             await asyncio.to_thread(_check_image, tmp, settings.max_image_pixels, where)

@@ -110,6 +110,13 @@ class Server:
             await resp.write(bytes(100_000))
             self.stalled.set()
             await asyncio.sleep(30)
+        if name == "trickle":
+            resp = web.StreamResponse(headers={"Content-Length": "1000"})
+            await resp.prepare(request)
+            for _ in range(1000):  # a byte every 50 ms: never idle long enough for the read timeout
+                await resp.write(b"x")
+                await asyncio.sleep(0.05)
+            return resp
         if name == "redirect":
             raise web.HTTPFound(request.query["to"])
         if name.startswith("chain-"):
@@ -514,6 +521,12 @@ def test_http_error_status(tmp_path: Path, code: int) -> None:
 def test_read_timeout(tmp_path: Path, name: str) -> None:
     error = fetch_error(lambda s: f"{s.base}/{name}", lenient(download_read_timeout=0.3), tmp_path)
     assert f"/{name}: timed out after 0.3 s without data" in str(error)
+
+
+def test_total_timeout_stops_a_trickling_server(tmp_path: Path) -> None:
+    settings = lenient(download_read_timeout=5, download_total_timeout=0.5)
+    error = fetch_error(lambda s: f"{s.base}/trickle", settings, tmp_path)
+    assert "could not download within 0.5 s (DOWNLOAD_TOTAL_TIMEOUT)" in str(error)
 
 
 def test_connect_timeout(tmp_path: Path) -> None:
