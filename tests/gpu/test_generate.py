@@ -41,10 +41,17 @@ def test_same_inputs_and_seed_give_the_same_image(settings) -> None:
     assert first[0].shape == (32, 32, 3)  # the builtin model's native size
 
 
+def close(a: np.ndarray, b: np.ndarray, tolerance: int) -> bool:
+    return a.shape == b.shape and int(np.abs(a - b).max()) <= tolerance
+
+
 def test_image_i_uses_seed_plus_i(settings) -> None:
     pair = run(settings, num_images=2, seed=40)
-    assert same([pair[1]], run(settings, seed=41))
-    assert not np.array_equal(pair[0], pair[1])
+    single = run(settings, seed=41)
+    # A batch of two runs the UNet on other tensor shapes than a single image, so the CPU
+    # kernels may sum in another order: one 8-bit level of difference is rounding, not a seed.
+    assert close(pair[1], single[0], tolerance=2)
+    assert int(np.abs(pair[0] - pair[1]).max()) > 16  # other noise, another image
 
 
 def test_chosen_seed_is_returned_and_reproduces(settings) -> None:
