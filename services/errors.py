@@ -57,3 +57,15 @@ class ModelStateError(GpuError):
     """The model or CUDA state is broken; the worker is refreshed."""
 
     refresh_worker = True
+
+
+class JobStopped(WorkerError):
+    """The job was stopped between steps: cancelled, the worker shutting down, or its deadline passed.
+
+    ``resumable`` is true when a checkpoint was saved and the same input again resumes the work.
+    """
+
+    def __init__(self, message: str, *, reason: str, resumable: bool = False) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.resumable = resumable
