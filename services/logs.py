@@ -24,14 +24,21 @@ _URL_SECRETS = re.compile(
 # presigned URL that is the URL's own X-Amz-Signature.
 _SIGNER_SIGNATURE = re.compile(r"\b(Signature):\s*[A-Za-z0-9+/=]{16,}")
 _BASE64_BLOB = re.compile(r"[A-Za-z0-9+/]{257,}={0,2}")
+NOISY_LOGGERS = ("botocore", "aiobotocore", "urllib3", "werkzeug")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+# Shorter configured values are not treated as secrets: replacing a test key such as
+# "testing" mangled ordinary log lines ("Local REDACTED complete"). Real access keys are
+# 20 (AWS), 25 (B2) or 32 (R2) characters long.
+MIN_SECRET_LENGTH = 8
 
 
 class Redactor:
     """Replaces secrets in text; built from the configured secret values."""
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
-        self.secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
+        self.secrets = sorted({s for s in secrets if len(s) >= MIN_SECRET_LENGTH}, key=len, reverse=True)
 
     def __call__(self, text: str) -> str:
         for secret in self.secrets:
@@ -81,7 +88,7 @@ def setup_logging(level: str = "INFO", secrets: Iterable[str] = ()) -> Redactor:
     for existing in root.handlers:
         existing.filters = [f for f in existing.filters if not isinstance(f, RedactingFilter)]
         existing.addFilter(RedactingFilter(_REDACTOR))
-    for noisy in ("botocore", "aiobotocore", "urllib3", "werkzeug"):
+    for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(max(logging.getLevelName(level), logging.WARNING))
     _redact_runpod_logger(level)
     return _REDACTOR

@@ -9,6 +9,8 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import asyncio
+import logging
+import sys
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import Any, TypeVar
 import boto3
 import pytest
 from botocore.config import Config
+from hypothesis import settings as hypothesis_settings
 from moto.server import ThreadedMotoServer
 
 from config.settings import Settings, build_settings, load_settings
@@ -44,6 +47,12 @@ CONFIG_PREFIXES = (
     "LOG_LEVEL",
     "WORK_DIR",
 )
+# Reproducible fuzzing: CI runs derandomized and prints the blob that replays a failure
+# (``@reproduce_failure``); locally HYPOTHESIS_PROFILE=dev explores new examples each run.
+hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True, database=None)
+hypothesis_settings.register_profile("dev", print_blob=True)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
 TEST_KEY_ID = "testing-key-id"
 TEST_SECRET = "testing-secret-value-never-logged"  # pragma: allowlist secret (a fake for moto)
 
@@ -57,6 +66,40 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)
     load_settings.cache_clear()
     reset_breaker()
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """Undo what ``setup_logging`` did in a test: its filter on pytest's capture handlers
+    (which rewrites records and strips ``exc_info`` for every later test), levels, redactor."""
+    from services import logs
+
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+    filters = {id(h): list(h.filters) for h in handlers}
+    levels = {name: logging.getLogger(name).level for name in ("", *logs.NOISY_LOGGERS)}
+    redactor = logs._REDACTOR
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+    for handler in handlers:
+        handler.filters = filters.get(id(handler), [])
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+    logs._REDACTOR = redactor
+
+
+@pytest.fixture(autouse=True)
+def reset_runner_caches() -> Iterator[None]:
+    """Each test starts with no cached pipeline and empty runner state (when the runner is loaded)."""
+    yield
+    models = sys.modules.get("services.gpu.models")
+    if models is not None:
+        models.PIPELINES.clear()
+    state = sys.modules.get("services.gpu.state")
+    if state is not None:
+        state.RUNNER_STATE.clear()
 
 
 @pytest.fixture(scope="session")

@@ -262,7 +262,9 @@ class FuzzRun:
         self.examples = 0
         self.errors = 0
         self.before = _tree(root, settings.storage_dir)
-        self.system_tmp = set(os.listdir(tempfile.gettempdir()))
+        # The process temp folder points at a folder of this test (see the fixture), so another
+        # worker on the host creating job-* folders in /tmp cannot fail the check.
+        self.temp_dir = Path(tempfile.gettempdir())
 
     def run(self, job: Any) -> dict[str, Any]:
         from rp_handler import handler
@@ -295,8 +297,8 @@ class FuzzRun:
 
         self.loop.run_until_complete(close_storages())
         self.loop.close()
-        new_tmp = {n for n in set(os.listdir(tempfile.gettempdir())) - self.system_tmp if n.startswith("job-")}
-        assert new_tmp == set(), "a job workspace was created in the system temp dir, not WORK_DIR"
+        strays = [name for name in os.listdir(self.temp_dir) if name.startswith("job-")]
+        assert strays == [], "a job workspace was created in the system temp dir, not WORK_DIR"
 
 
 @pytest.fixture
@@ -310,6 +312,8 @@ def fuzz(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FuzzRun]:
     use_settings_env(monkeypatch, settings)
     monkeypatch.setenv("WORK_DIR", str(settings.work_dir))
     (root / "work").mkdir()
+    (root / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(root / "tmp"))
     run = FuzzRun(root, settings)
 
     async def refuse(request: Any, ctx: Any) -> dict[str, Any]:

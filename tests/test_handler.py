@@ -356,6 +356,14 @@ def test_redactor_rules() -> None:
     assert redact("short base64 aGVsbG8= stays") == "short base64 aGVsbG8= stays"
 
 
+def test_short_configured_values_are_not_treated_as_secrets() -> None:
+    from services.logs import Redactor
+
+    redact = Redactor(["testing", "minio-secret-1"])
+    assert redact("Local testing complete") == "Local testing complete"
+    assert redact("key minio-secret-1 leaked") == "key REDACTED leaked"
+
+
 def test_sha256_in_report_matches_stored_bytes(s3_env: Settings) -> None:
     data = os.urandom(1000)
     [result] = run_jobs(
