@@ -28,10 +28,9 @@ def _error(message: str, **extra: Any) -> dict[str, Any]:
 
 async def handler(job: dict[str, Any]) -> dict[str, Any]:
     """Run one job ``{"id": ..., "input": {"action": ..., ...}}`` and return its output."""
-    from services.actions import dispatch
+    from services.actions import dispatch, parse_job_input
     from services.context import job_context
     from services.outputs import OutputPolicy
-    from services.schemas import parse_job_input
 
     try:
         settings = load_settings()

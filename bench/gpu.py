@@ -45,7 +45,7 @@ from services.gpu.training import LoraTrainer, TrainConfig
 
 PROMPT = "a photo of an astronaut riding a horse on the moon, detailed, 8k"
 TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
-# Rough warm-up costs on an H200 (REFERENCE.md), used to skip what the budget cannot cover.
+# Rough warm-up costs on an H200 (../shared/REFERENCE.md), used to skip what the budget cannot cover.
 WARMUP_ESTIMATE = {"gen sd15": 75.0, "train sd15": 190.0, "gen sdxl": 160.0, "train sdxl": 300.0}
 BENCH_ERRORS = (RuntimeError, ValueError, TypeError, KeyError, AttributeError, OSError, AssertionError, ImportError)
 

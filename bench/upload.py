@@ -181,13 +181,15 @@ def run_boto3_sequential(endpoint: str, bucket: str, prefix: str, files: dict[st
 
 
 def run_upload_training_files(settings: Settings, dataset: str, inline: list[dict[str, str]]) -> float:
+    from services.batch_upload import upload_batch
     from services.storage.s3 import RealStorageService
 
     async def main() -> float:
         storage = await RealStorageService.create(settings)
         try:
             start = time.perf_counter()
-            report = await storage.upload_training_files(inline, dataset=dataset)
+            batch = await upload_batch(storage, inline, dataset, concurrency=settings.upload_concurrency)
+            report = batch.model_dump()
             elapsed = time.perf_counter() - start
         finally:
             await storage.close()

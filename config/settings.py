@@ -7,6 +7,7 @@ A bad value stops start-up with a message that names the variable and what is al
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -73,6 +74,9 @@ class Settings(BaseSettings):
     max_concurrency: int = Field(4, ge=1, le=64)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     work_dir: Path | None = Field(None, description="Parent of per-job workspaces (default: system temp).")
+    runpod_webhook_post_output: str | None = Field(
+        None, repr=False, description="Set by RunPod on its workers; progress updates are sent only there."
+    )
 
     # --- input bounds ---
     max_files_per_batch: int = Field(1000, ge=1, le=100_000)
@@ -106,6 +110,13 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_secret_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("s3_region")
+    @classmethod
+    def _region_is_a_name(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,62}", value):
+            raise ValueError("must be a region name such as us-east-1 or auto (lowercase letters, digits, '-')")
+        return value
 
     @field_validator("s3_endpoint_url")
     @classmethod

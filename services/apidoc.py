@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from services.schemas import input_json_schema
+from services.actions import input_json_schema
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"

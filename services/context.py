@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -49,7 +48,7 @@ class JobContext:
             return
         self._last_progress = now
         log.info("job %s progress: %s", self.key_id, update)
-        if os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT"):  # only on RunPod: locally there is no one to tell
+        if self.settings.runpod_webhook_post_output:  # only on RunPod: locally there is no one to tell
             from runpod.serverless import progress_update
 
             progress_update(self.job, update)

@@ -16,9 +16,9 @@ class WorkerError(Exception):
 
 
 class PartialFailure(WorkerError):
-    """Some of the work failed; ``result`` holds what succeeded and what did not."""
+    """Some of the work failed; ``result`` (the action's result model) holds what succeeded and what did not."""
 
-    def __init__(self, message: str, result: dict[str, Any]) -> None:
+    def __init__(self, message: str, result: Any) -> None:
         super().__init__(message)
         self.result = result
 

@@ -24,7 +24,6 @@ import hashlib
 import ipaddress
 import logging
 import os
-import re
 import secrets
 import socket
 import struct
@@ -41,11 +40,11 @@ from yarl import URL
 
 from config.settings import Settings
 from services.errors import InputError
+from services.urls import check_url_syntax
 
 logger = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 5
-MAX_URL_LENGTH = 8192  # presigned URLs with a session token run to a few thousand characters
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 
@@ -66,7 +65,6 @@ METADATA_ADDRESSES = frozenset(
     )
 )
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
-_NUMERIC_HOST = re.compile(r"^(0x[0-9a-f]*|[0-9]+)(\.(0x[0-9a-f]*|[0-9]*))*$", re.IGNORECASE)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], Awaitable[Sequence[str]]]
@@ -92,43 +90,6 @@ def redact_url(url: str) -> str:
         return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
     except ValueError:
         return "<unparseable url>"
-
-
-def check_url_syntax(url: str) -> str:
-    """Check what can be checked without DNS; return ``url`` unchanged or raise ``ValueError``.
-
-    Usable as a pydantic validator: http(s) only, a host, no credentials, no whitespace or
-    control characters, no backslash, no legacy numeric host forms (``2130706433``, ``127.1``).
-    """
-    if not isinstance(url, str) or not url:
-        raise ValueError("must be a non-empty http(s) URL")
-    if len(url) > MAX_URL_LENGTH:
-        raise ValueError(f"URL is {len(url)} characters, over the {MAX_URL_LENGTH}-character limit")
-    if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in url):
-        raise ValueError("URL contains whitespace or control characters")
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise ValueError(f"URL is malformed: {exc}") from None
-    scheme = parts.scheme.lower()
-    if scheme not in ("http", "https"):
-        raise ValueError(f"only http and https URLs are accepted, not {scheme or 'a relative URL'}")
-    if "@" in parts.netloc:
-        raise ValueError("URL must not carry credentials (user:password@)")
-    if "\\" in parts.netloc:
-        raise ValueError("URL host must not contain a backslash")
-    host = parts.hostname
-    if not host:
-        raise ValueError("URL has no host")
-    if port == 0:
-        raise ValueError("URL port must be between 1 and 65535")
-    if _NUMERIC_HOST.match(host):
-        try:
-            ipaddress.IPv4Address(host)
-        except ValueError:
-            raise ValueError(f"numeric host {host!r} is not a dotted-quad IPv4 address") from None
-    return url
 
 
 def _embedded_ipv4(ip: IPAddress) -> IPAddress:

@@ -1,13 +1,11 @@
-"""The output policy: small files inline as base64, the rest as presigned redirects.
+"""Output files and the storage I/O that carries out the output plan (:mod:`services.output_plan`).
 
-RunPod drops a result it cannot post (10 MB for ``/run``, 20 MB for ``/runsync``) and the
-client sees COMPLETED with no output, so two rules hold for every response:
-
-* a file over ``INLINE_MAX_BYTES`` is stored under ``outputs/<job id>/`` (or is already
-  stored, like a LoRA) and comes back as ``{"type": "redirect", ..., "url"}``;
-* the serialized response stays under ``RESPONSE_MAX_BYTES``: while it would not, the
-  largest inline file goes to storage. The size measured is ``len(json.dumps(...))`` of
-  what is actually returned (not ``sys.getsizeof``).
+An action returns a pydantic result model whose fields may hold :class:`OutputFile` values
+(alone, in lists, or in nested models). :class:`OutputPolicy` finds them by walking the model's
+fields, asks the plan which travel inline (``{"type": "base64", ...}``) and which as a
+presigned redirect (``{"type": "redirect", ..., "url"}``, stored under ``outputs/<job id>/``
+unless already stored, like a LoRA), and returns the response dict. The size checked is
+``len(json.dumps(...))`` of what is actually returned.
 """
 
 from __future__ import annotations
@@ -16,47 +14,18 @@ import base64
 import json
 import logging
 import mimetypes
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, model_serializer
 
 from config.settings import Settings
+from services.keys import output_key
+from services.output_plan import Delivery, initial_plan, shrink_plan
 from services.storage.base import Storage
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class OutputFile:
-    """A file an action produced, before the policy decides how it travels.
-
-    Exactly one of ``data`` (bytes in memory) and ``path`` (a file in the job workspace)
-    holds the content; ``key`` is set when the file is already in storage.
-    """
-
-    name: str
-    size: int
-    mime: str = "application/octet-stream"
-    data: bytes | None = None
-    path: Path | None = None
-    key: str | None = None
-
-    @classmethod
-    def from_bytes(cls, name: str, data: bytes, mime: str | None = None, key: str | None = None) -> OutputFile:
-        return cls(name=name, size=len(data), mime=mime or _guess_mime(name), data=data, key=key)
-
-    @classmethod
-    def from_path(cls, name: str, path: Path, mime: str | None = None, key: str | None = None) -> OutputFile:
-        return cls(name=name, size=path.stat().st_size, mime=mime or _guess_mime(name), path=path, key=key)
-
-    def read(self) -> bytes:
-        if self.data is not None:
-            return self.data
-        if self.path is None:
-            raise ValueError(f"output file {self.name} has neither data nor path")
-        return self.path.read_bytes()
 
 
 class Base64Output(BaseModel):
@@ -78,34 +47,60 @@ class RedirectOutput(BaseModel):
     expires_in: int
 
 
+class OutputFile(BaseModel):
+    """A file an action produced, before the policy decides how it travels.
+
+    Exactly one of ``data`` (bytes in memory) and ``path`` (a file in the job workspace)
+    holds the content; ``key`` is set when the file is already in storage. It serializes as
+    its ``delivery``, which the policy sets.
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    name: str
+    size: int
+    mime: str = "application/octet-stream"
+    data: bytes | None = None
+    path: Path | None = None
+    key: str | None = None
+    delivery: Base64Output | RedirectOutput | None = None
+
+    @classmethod
+    def from_bytes(cls, name: str, data: bytes, mime: str | None = None, key: str | None = None) -> OutputFile:
+        return cls(name=name, size=len(data), mime=mime or _guess_mime(name), data=data, key=key)
+
+    @classmethod
+    def from_path(cls, name: str, path: Path, mime: str | None = None, key: str | None = None) -> OutputFile:
+        return cls(name=name, size=path.stat().st_size, mime=mime or _guess_mime(name), path=path, key=key)
+
+    def read(self) -> bytes:
+        if self.data is not None:
+            return self.data
+        if self.path is None:
+            raise ValueError(f"output file {self.name} has neither data nor path")
+        return self.path.read_bytes()
+
+    @model_serializer
+    def _as_delivered(self) -> dict[str, Any]:
+        if self.delivery is None:
+            raise ValueError(f"output file {self.name} was not rendered by the output policy")
+        return self.delivery.model_dump(exclude_none=True)
+
+
 def _guess_mime(name: str) -> str:
     return mimetypes.guess_type(name)[0] or "application/octet-stream"
 
 
-def base64_length(size: int) -> int:
-    """Length of the base64 text of ``size`` bytes."""
-    return 4 * ((size + 2) // 3)
-
-
-def find_output_files(value: Any) -> list[OutputFile]:
-    """Every :class:`OutputFile` inside nested dicts and lists, in order."""
+def output_files(value: Any) -> Iterator[OutputFile]:
+    """Every :class:`OutputFile` in a result model's fields (nested models and lists included)."""
     if isinstance(value, OutputFile):
-        return [value]
-    if isinstance(value, dict):
-        return [f for item in value.values() for f in find_output_files(item)]
-    if isinstance(value, list | tuple):
-        return [f for item in value for f in find_output_files(item)]
-    return []
-
-
-def _replace(value: Any, rendered: dict[int, dict[str, Any]]) -> Any:
-    if isinstance(value, OutputFile):
-        return rendered[id(value)]
-    if isinstance(value, dict):
-        return {k: _replace(v, rendered) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_replace(v, rendered) for v in value]
-    return value
+        yield value
+    elif isinstance(value, BaseModel):
+        for name in type(value).model_fields:
+            yield from output_files(getattr(value, name))
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from output_files(item)
 
 
 def response_size(response: dict[str, Any]) -> int:
@@ -121,10 +116,10 @@ class OutputPolicy:
         self.settings = settings
         self.job_id = job_id
 
-    async def _redirect(self, item: OutputFile) -> dict[str, Any]:
+    async def _redirect(self, item: OutputFile) -> RedirectOutput:
         key = item.key
         if key is None:
-            key = f"outputs/{self.job_id}/{item.name}"
+            key = output_key(self.job_id, item.name)
             if item.path is not None:
                 await self.storage.put_file(key, item.path, content_type=item.mime)
             else:
@@ -132,39 +127,37 @@ class OutputPolicy:
             item.key = key
         expires = self.settings.presign_expires
         url = await self.storage.presign_get(key, expires_in=expires)
-        return RedirectOutput(
-            name=item.name, mime=item.mime, size=item.size, key=key, url=url, expires_in=expires
-        ).model_dump()
+        return RedirectOutput(name=item.name, mime=item.mime, size=item.size, key=key, url=url, expires_in=expires)
 
     @staticmethod
-    def _inline(item: OutputFile) -> dict[str, Any]:
+    def _inline(item: OutputFile) -> Base64Output:
         data = base64.b64encode(item.read()).decode()
-        return Base64Output(name=item.name, mime=item.mime, size=item.size, data=data, key=item.key).model_dump(
-            exclude_none=True
-        )
+        return Base64Output(name=item.name, mime=item.mime, size=item.size, data=data, key=item.key)
 
-    async def render(self, result: dict[str, Any]) -> dict[str, Any]:
-        """``result`` with every OutputFile replaced by its inline or redirect form."""
-        files = find_output_files(result)
-        rendered: dict[int, dict[str, Any]] = {}
-        inline: list[OutputFile] = []
-        for item in files:
-            if item.size > self.settings.inline_max_bytes:
-                rendered[id(item)] = await self._redirect(item)
-            else:
-                rendered[id(item)] = self._inline(item)
-                inline.append(item)
-        response = _replace(result, rendered)
-        while inline and response_size(response) > self.settings.response_max_bytes:
-            largest = max(inline, key=lambda f: f.size)
-            inline.remove(largest)
+    async def _carry_out(self, files: list[OutputFile], plan: list[Delivery]) -> None:
+        for item, delivery in zip(files, plan, strict=True):
+            if delivery == "redirect" and not isinstance(item.delivery, RedirectOutput):
+                item.delivery = await self._redirect(item)
+            elif delivery == "inline" and item.delivery is None:
+                item.delivery = self._inline(item)
+
+    async def render(self, result: BaseModel) -> dict[str, Any]:
+        """``result`` as the response dict, every OutputFile in its inline or redirect form."""
+        files = list(output_files(result))
+        sizes = [f.size for f in files]
+        plan = initial_plan(sizes, self.settings.inline_max_bytes)
+        await self._carry_out(files, plan)
+        response = result.model_dump()
+        while "inline" in plan and (excess := response_size(response) - self.settings.response_max_bytes) > 0:
+            new = shrink_plan(sizes, plan, excess)
+            moved = [f"{f.name} ({f.size} bytes)" for f, old, d in zip(files, plan, new, strict=True) if old != d]
             log.info(
-                "job %s: response over %d bytes; sending %s (%d bytes) as a redirect",
+                "job %s: response over %d bytes; sending %s as redirects",
                 self.job_id,
                 self.settings.response_max_bytes,
-                largest.name,
-                largest.size,
+                ", ".join(moved),
             )
-            rendered[id(largest)] = await self._redirect(largest)
-            response = _replace(result, rendered)
+            plan = new
+            await self._carry_out(files, plan)
+            response = result.model_dump()
         return response

@@ -1,4 +1,4 @@
-"""The job API: one input model per action, a discriminated union on ``"action"``.
+"""The job API of the storage actions: one input model per action.
 
 Accepted shapes (``{"input": {...}}``)::
 
@@ -10,43 +10,30 @@ Accepted shapes (``{"input": {...}}``)::
     {"action": "train_lora", ...}  {"action": "generate", ...}   (services/gpu/params.py)
     {"action": "health"}
 
-Unknown fields are rejected. ``python -m services.schemas`` prints the JSON Schema.
+Unknown fields are rejected. The union of these models and the coroutine of each action are
+registered in :mod:`services.actions`.
 """
 
 from __future__ import annotations
 
-import json
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
-    TypeAdapter,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
+from services.batch_upload import FileSource, content_type_problem
 from services.errors import InputError
-from services.gpu.params import GenerateInput, TrainLoraInput, safe_name
-from services.storage.base import validate_key
-from services.storage.batch import FileSource, content_type_problem
+from services.keys import managed_key, safe_name
+from services.urls import Url
 
 if TYPE_CHECKING:
     from config.settings import Settings
-
-MANAGED_ROOTS = ("datasets/", "loras/", "outputs/")
-
-
-def managed_key(key: str) -> str:
-    """A key inside the worker's own prefixes (datasets/, loras/, outputs/)."""
-    validate_key(key)
-    if not key.startswith(MANAGED_ROOTS):
-        raise ValueError(f"must start with one of {', '.join(MANAGED_ROOTS)}")
-    return key
-
 
 DatasetName = Annotated[str, AfterValidator(lambda value: safe_name(value, "dataset"))]
 
@@ -79,7 +66,7 @@ class TrainingFileInput(FileSource):
 
     name: str = Field(max_length=1024, description="File name in the dataset: no separators, no '..', <= 255 bytes.")
     data: str | None = Field(None, description="File content, base64.")
-    url: str | None = Field(None, max_length=2048, description="http(s) URL to download the file from.")
+    url: Url | None = Field(None, description="http(s) URL to download the file from.")
     content_type: ContentType = Field(None, max_length=255, description="MIME type; guessed from the name if absent.")
 
 
@@ -191,68 +178,3 @@ class HealthInput(_Action):
     """Backend, breaker state, GPU presence and package versions; never a secret."""
 
     action: Literal["health"]
-
-
-JobInput = Annotated[
-    UploadTrainingFilesInput
-    | PresignUploadsInput
-    | ListFilesInput
-    | DeleteFilesInput
-    | GetFileInput
-    | TrainLoraInput
-    | GenerateInput
-    | HealthInput,
-    Field(discriminator="action"),
-]
-ACTIONS = (
-    "upload_training_files",
-    "presign_uploads",
-    "list_files",
-    "delete_files",
-    "get_file",
-    "train_lora",
-    "generate",
-    "health",
-)
-_ADAPTER: TypeAdapter[Any] = TypeAdapter(JobInput)
-
-
-def _location(loc: tuple[int | str, ...]) -> str:
-    path = "input"
-    for part in loc[1:] if loc and loc[0] in ACTIONS else loc:
-        path += f"[{part}]" if isinstance(part, int) else f".{part}"
-    return path
-
-
-def format_validation_error(error: ValidationError) -> str:
-    """Every problem on one line each: ``input.files[3].name: Field required``."""
-    problems = []
-    for item in error.errors(include_url=False):
-        message = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "union_tag_invalid":
-            message = f"unknown action; choose one of {', '.join(ACTIONS)}"
-        elif item["type"] == "union_tag_not_found":
-            message = f"missing 'action'; choose one of {', '.join(ACTIONS)}"
-        problems.append(f"{_location(tuple(item['loc']))}: {message}")
-    return "invalid input: " + "; ".join(problems)
-
-
-def parse_job_input(raw: Any, settings: Settings) -> Any:
-    """Validate a job's ``input`` into its action model, or raise :class:`InputError`."""
-    if not isinstance(raw, dict):
-        raise InputError("invalid input: input must be a JSON object with an 'action' field")
-    try:
-        request = _ADAPTER.validate_python(raw)
-    except ValidationError as exc:
-        raise InputError(format_validation_error(exc)) from None
-    request.check_limits(settings)
-    return request
-
-
-def input_json_schema() -> dict[str, Any]:
-    """The JSON Schema of a job's ``input`` (the API reference is generated from it)."""
-    return _ADAPTER.json_schema()
-
-
-if __name__ == "__main__":
-    print(json.dumps(input_json_schema(), indent=2))

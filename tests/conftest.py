@@ -24,7 +24,6 @@ from moto.server import ThreadedMotoServer
 
 from config.settings import Settings, build_settings, load_settings
 from services.storage import Storage, open_storage
-from services.storage.breaker import reset_breaker
 
 T = TypeVar("T")
 
@@ -65,7 +64,6 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
             monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)
     load_settings.cache_clear()
-    reset_breaker()
 
 
 @pytest.fixture(autouse=True)

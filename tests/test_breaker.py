@@ -13,14 +13,10 @@ from botocore.exceptions import ClientError, EndpointConnectionError
 from config.settings import Settings
 from services.errors import ObjectNotFound, StorageError, StorageUnavailable
 from services.storage import Storage
-from services.storage.breaker import (
-    S3_CIRCUIT_BREAKER,
-    breaker_state,
-    configure_breaker,
-    is_backend_failure,
-    safe_s3_operation,
-)
+from services.storage.breaker import S3Breaker, is_backend_failure, safe_s3_operation
+from services.storage.s3 import RealStorageService
 from tests.conftest import run_with_storage
+from tests.fakeclock import FakeClock
 from tests.faultproxy import FaultProxy, Faults, free_port
 
 
@@ -62,30 +58,30 @@ def _run(coro_factory, times: int = 1) -> list[BaseException | object]:  # type:
 
 
 def test_business_errors_never_trip() -> None:
-    configure_breaker(2, 30)
+    breaker = S3Breaker(2, 30)
 
     async def missing() -> None:
         raise client_error("NoSuchKey", 404)
 
-    results = _run(lambda: safe_s3_operation("get_object", missing, resource="s3://b/k"), times=5)
+    results = _run(lambda: safe_s3_operation(breaker, "get_object", missing, resource="s3://b/k"), times=5)
     assert all(isinstance(r, ObjectNotFound) for r in results)
     assert "s3://b/k" in str(results[0])
-    assert S3_CIRCUIT_BREAKER.current_state == pybreaker.STATE_CLOSED
+    assert breaker.state == pybreaker.STATE_CLOSED
 
 
 def test_cancellation_is_not_counted() -> None:
-    configure_breaker(1, 30)
+    breaker = S3Breaker(1, 30)
 
     async def main() -> None:
-        task = asyncio.create_task(safe_s3_operation("put_object", asyncio.sleep, 10))
+        task = asyncio.create_task(safe_s3_operation(breaker, "put_object", asyncio.sleep, 10))
         await asyncio.sleep(0.01)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
 
     asyncio.run(main())
-    assert S3_CIRCUIT_BREAKER.current_state == pybreaker.STATE_CLOSED
-    assert S3_CIRCUIT_BREAKER.fail_counter == 0
+    assert breaker.state == pybreaker.STATE_CLOSED
+    assert breaker.fail_counter == 0
 
 
 def test_dead_endpoint_opens_then_fails_fast(s3_settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
@@ -95,20 +91,20 @@ def test_dead_endpoint_opens_then_fails_fast(s3_settings: Settings, caplog: pyte
     )
     caplog.set_level(logging.WARNING, logger="services.storage.breaker")
 
-    async def scenario(storage: Storage) -> list[BaseException]:
+    async def scenario(storage: Storage) -> tuple[list[BaseException], dict[str, object]]:
         errors = []
         for i in range(5):
             with pytest.raises(StorageUnavailable) as info:
                 await storage.put_bytes(f"k{i}", b"x")
             errors.append(info.value)
-        return errors
+        return errors, storage.describe()["circuit_breaker"]
 
-    errors = run_with_storage(dead, scenario)
+    errors, state = run_with_storage(dead, scenario)
     assert "circuit open" not in str(errors[0])
     assert "circuit open, retry in" in str(errors[3])
     assert "circuit open, retry in" in str(errors[4])
-    assert breaker_state()["state"] == "open"
-    assert breaker_state()["retry_in_seconds"] > 0
+    assert state["state"] == "open"
+    assert state["retry_in_seconds"] == 30  # the default reset timeout, on the breaker's own clock
     assert any("closed -> open" in r.getMessage() for r in caplog.records)
 
 
@@ -126,19 +122,22 @@ def test_failing_endpoint_half_open_trial_and_recovery(s3_settings: Settings, ca
             }
         )
 
+        clock = FakeClock()
+
         async def scenario(storage: Storage) -> None:
+            breaker = storage.breaker = S3Breaker(2, 0.3, clock=clock)  # type: ignore[attr-defined]
             for _ in range(2):
                 with pytest.raises(StorageUnavailable):
                     await storage.put_bytes("k", b"x")
-            assert S3_CIRCUIT_BREAKER.current_state == pybreaker.STATE_OPEN
+            assert breaker.state == pybreaker.STATE_OPEN
             before = proxy.requests
             for _ in range(10):
                 with pytest.raises(StorageUnavailable, match="circuit open"):
                     await storage.put_bytes("k", b"x")
             assert proxy.requests == before  # fail fast: nothing reached the network
             faults.error_rate = 0.0
-            faults.latency = 0.2
-            await asyncio.sleep(0.35)
+            faults.latency = 0.2  # the trial is still in flight when the others ask
+            clock.advance(0.35)
             results = await asyncio.gather(
                 *(storage.put_bytes(f"trial{i}", b"x") for i in range(5)), return_exceptions=True
             )
@@ -147,7 +146,7 @@ def test_failing_endpoint_half_open_trial_and_recovery(s3_settings: Settings, ca
             assert len(passed) == 1  # one trial call while half-open
             assert len(refused) == 4
             assert all("half-open" in str(r) for r in refused)
-            assert S3_CIRCUIT_BREAKER.current_state == pybreaker.STATE_CLOSED
+            assert breaker.state == pybreaker.STATE_CLOSED
             faults.latency = 0.0
             await storage.put_bytes("after", b"ok")
 
@@ -168,13 +167,16 @@ def test_failed_trial_reopens(s3_settings: Settings) -> None:
             }
         )
 
+        clock = FakeClock()
+
         async def scenario(storage: Storage) -> None:
+            breaker = storage.breaker = S3Breaker(1, 0.2, clock=clock)  # type: ignore[attr-defined]
             with pytest.raises(StorageUnavailable):
                 await storage.put_bytes("k", b"x")
-            await asyncio.sleep(0.25)
+            clock.advance(0.25)
             with pytest.raises(StorageUnavailable):
                 await storage.put_bytes("k", b"x")  # the trial, refused by the server
-            assert S3_CIRCUIT_BREAKER.current_state == pybreaker.STATE_OPEN
+            assert breaker.state == pybreaker.STATE_OPEN
             with pytest.raises(StorageUnavailable, match="circuit open"):
                 await storage.put_bytes("k", b"x")
 
@@ -205,3 +207,46 @@ def test_local_backend_is_default(tmp_path: Path) -> None:
     from config.settings import build_settings
 
     assert build_settings().backend == "local"
+
+
+def test_open_breaker_waits_for_its_own_clock() -> None:
+    """Open until the injected clock passes the reset timeout, then exactly one trial."""
+    clock = FakeClock()
+    breaker = S3Breaker(1, 30, clock=clock)
+
+    async def down() -> None:
+        raise client_error("SlowDown", 503)
+
+    async def fine() -> str:
+        return "ok"
+
+    [tripped] = _run(lambda: safe_s3_operation(breaker, "put_object", down))
+    assert isinstance(tripped, StorageUnavailable)
+    assert breaker.state == pybreaker.STATE_OPEN
+    clock.advance(29)
+    [refused] = _run(lambda: safe_s3_operation(breaker, "put_object", fine))
+    assert "circuit open, retry in 1 s" in str(refused)
+    clock.advance(1)
+    assert _run(lambda: safe_s3_operation(breaker, "put_object", fine)) == ["ok"]
+    assert breaker.state == pybreaker.STATE_CLOSED
+
+
+def test_each_storage_has_its_own_breaker(s3_settings: Settings) -> None:
+    """Tripping one storage's breaker leaves another's closed (no module-global state)."""
+
+    async def down() -> None:
+        raise TimeoutError
+
+    async def main() -> tuple[str, str]:
+        first = await RealStorageService.create(s3_settings)
+        second = await RealStorageService.create(s3_settings)
+        try:
+            for _ in range(s3_settings.s3_breaker_fail_max):
+                with pytest.raises(StorageUnavailable):
+                    await safe_s3_operation(first.breaker, "head_object", down)
+        finally:
+            await first.close()
+            await second.close()
+        return first.breaker.state, second.breaker.state
+
+    assert asyncio.run(main()) == ("open", "closed")

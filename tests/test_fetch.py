@@ -33,7 +33,8 @@ from PIL import Image
 from config.settings import Settings, build_settings
 from services import fetch
 from services.errors import InputError
-from services.fetch import Downloaded, check_url_syntax, download, redact_url
+from services.fetch import Downloaded, download, redact_url
+from services.urls import check_url_syntax
 
 PUBLIC_STAND_IN = ipaddress.ip_address("127.0.0.2")
 SECRET = "X-Amz-Signature=c0ffee5ecret"  # pragma: allowlist secret (a test fake)

@@ -233,13 +233,16 @@ def test_get_file_inline_under_5mb_redirect_over(backend: Settings) -> None:
 def test_response_budget_sends_the_largest_files_to_storage(s3_env: Settings, budget: int) -> None:
     """Three 3 MB files are 12 MB of base64: the largest go to outputs/<job id>/ until it fits."""
     from services.outputs import OutputFile, OutputPolicy, response_size
+    from services.results import GenerateResult
     from services.storage import Storage
 
     settings = s3_env.model_copy(update={"response_max_bytes": budget})
     payloads = [os.urandom(3_000_000 + i) for i in range(3)]
 
     async def render(storage: Storage) -> dict[str, Any]:
-        result = {"images": [OutputFile.from_bytes(f"img{i}.png", p) for i, p in enumerate(payloads)]}
+        result = GenerateResult(
+            images=[OutputFile.from_bytes(f"img{i}.png", p) for i, p in enumerate(payloads)], seed=0
+        )
         return await OutputPolicy(storage, settings, "job-77").render(result)
 
     rendered = run_with_storage(settings, render)

@@ -2,7 +2,7 @@
 
 * 20 upload jobs of 50 files at once on one event loop: every file lands exactly once with
   the right bytes, and the memory the run takes above its inputs is bounded by the upload
-  concurrency (the worker-wide ``upload_slots``), not by the number of jobs.
+  concurrency (the worker-wide ``batch_upload.upload_slots``), not by the number of jobs.
 * A job cancelled in the middle of its batch (RunPod's per-job stop cancels the handler's
   task) leaves no workspace and no open multipart upload, everything in the bucket is
   whole, and a rerun completes the batch.

@@ -1,4 +1,4 @@
-"""Every S3 network call passes through ``safe_s3_operation``: checked on the source's AST."""
+"""Every S3 network call passes through ``safe_s3_operation(breaker, ...)``: checked on the source's AST."""
 
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ def _is_breaker_call(call: ast.AST | None, attribute: ast.Attribute) -> bool:
         isinstance(call, ast.Call)
         and isinstance(call.func, ast.Name)
         and call.func.id == "safe_s3_operation"
-        and len(call.args) >= 2
-        and call.args[1] is attribute
+        and len(call.args) >= 3
+        and call.args[2] is attribute
     )
 
 
@@ -59,6 +59,8 @@ def test_only_the_s3_module_creates_clients() -> None:
 def test_the_checker_catches_a_direct_call() -> None:
     """The walk above must fail on code that calls the client directly."""
     bad = ast.parse("async def f(self):\n    await self._client.put_object(Bucket='b', Key='k')\n")
-    good = ast.parse("async def f(self):\n    await safe_s3_operation('put', self._client.put_object, Key='k')\n")
+    good = ast.parse(
+        "async def f(self):\n    await safe_s3_operation(self.breaker, 'put', self._client.put_object, Key='k')\n"
+    )
     assert [a.attr for a, p in _client_uses(bad) if not _is_breaker_call(p, a)] == ["put_object"]
     assert [a.attr for a, p in _client_uses(good) if not _is_breaker_call(p, a)] == []

@@ -653,18 +653,27 @@ def test_inputs_over_a_cap_are_refused_before_any_work(
 def test_s3_content_type_cannot_inject_headers(s3_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     """A content type with a line break is refused at validation: it never reaches the HTTP
     client (whose refusal would count as a storage failure and trip the breaker for everyone)."""
-    from services.storage.breaker import breaker_state
-    from tests.conftest import run_jobs
+    from rp_handler import handler
+    from services.storage import close_storages
 
     use_settings_env(monkeypatch, s3_settings)
     injected = "text/plain\r\nx-amz-acl: public-read"
     files = [{"name": f"{i}.txt", "data": b64(b"x"), "content_type": injected} for i in range(6)]
-    upload, presign = run_jobs(
+    jobs = (
         job({"action": "upload_training_files", "dataset": "ct", "files": files}, "ct-1"),
         job({"action": "presign_uploads", "dataset": "ct", "files": [{"name": "p.txt", "content_type": injected}]}),
     )
+
+    async def main() -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        try:
+            results = [await handler(j) for j in jobs]
+            return results, await handler(job({"action": "health"}))  # same worker, same breaker
+        finally:
+            await close_storages()
+
+    (upload, presign), health = asyncio.run(main())
     for result in (upload, presign):
         assert result["error"].startswith("invalid input: input.files[0].content_type: must be a MIME type")
-    assert breaker_state()["state"] == "closed"
+    assert health["storage"]["circuit_breaker"]["state"] == "closed"
     listed = s3_client(s3_settings.s3_endpoint_url or "").list_objects_v2(Bucket=s3_settings.s3_bucket or "")
     assert listed.get("KeyCount") == 0

@@ -5,14 +5,22 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+from typing import Any
 
 import pytest
 
 from config.settings import Settings
+from services.batch_upload import upload_batch
+from services.keys import file_name_problem
 from services.storage import Storage
-from services.storage.batch import file_name_problem
 from tests.conftest import run_with_storage, s3_client
 from tests.faultproxy import FaultProxy, Faults
+
+
+async def upload_report(storage: Storage, files: list[dict[str, str]], dataset: str) -> dict[str, Any]:
+    """The batch upload with this storage's UPLOAD_CONCURRENCY, as the job reports it."""
+    concurrency = storage.settings.upload_concurrency  # type: ignore[attr-defined]
+    return (await upload_batch(storage, files, dataset, concurrency=concurrency)).model_dump()
 
 
 def b64(data: bytes) -> str:
@@ -27,7 +35,7 @@ def test_batch_uploads_every_file_with_sha256(any_settings: Settings) -> None:
     files = make_files(40)
 
     async def scenario(storage: Storage) -> dict:
-        report = await storage.upload_training_files(files, dataset="cats")
+        report = await upload_report(storage, files, "cats")
         for item in report["uploaded"]:
             head = await storage.head(item["key"])
             assert head is not None
@@ -78,7 +86,7 @@ def test_bad_files_fail_alone_and_every_file_is_reported_once(any_settings: Sett
         {"name": "also-good.txt", "data": b64(b"a caption")},
     ]
 
-    report = run_with_storage(any_settings, lambda s: s.upload_training_files(files, dataset="mixed"))
+    report = run_with_storage(any_settings, lambda s: upload_report(s, files, "mixed"))
     assert [u["name"] for u in sorted(report["uploaded"], key=lambda u: u["name"])] == ["also-good.txt", "good.png"]
     failed = {f["error"].split(":")[0]: f for f in report["failed"]}
     assert len(report["failed"]) == 8
@@ -96,9 +104,9 @@ def test_rerun_skips_what_is_already_there(any_settings: Settings) -> None:
     files = make_files(10)
 
     async def scenario(storage: Storage) -> tuple[dict, dict]:
-        first = await storage.upload_training_files(files[:6], dataset="again")
+        first = await upload_report(storage, files[:6], "again")
         changed = [*files[:5], {"name": files[5]["name"], "data": b64(b"changed")}, *files[6:]]
-        second = await storage.upload_training_files(changed, dataset="again")
+        second = await upload_report(storage, changed, "again")
         return first, second
 
     first, second = run_with_storage(any_settings, scenario)
@@ -115,7 +123,7 @@ def test_storage_stopped_mid_batch_split_is_exact_and_rerun_completes(s3_setting
     faults = Faults(fail_after=25)
     with FaultProxy(moto_server, faults) as proxy:
         settings = s3_settings.model_copy(update={"s3_endpoint_url": proxy.url, "upload_concurrency": 8})
-        report = run_with_storage(settings, lambda s: s.upload_training_files(files, dataset="cut"))
+        report = run_with_storage(settings, lambda s: upload_report(s, files, "cut"))
         names = [u["name"] for u in report["uploaded"]] + [f["name"] for f in report["failed"]]
         assert sorted(names) == sorted(expected)  # every file exactly once
         assert report["uploaded"]
@@ -125,10 +133,8 @@ def test_storage_stopped_mid_batch_split_is_exact_and_rerun_completes(s3_setting
             body = direct.get_object(Bucket=s3_settings.s3_bucket, Key=item["key"])["Body"].read()
             assert body == expected[item["name"]]
         faults.fail_after = None
-        from services.storage.breaker import reset_breaker
-
-        reset_breaker()  # the outage tripped it; a new worker (or the reset timeout) closes it
-        rerun = run_with_storage(settings, lambda s: s.upload_training_files(files, dataset="cut"))
+        # The outage tripped this storage's breaker; a new worker has its own, closed one.
+        rerun = run_with_storage(settings, lambda s: upload_report(s, files, "cut"))
     assert rerun["failed"] == []
     assert {s["name"] for s in rerun["skipped"]} >= {u["name"] for u in report["uploaded"]}
     listing = direct.list_objects_v2(Bucket=s3_settings.s3_bucket, Prefix="datasets/cut/")

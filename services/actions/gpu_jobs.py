@@ -8,21 +8,13 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
 
 from services.context import JobContext, gpu_lock
 from services.errors import InputError, ObjectNotFound
 from services.gpu.params import GenerateInput, TrainLoraInput
+from services.keys import dataset_prefix, lora_key, resolve_lora_key
 from services.outputs import OutputFile
-from services.storage.batch import dataset_prefix
-
-LORA_ROOT = "loras"
-
-
-def lora_key(output_name: str, kohya: bool = False) -> str:
-    """Where a trained LoRA is stored: ``loras/<name>/<name>.safetensors``."""
-    suffix = ".kohya.safetensors" if kohya else ".safetensors"
-    return f"{LORA_ROOT}/{output_name}/{output_name}{suffix}"
+from services.results import GenerateResult, TrainLoraResult
 
 
 async def _fetch_dataset(request: TrainLoraInput, ctx: JobContext) -> Path:
@@ -52,7 +44,7 @@ async def _fetch_dataset(request: TrainLoraInput, ctx: JobContext) -> Path:
     return target
 
 
-async def train_lora(request: TrainLoraInput, ctx: JobContext) -> dict[str, Any]:
+async def train_lora(request: TrainLoraInput, ctx: JobContext) -> TrainLoraResult:
     """Train, store the LoRA under ``loras/<output_name>/``, return it with samples and metrics."""
     from services.gpu.train import train_lora as run_training
 
@@ -63,15 +55,15 @@ async def train_lora(request: TrainLoraInput, ctx: JobContext) -> dict[str, Any]
         result = await asyncio.to_thread(run_training, request, dataset_dir, out_dir, ctx.settings, ctx.progress)
     key = lora_key(request.output_name)
     await ctx.storage.put_file(key, result.lora_path, content_type="application/octet-stream")
-    response: dict[str, Any] = {
-        "lora": OutputFile.from_path(key.rsplit("/", 1)[1], result.lora_path, "application/octet-stream", key=key),
-        "samples": [OutputFile.from_bytes(s.name, s.data, s.mime) for s in result.samples],
-        "metrics": result.metrics,
-    }
+    response = TrainLoraResult(
+        lora=OutputFile.from_path(key.rsplit("/", 1)[1], result.lora_path, "application/octet-stream", key=key),
+        samples=[OutputFile.from_bytes(s.name, s.data, s.mime) for s in result.samples],
+        metrics=result.metrics,
+    )
     if result.kohya_path is not None:
         kohya = lora_key(request.output_name, kohya=True)
         await ctx.storage.put_file(kohya, result.kohya_path, content_type="application/octet-stream")
-        response["kohya_lora"] = OutputFile.from_path(
+        response.kohya_lora = OutputFile.from_path(
             kohya.rsplit("/", 1)[1], result.kohya_path, "application/octet-stream", key=kohya
         )
     return response
@@ -86,9 +78,10 @@ async def _fetch_lora(request: GenerateInput, ctx: JobContext) -> Path | None:
         return path
     if not request.lora:
         return None
-    key = request.lora if "/" in request.lora else lora_key(request.lora)
-    if not key.startswith(f"{LORA_ROOT}/"):
-        raise InputError(f"input.lora: {request.lora} must be a key under {LORA_ROOT}/ or a train_lora output_name")
+    try:
+        key = resolve_lora_key(request.lora)
+    except ValueError as exc:
+        raise InputError(f"input.lora: {exc}") from None
     try:
         await ctx.storage.download_file(key, path)
     except ObjectNotFound:
@@ -96,14 +89,14 @@ async def _fetch_lora(request: GenerateInput, ctx: JobContext) -> Path | None:
     return path
 
 
-async def generate(request: GenerateInput, ctx: JobContext) -> dict[str, Any]:
+async def generate(request: GenerateInput, ctx: JobContext) -> GenerateResult:
     """Generate images (with the job's LoRA, if any); images go through the output policy."""
     from services.gpu.generate import generate_images
 
     lora_path = await _fetch_lora(request, ctx)
     async with gpu_lock():
         result = await asyncio.to_thread(generate_images, request, lora_path, ctx.settings)
-    return {
-        "images": [OutputFile.from_bytes(i.name, i.data, i.mime) for i in result.images],
-        "seed": result.seed,
-    }
+    return GenerateResult(
+        images=[OutputFile.from_bytes(i.name, i.data, i.mime) for i in result.images],
+        seed=result.seed,
+    )

@@ -1,4 +1,4 @@
-"""``health``: backend, breaker state, storage reachability, GPU presence, versions. No secrets."""
+"""``health``: backend, its breaker state (S3), storage reachability, GPU presence, versions. No secrets."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 
 from services.context import JobContext
 from services.errors import StorageError
+from services.results import HealthResult
 from services.schemas import HealthInput
 
 PACKAGES = ("runpod", "aiobotocore", "botocore", "pybreaker", "pydantic", "torch", "diffusers", "peft", "transformers")
@@ -36,25 +37,21 @@ async def _probe_storage(ctx: JobContext) -> dict[str, Any]:
     return {"reachable": True, "latency_ms": round((time.perf_counter() - started) * 1000, 1)}
 
 
-async def health(request: HealthInput, ctx: JobContext) -> dict[str, Any]:
+async def health(request: HealthInput, ctx: JobContext) -> HealthResult:
     from services.gpu.info import gpu_info
 
     storage: dict[str, Any] = {**ctx.storage.describe(), **await _probe_storage(ctx)}
-    if ctx.storage.backend == "s3":
-        from services.storage.breaker import breaker_state
-
-        storage["circuit_breaker"] = breaker_state()
-    return {
-        "status": "ok" if storage["reachable"] else "degraded",
-        "storage": storage,
-        "gpu": gpu_info(),
-        "python": sys.version.split()[0],
-        "packages": package_versions(),
-        "limits": {
+    return HealthResult(
+        status="ok" if storage["reachable"] else "degraded",
+        storage=storage,
+        gpu=gpu_info(),
+        python=sys.version.split()[0],
+        packages=package_versions(),
+        limits={
             "inline_max_bytes": ctx.settings.inline_max_bytes,
             "response_max_bytes": ctx.settings.response_max_bytes,
             "max_concurrency": ctx.settings.max_concurrency,
             "upload_concurrency": ctx.settings.upload_concurrency,
         },
-        "model_id": ctx.settings.model_id,
-    }
+        model_id=ctx.settings.model_id,
+    )

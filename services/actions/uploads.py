@@ -7,10 +7,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from services.batch_upload import BatchResult, upload_batch
 from services.context import JobContext
 from services.errors import InputError, PartialFailure
+from services.keys import dataset_prefix, file_name_problem
+from services.results import PresignedUploadOut, PresignResult
 from services.schemas import PresignUploadsInput, UploadTrainingFilesInput
-from services.storage.batch import dataset_prefix, file_name_problem, upload_batch
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp"}
 
@@ -36,26 +38,26 @@ def _url_fetcher(ctx: JobContext) -> Any:
     return fetch
 
 
-async def upload_training_files(request: UploadTrainingFilesInput, ctx: JobContext) -> dict[str, Any]:
+async def upload_training_files(request: UploadTrainingFilesInput, ctx: JobContext) -> BatchResult:
     """Upload the batch; any failed file makes the job an error that keeps the full report."""
     files = request.files  # validated FileSources: the batch uses them without a copy
     result = await upload_batch(
         ctx.storage,
         files,
         request.dataset,
+        concurrency=ctx.settings.upload_concurrency,
         fetch=_url_fetcher(ctx),
         max_file_bytes=ctx.settings.max_file_bytes,
         max_batch_bytes=ctx.settings.max_batch_bytes,
     )
-    report = result.model_dump()
     if result.failed:
         details = "; ".join(f"input.{f.error}" for f in result.failed[:10])
         more = f" (and {len(result.failed) - 10} more)" if len(result.failed) > 10 else ""
-        raise PartialFailure(f"{len(result.failed)} of {len(files)} files failed: {details}{more}", report)
-    return report
+        raise PartialFailure(f"{len(result.failed)} of {len(files)} files failed: {details}{more}", result)
+    return result
 
 
-async def presign_uploads(request: PresignUploadsInput, ctx: JobContext) -> dict[str, Any]:
+async def presign_uploads(request: PresignUploadsInput, ctx: JobContext) -> PresignResult:
     """Presigned PUT URLs into ``datasets/<dataset>/`` for files sent straight to storage."""
     prefix = dataset_prefix(request.dataset)
     problems = [
@@ -74,13 +76,13 @@ async def presign_uploads(request: PresignUploadsInput, ctx: JobContext) -> dict
             prefix + item.name, content_type=content_type, expires_in=request.expires_in
         )
         uploads.append(
-            {
-                "name": item.name,
-                "key": presigned.key,
-                "url": presigned.url,
-                "method": presigned.method,
-                "headers": presigned.headers,
-                "expires_in": presigned.expires_in,
-            }
+            PresignedUploadOut(
+                name=item.name,
+                key=presigned.key,
+                url=presigned.url,
+                method=presigned.method,
+                headers=presigned.headers,
+                expires_in=presigned.expires_in,
+            )
         )
-    return {"dataset": request.dataset, "prefix": prefix, "uploads": uploads}
+    return PresignResult(dataset=request.dataset, prefix=prefix, uploads=uploads)

@@ -32,6 +32,7 @@ from services.gpu.catalog import (
     SchedulerName,
     check_pixels,
 )
+from services.urls import Url
 
 if TYPE_CHECKING:
     from config.settings import Settings
@@ -39,7 +40,6 @@ if TYPE_CHECKING:
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9_.-]{1,96}$")
 _STORAGE_KEY = re.compile(r"^[A-Za-z0-9_.\-/]{1,512}$")
-_MAX_URL = 2048
 
 Prompt = Annotated[str, StringConstraints(min_length=1, max_length=2000)]
 
@@ -71,15 +71,6 @@ def check_base_model(value: str | None) -> str | None:
     )
 
 
-def check_url(value: str | None) -> str | None:
-    """An http(s) URL of bounded length (fetching and its safety checks happen elsewhere)."""
-    if value is None:
-        return None
-    if not value.startswith(("https://", "http://")) or len(value) > _MAX_URL:
-        raise ValueError(f"must be an http(s) URL of at most {_MAX_URL} characters")
-    return value
-
-
 def _limit(field: str, value: int, limit: int, setting: str) -> None:
     if value > limit:
         raise InputError(f"input.{field}: at most {limit} ({setting})")
@@ -92,7 +83,7 @@ class TrainLoraInput(BaseModel):
 
     action: Literal["train_lora"]
     dataset: str | None = Field(None, description="Dataset name: images plus optional same-name .txt captions.")
-    dataset_url: str | None = Field(None, description="URL of a zip of images and captions.")
+    dataset_url: Url | None = Field(None, description="URL of a zip of images and captions.")
     base_model: str | None = Field(
         None,
         description="builtin:tiny-sd, builtin:tiny-sdxl, a cached Hugging Face repo id or a local "
@@ -149,11 +140,6 @@ class TrainLoraInput(BaseModel):
     def _base_model(cls, value: str | None) -> str | None:
         return check_base_model(value)
 
-    @field_validator("dataset_url")
-    @classmethod
-    def _dataset_url(cls, value: str | None) -> str | None:
-        return check_url(value)
-
     @field_validator("trigger_word")
     @classmethod
     def _trigger_word(cls, value: str | None) -> str | None:
@@ -202,7 +188,7 @@ class GenerateInput(BaseModel):
         "directory; default MODEL_ID.",
     )
     lora: str | None = Field(None, description="Storage key of a LoRA file, or a train_lora output_name.")
-    lora_url: str | None = Field(None, description="URL of a LoRA .safetensors file.")
+    lora_url: Url | None = Field(None, description="URL of a LoRA .safetensors file.")
     lora_scale: float = Field(1.0, ge=-4.0, le=4.0, description="Strength of the LoRA; 0 = the base model.")
     num_images: int = Field(1, ge=1, le=8)
     width: int | None = Field(
@@ -235,11 +221,6 @@ class GenerateInput(BaseModel):
         if not _STORAGE_KEY.fullmatch(value) or ".." in value or value.startswith("/") or "//" in value:
             raise ValueError("must be a storage key or an output_name (letters, digits, '-', '_', '.', '/')")
         return value
-
-    @field_validator("lora_url")
-    @classmethod
-    def _lora_url(cls, value: str | None) -> str | None:
-        return check_url(value)
 
     @model_validator(mode="after")
     def _one_lora(self) -> GenerateInput:

@@ -11,7 +11,7 @@ import asyncio
 import weakref
 
 from config.settings import Settings
-from services.storage.base import DeleteResult, ListPage, ObjectInfo, PresignedUpload, Storage, validate_key
+from services.storage.base import DeleteResult, ListPage, ObjectInfo, PresignedUpload, Storage
 from services.storage.local import LocalStorageService
 
 __all__ = [
@@ -24,7 +24,6 @@ __all__ = [
     "close_storages",
     "get_storage",
     "open_storage",
-    "validate_key",
 ]
 
 _PER_LOOP: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, Storage]] = weakref.WeakKeyDictionary()

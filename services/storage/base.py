@@ -1,14 +1,14 @@
 """The storage interface both backends implement, with the types they return.
 
-Keys are S3-style: ``datasets/<dataset>/<name>``, ``loras/<output_name>/...``,
-``outputs/<job id>/...``. Both backends validate keys the same way (:func:`validate_key`)
-and share the batch upload (:mod:`services.storage.batch`).
+Storage knows objects, not use cases: keys are opaque to it beyond the generic rule of
+:func:`services.keys.validate_key`, which both backends apply so that a key valid on one
+is valid on the other. The key layout (``datasets/``, ``loras/``, ``outputs/``) lives in
+:mod:`services.keys`.
 """
 
 from __future__ import annotations
 
 import abc
-import asyncio
 from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 SHA256_METADATA_KEY = "sha256"
-MAX_KEY_BYTES = 1024
 
 
 @dataclass(frozen=True)
@@ -61,33 +60,6 @@ class PresignedUpload:
     method: str
     headers: dict[str, str]
     expires_in: int
-
-
-def validate_key(key: str) -> str:
-    """Return ``key`` if it is a safe relative object key, else raise ``ValueError``.
-
-    Both backends use the same rule so that a key valid on one is valid on the other:
-    no leading ``/``, no empty, ``.`` or ``..`` segments, no backslashes or control
-    characters, at most 1024 bytes.
-    """
-    if not key:
-        raise ValueError("key must not be empty")
-    if len(key.encode()) > MAX_KEY_BYTES:
-        raise ValueError(f"key is longer than {MAX_KEY_BYTES} bytes")
-    if key.startswith("/") or "\\" in key:
-        raise ValueError("key must be relative and use '/' separators")
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in key):
-        raise ValueError("key must not contain control characters")
-    if any(part in ("", ".", "..") for part in key.rstrip("/").split("/")):
-        raise ValueError("key must not contain empty, '.' or '..' segments")
-    return key
-
-
-def validate_prefix(prefix: str) -> str:
-    """Validate a listing prefix (empty means everything)."""
-    if prefix:
-        validate_key(prefix)
-    return prefix
 
 
 class Storage(abc.ABC):
@@ -141,10 +113,6 @@ class Storage(abc.ABC):
     async def head(self, key: str) -> ObjectInfo | None:
         """Object metadata, or ``None`` when the key does not exist."""
 
-    async def exists(self, key: str) -> bool:
-        """Whether ``key`` exists."""
-        return await self.head(key) is not None
-
     @abc.abstractmethod
     async def list_page(self, prefix: str = "", *, page_size: int = 1000, token: str | None = None) -> ListPage:
         """One page of objects under ``prefix``, in key order."""
@@ -193,24 +161,3 @@ class Storage(abc.ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
         """Release connections."""
-
-    async def upload_training_files(self, files: list[dict[str, Any]], dataset: str = "default") -> dict[str, Any]:
-        """Upload a batch of ``{"name", "data": <base64>}`` files into ``datasets/<dataset>/``.
-
-        Concurrent (bounded by ``UPLOAD_CONCURRENCY``), idempotent (an object with the
-        same sha256 is skipped) and exact: the result lists every input file in exactly
-        one of ``uploaded``, ``skipped`` and ``failed``.
-        """
-        from services.storage.batch import upload_batch
-
-        return (await upload_batch(self, files, dataset)).model_dump()
-
-    @property
-    @abc.abstractmethod
-    def upload_concurrency(self) -> int:
-        """How many files a batch upload sends at once."""
-
-    @property
-    @abc.abstractmethod
-    def upload_slots(self) -> asyncio.Semaphore:
-        """Bounds concurrent file uploads across every job of this worker."""

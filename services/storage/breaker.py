@@ -1,8 +1,9 @@
-"""The S3 circuit breaker and :func:`safe_s3_operation`, the one path of every S3 call.
+"""The S3 circuit breaker (:class:`S3Breaker`, one per storage instance) and
+:func:`safe_s3_operation`, the one path of every S3 call.
 
 pybreaker 1.4 has no native asyncio support: ``call_async`` needs tornado, and
 ``call()`` on a coroutine function only records a success. So the operation is awaited
-here and its outcome is replayed through ``S3_CIRCUIT_BREAKER.calling()``, which keeps
+here and its outcome is replayed through the breaker's ``calling()``, which keeps
 pybreaker's counting and state machine while letting us:
 
 * fail fast while open, with the time left (``storage unavailable: circuit open, retry in 27 s``);
@@ -17,8 +18,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import aiohttp
@@ -85,8 +86,90 @@ def is_backend_failure(exc: BaseException) -> bool:
     )
 
 
+Clock = Callable[[], float]
+
+
+class S3Breaker:
+    """The circuit breaker of one storage instance (``S3_BREAKER_FAIL_MAX``, ``S3_BREAKER_RESET_TIMEOUT``).
+
+    ``clock`` (seconds, monotonic) decides when an open breaker lets its half-open trial
+    through; tests pass a fake one instead of sleeping.
+    """
+
+    def __init__(self, fail_max: int = 5, reset_timeout: float = 30.0, *, clock: Clock = time.monotonic) -> None:
+        self._clock = clock
+        self._opened_at: float | None = None
+        self._trial_in_flight = False
+        self._cb = pybreaker.CircuitBreaker(
+            fail_max=fail_max,
+            reset_timeout=reset_timeout,
+            exclude=[lambda exc: not is_backend_failure(exc)],
+            listeners=[_StateLogger(self)],
+            name="s3",
+        )
+
+    @property
+    def state(self) -> str:
+        """``closed``, ``open`` or ``half-open``."""
+        return self._cb.current_state
+
+    @property
+    def fail_counter(self) -> int:
+        return self._cb.fail_counter
+
+    def _opened(self) -> None:
+        self._opened_at = self._clock()
+
+    def seconds_until_half_open(self) -> float:
+        if self._opened_at is None:
+            return 0.0
+        return max(0.0, self._opened_at + self._cb.reset_timeout - self._clock())
+
+    def describe(self) -> dict[str, Any]:
+        """Readable state for the health action."""
+        info: dict[str, Any] = {
+            "state": self.state,
+            "fail_counter": self._cb.fail_counter,
+            "fail_max": self._cb.fail_max,
+            "reset_timeout": self._cb.reset_timeout,
+        }
+        if self.state == pybreaker.STATE_OPEN:
+            info["retry_in_seconds"] = math.ceil(self.seconds_until_half_open())
+        return info
+
+    def open_error(self) -> CircuitOpen:
+        retry = max(1, math.ceil(self.seconds_until_half_open()))
+        return CircuitOpen(f"storage unavailable: circuit open, retry in {retry} s")
+
+    def admit(self) -> bool:
+        """Fail fast while open; return True when this call is the half-open trial."""
+        state = self.state
+        if state == pybreaker.STATE_CLOSED:
+            return False
+        if state == pybreaker.STATE_OPEN:
+            if self.seconds_until_half_open() > 0:
+                raise self.open_error()
+            self._cb.half_open()  # on this breaker's clock, not pybreaker's wall clock
+        if self._trial_in_flight:
+            raise CircuitOpen("storage unavailable: circuit half-open, a trial call is in progress")
+        self._trial_in_flight = True
+        return True
+
+    def trial_done(self) -> None:
+        self._trial_in_flight = False
+
+    def record(self, outcome: BaseException | None) -> None:
+        """Replay the outcome through pybreaker so it counts it."""
+        with self._cb.calling():
+            if outcome is not None:
+                raise outcome
+
+
 class _StateLogger(pybreaker.CircuitBreakerListener):
     """Logs every state change at WARNING (ignoring pybreaker's ``open -> open`` repeats)."""
+
+    def __init__(self, owner: S3Breaker) -> None:
+        self.owner = owner
 
     def state_change(
         self,
@@ -94,6 +177,8 @@ class _StateLogger(pybreaker.CircuitBreakerListener):
         old_state: pybreaker.CircuitBreakerState | None,
         new_state: pybreaker.CircuitBreakerState,
     ) -> None:
+        if new_state.name == pybreaker.STATE_OPEN:
+            self.owner._opened()
         old = old_state.name if old_state is not None else None
         if old == new_state.name:
             return
@@ -104,84 +189,6 @@ class _StateLogger(pybreaker.CircuitBreakerListener):
             cb.fail_max,
             cb.reset_timeout,
         )
-
-
-S3_CIRCUIT_BREAKER = pybreaker.CircuitBreaker(
-    fail_max=5,
-    reset_timeout=30,
-    exclude=[lambda exc: not is_backend_failure(exc)],
-    listeners=[_StateLogger()],
-    name="s3",
-)
-
-
-class _TrialGate:
-    """Admits one trial call while the breaker is half-open (pybreaker admits them all)."""
-
-    def __init__(self) -> None:
-        self.in_flight = False
-
-
-_TRIAL = _TrialGate()
-
-
-def configure_breaker(fail_max: int, reset_timeout: float) -> None:
-    """Apply the settings (``S3_BREAKER_FAIL_MAX``, ``S3_BREAKER_RESET_TIMEOUT``)."""
-    S3_CIRCUIT_BREAKER.fail_max = fail_max
-    S3_CIRCUIT_BREAKER.reset_timeout = reset_timeout
-
-
-def reset_breaker() -> None:
-    """Close the breaker and clear its counters (start-up and tests)."""
-    S3_CIRCUIT_BREAKER.close()
-    _TRIAL.in_flight = False
-
-
-def _seconds_until_half_open() -> float:
-    opened_at = S3_CIRCUIT_BREAKER._state_storage.opened_at
-    if opened_at is None:
-        return 0.0
-    reopen = opened_at + timedelta(seconds=S3_CIRCUIT_BREAKER.reset_timeout)
-    return max(0.0, (reopen - datetime.now(UTC)).total_seconds())
-
-
-def breaker_state() -> dict[str, Any]:
-    """Readable state for the health action."""
-    state = S3_CIRCUIT_BREAKER.current_state
-    info: dict[str, Any] = {
-        "state": state,
-        "fail_counter": S3_CIRCUIT_BREAKER.fail_counter,
-        "fail_max": S3_CIRCUIT_BREAKER.fail_max,
-        "reset_timeout": S3_CIRCUIT_BREAKER.reset_timeout,
-    }
-    if state == pybreaker.STATE_OPEN:
-        info["retry_in_seconds"] = math.ceil(_seconds_until_half_open())
-    return info
-
-
-def _open_error() -> CircuitOpen:
-    retry = max(1, math.ceil(_seconds_until_half_open()))
-    return CircuitOpen(f"storage unavailable: circuit open, retry in {retry} s")
-
-
-def _admit() -> bool:
-    """Fail fast while open; return True when this call is the half-open trial."""
-    state = S3_CIRCUIT_BREAKER.current_state
-    if state == pybreaker.STATE_CLOSED:
-        return False
-    if state == pybreaker.STATE_OPEN and _seconds_until_half_open() > 0:
-        raise _open_error()
-    if _TRIAL.in_flight:
-        raise CircuitOpen("storage unavailable: circuit half-open, a trial call is in progress")
-    _TRIAL.in_flight = True
-    return True
-
-
-def _record(outcome: BaseException | None) -> None:
-    """Replay the outcome through the breaker so pybreaker counts it."""
-    with S3_CIRCUIT_BREAKER.calling():
-        if outcome is not None:
-            raise outcome
 
 
 def translate_error(exc: BaseException, operation: str, resource: str) -> StorageError:
@@ -204,6 +211,7 @@ def translate_error(exc: BaseException, operation: str, resource: str) -> Storag
 
 
 async def safe_s3_operation(
+    breaker: S3Breaker,
     operation: str,
     func: Callable[..., Awaitable[T]],
     /,
@@ -211,14 +219,14 @@ async def safe_s3_operation(
     resource: str = "",
     **kwargs: Any,
 ) -> T:
-    """Await ``func(*args, **kwargs)`` under the S3 circuit breaker.
+    """Await ``func(*args, **kwargs)`` under ``breaker`` (the storage instance's own).
 
     ``operation`` and ``resource`` (e.g. ``put_object``, ``s3://bucket/key``) name the call
     in errors and logs; the request body is never logged. Raises ``StorageUnavailable``
     while the circuit is open or when the backend failed, ``ObjectNotFound`` for a
     missing key, and ``StorageError`` otherwise.
     """
-    trial = _admit()
+    trial = breaker.admit()
     try:
         try:
             result = await func(*args, **kwargs)
@@ -229,13 +237,13 @@ async def safe_s3_operation(
         else:
             outcome = None
         try:
-            _record(outcome)
+            breaker.record(outcome)
         except pybreaker.CircuitBreakerError as exc:
             if outcome is None:
                 # Another call tripped the breaker while this one was in flight; ours worked.
                 return result
             log.warning("s3 %s %s failed; circuit breaker now open", operation, resource)
-            raise _open_error() from exc.__context__ or outcome
+            raise breaker.open_error() from exc.__context__ or outcome
         except Exception as exc:
             if is_backend_failure(exc):
                 log.warning("s3 %s %s failed: %s: %s", operation, resource, type(exc).__name__, exc)
@@ -243,4 +251,4 @@ async def safe_s3_operation(
         return result
     finally:
         if trial:
-            _TRIAL.in_flight = False
+            breaker.trial_done()

@@ -30,9 +30,8 @@ from services.storage.base import (
     ObjectInfo,
     PresignedUpload,
     Storage,
-    validate_key,
-    validate_prefix,
 )
+from services.keys import validate_key, validate_prefix
 
 log = logging.getLogger(__name__)
 
@@ -50,21 +49,11 @@ class LocalStorageService(Storage):
         self.root = settings.storage_dir.expanduser().resolve()
         self._tmp = self.root / ".tmp"
         self._meta = self.root / ".meta"
-        self._upload_slots = asyncio.Semaphore(settings.upload_concurrency)
         try:
             self._tmp.mkdir(parents=True, exist_ok=True)
             self._meta.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StorageError(f"STORAGE_DIR {self.root}: cannot create it ({exc})") from exc
-
-    @property
-    def upload_concurrency(self) -> int:
-        return self.settings.upload_concurrency
-
-    @property
-    def upload_slots(self) -> asyncio.Semaphore:
-        """Shared by all jobs of this worker, so memory is bounded by concurrency, not jobs."""
-        return self._upload_slots
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.backend, "storage_dir": str(self.root)}

@@ -31,10 +31,9 @@ from services.storage.base import (
     ObjectInfo,
     PresignedUpload,
     Storage,
-    validate_key,
-    validate_prefix,
 )
-from services.storage.breaker import configure_breaker, safe_s3_operation
+from services.keys import validate_key, validate_prefix
+from services.storage.breaker import S3Breaker, safe_s3_operation
 
 log = logging.getLogger(__name__)
 
@@ -73,19 +72,18 @@ class RealStorageService(Storage):
 
     backend: ClassVar[str] = "s3"
 
-    def __init__(self, settings: Settings, client: Any, client_context: Any) -> None:
+    def __init__(self, settings: Settings, client: Any, client_context: Any, breaker: S3Breaker | None = None) -> None:
         if not settings.s3_bucket:
             raise StorageError("S3_BUCKET is not set; the S3 backend needs a bucket")
         self.settings = settings
         self.bucket = settings.s3_bucket
         self._client = client
         self._client_context = client_context
-        self._upload_slots = asyncio.Semaphore(settings.upload_concurrency)
+        self.breaker = breaker or S3Breaker(settings.s3_breaker_fail_max, settings.s3_breaker_reset_timeout)
 
     @classmethod
-    async def create(cls, settings: Settings) -> RealStorageService:
-        """Open the client (no network I/O yet) and apply the breaker settings."""
-        configure_breaker(settings.s3_breaker_fail_max, settings.s3_breaker_reset_timeout)
+    async def create(cls, settings: Settings, *, breaker: S3Breaker | None = None) -> RealStorageService:
+        """Open the client (no network I/O yet); ``breaker`` defaults to one built from the settings."""
         context = get_session().create_client(
             "s3",
             endpoint_url=settings.s3_endpoint_url,
@@ -96,20 +94,11 @@ class RealStorageService(Storage):
             config=build_client_config(settings),
         )
         client = await context.__aenter__()
-        return cls(settings, client, context)
+        return cls(settings, client, context, breaker)
 
     async def close(self) -> None:
         """Close the client's connection pool."""
         await self._client_context.__aexit__(None, None, None)
-
-    @property
-    def upload_concurrency(self) -> int:
-        return self.settings.upload_concurrency
-
-    @property
-    def upload_slots(self) -> asyncio.Semaphore:
-        """Shared by all jobs of this worker, so memory is bounded by concurrency, not jobs."""
-        return self._upload_slots
 
     def _uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
@@ -122,6 +111,7 @@ class RealStorageService(Storage):
             "region": self.settings.s3_region,
             "addressing_style": self.settings.s3_addressing_style,
             "checksum": self.settings.s3_checksum,
+            "circuit_breaker": self.breaker.describe(),
         }
 
     # --- writes ---------------------------------------------------------------------
@@ -155,6 +145,7 @@ class RealStorageService(Storage):
             args["ChecksumAlgorithm"] = "SHA256"
             args["ChecksumSHA256"] = base64.b64encode(bytes.fromhex(digest)).decode()
         response = await safe_s3_operation(
+                self.breaker,
             "put_object", self._client.put_object, Body=data, resource=self._uri(key), **args
         )
         return ObjectInfo(key=key, size=len(data), etag=response.get("ETag"), content_type=content_type, metadata=meta)
@@ -225,6 +216,7 @@ class RealStorageService(Storage):
         uri = self._uri(key)
         create = asyncio.ensure_future(
             safe_s3_operation(
+                self.breaker,
                 "create_multipart_upload",
                 self._client.create_multipart_upload,
                 resource=uri,
@@ -252,6 +244,7 @@ class RealStorageService(Storage):
         async def send(number: int, body: bytes) -> None:
             try:
                 response = await safe_s3_operation(
+                self.breaker,
                     "upload_part",
                     self._client.upload_part,
                     Bucket=self.bucket,
@@ -276,6 +269,7 @@ class RealStorageService(Storage):
                     await failed  # raises the part's error
             await asyncio.gather(*tasks)
             response = await safe_s3_operation(
+                self.breaker,
                 "complete_multipart_upload",
                 self._client.complete_multipart_upload,
                 Bucket=self.bucket,
@@ -297,6 +291,7 @@ class RealStorageService(Storage):
     async def _abort_multipart(self, key: str, upload_id: str) -> None:
         try:
             await safe_s3_operation(
+                self.breaker,
                 "abort_multipart_upload",
                 self._client.abort_multipart_upload,
                 Bucket=self.bucket,
@@ -308,21 +303,11 @@ class RealStorageService(Storage):
             # The upload stays open until the bucket's lifecycle rule removes it.
             log.warning("could not abort multipart upload %s of %s: %s", upload_id, self._uri(key), exc)
 
-    async def list_open_multipart_uploads(self, prefix: str = "") -> list[dict[str, str]]:
-        """Multipart uploads that were started and neither completed nor aborted."""
-        response = await safe_s3_operation(
-            "list_multipart_uploads",
-            self._client.list_multipart_uploads,
-            Bucket=self.bucket,
-            Prefix=validate_prefix(prefix),
-            resource=self._uri(prefix),
-        )
-        return [{"key": u["Key"], "upload_id": u["UploadId"]} for u in response.get("Uploads", [])]
-
     # --- reads ----------------------------------------------------------------------
 
     async def _get_object(self, key: str) -> dict[str, Any]:
         return await safe_s3_operation(
+                self.breaker,
             "get_object",
             self._client.get_object,
             Bucket=self.bucket,
@@ -333,7 +318,7 @@ class RealStorageService(Storage):
     async def get_bytes(self, key: str) -> bytes:
         response = await self._get_object(key)
         async with response["Body"] as body:
-            return await safe_s3_operation("get_object.read", body.read, resource=self._uri(key))
+            return await safe_s3_operation(self.breaker, "get_object.read", body.read, resource=self._uri(key))
 
     async def download_file(self, key: str, path: Path) -> int:
         response = await self._get_object(key)
@@ -343,6 +328,7 @@ class RealStorageService(Storage):
             async with response["Body"] as body:
                 with partial.open("wb") as handle:
                     while chunk := await safe_s3_operation(
+                self.breaker,
                         "get_object.read", body.read, READ_CHUNK, resource=self._uri(key)
                     ):
                         size += len(chunk)
@@ -356,6 +342,7 @@ class RealStorageService(Storage):
     async def head(self, key: str) -> ObjectInfo | None:
         try:
             response = await safe_s3_operation(
+                self.breaker,
                 "head_object",
                 self._client.head_object,
                 Bucket=self.bucket,
@@ -378,6 +365,7 @@ class RealStorageService(Storage):
         if token:
             args["ContinuationToken"] = token
         response = await safe_s3_operation(
+                self.breaker,
             "list_objects_v2", self._client.list_objects_v2, resource=self._uri(prefix), **args
         )
         objects = [
@@ -395,6 +383,7 @@ class RealStorageService(Storage):
         for start in range(0, len(keys), DELETE_BATCH):
             batch = [validate_key(k) for k in keys[start : start + DELETE_BATCH]]
             response = await safe_s3_operation(
+                self.breaker,
                 "delete_objects",
                 self._client.delete_objects,
                 Bucket=self.bucket,
@@ -426,7 +415,7 @@ class RealStorageService(Storage):
             args["MetadataDirective"] = "REPLACE"
             if content_type:
                 args["ContentType"] = content_type
-        return await safe_s3_operation("copy_object", self._client.copy_object, resource=self._uri(dest_key), **args)
+        return await safe_s3_operation(self.breaker, "copy_object", self._client.copy_object, resource=self._uri(dest_key), **args)
 
     async def copy(self, source_key: str, dest_key: str) -> ObjectInfo:
         await self._copy(source_key, dest_key)

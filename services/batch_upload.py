@@ -16,21 +16,22 @@ import logging
 import mimetypes
 import random
 import re
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from services.errors import CircuitOpen, StorageError, StorageUnavailable, WorkerError
+from services.errors import CircuitOpen, StorageUnavailable, WorkerError
+from services.keys import dataset_prefix, file_name_problem
 from services.storage.base import ObjectInfo, Storage
 
 log = logging.getLogger(__name__)
+_SLOTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, asyncio.Semaphore]] = weakref.WeakKeyDictionary()
 
-MAX_NAME_BYTES = 255
 FILE_RETRIES = 2  # per file, on top of botocore's own retries of each request
 RETRY_BASE_SECONDS = 0.2
-DATASET_ROOT = "datasets"
 
 # Downloads a URL source into the job workspace and returns the local file; the batch
 # removes that file once it has read it, so a batch of URLs never holds more than the
@@ -84,24 +85,6 @@ class FileSource(BaseModel):
     content_type: str | None = Field(None, description="MIME type; guessed from the name when absent.")
 
 
-def file_name_problem(name: str) -> str | None:
-    """Why ``name`` is not a valid dataset file name, or ``None`` when it is.
-
-    Names are checked, never rewritten: what the caller sent is the key they get.
-    """
-    if not name:
-        return "must not be empty"
-    if "/" in name or "\\" in name:
-        return "path separators are not allowed"
-    if name in (".", "..") or ".." in name:
-        return "'..' is not allowed"
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
-        return "control characters are not allowed"
-    if len(name.encode()) > MAX_NAME_BYTES:
-        return f"longer than {MAX_NAME_BYTES} bytes"
-    return None
-
-
 def content_type_problem(value: str) -> str | None:
     """Why ``value`` is not an acceptable MIME type (``image/png``), or ``None`` when it is."""
     if len(value) > 255 or not _CONTENT_TYPE.fullmatch(value):
@@ -109,12 +92,13 @@ def content_type_problem(value: str) -> str | None:
     return None
 
 
-def dataset_prefix(dataset: str) -> str:
-    """The key prefix of a dataset: ``datasets/<dataset>/``."""
-    problem = file_name_problem(dataset)
-    if problem:
-        raise StorageError(f"dataset {dataset!r}: {problem}")
-    return f"{DATASET_ROOT}/{dataset}/"
+def upload_slots(concurrency: int) -> asyncio.Semaphore:
+    """The worker-wide bound on files in flight (``UPLOAD_CONCURRENCY``), one per event loop.
+
+    Shared by every job, so memory follows the concurrency, not the number of jobs.
+    """
+    per_size = _SLOTS.setdefault(asyncio.get_running_loop(), {})
+    return per_size.setdefault(concurrency, asyncio.Semaphore(concurrency))
 
 
 def _decode(data: str) -> bytes:
@@ -129,11 +113,13 @@ class _Batch:
         self,
         storage: Storage,
         dataset: str,
+        slots: asyncio.Semaphore,
         fetch: UrlFetcher | None,
         max_file_bytes: int | None,
         max_batch_bytes: int | None = None,
     ):
         self.storage = storage
+        self.slots = slots
         self.fetch = fetch
         self.max_file_bytes = max_file_bytes
         self.max_batch_bytes = max_batch_bytes
@@ -181,7 +167,7 @@ class _Batch:
     async def upload_one(self, index: int, source: FileSource) -> None:
         key = self.result.prefix + source.name
         content_type = source.content_type or mimetypes.guess_type(source.name)[0] or "application/octet-stream"
-        async with self.storage.upload_slots:
+        async with self.slots:
             try:
                 if source.data is not None:
                     data = _decode(source.data)
@@ -244,16 +230,18 @@ async def upload_batch(
     files: Sequence[dict[str, Any] | FileSource],
     dataset: str = "default",
     *,
+    concurrency: int,
     fetch: UrlFetcher | None = None,
     max_file_bytes: int | None = None,
     max_batch_bytes: int | None = None,
 ) -> BatchResult:
-    """Upload ``files`` concurrently (bounded by the storage's upload slots).
+    """Upload ``files`` into ``datasets/<dataset>/``, at most ``concurrency`` files at once
+    across every batch of this worker (``UPLOAD_CONCURRENCY``; see :func:`upload_slots`).
 
     ``max_batch_bytes`` caps the bytes of the whole batch as files are read, which is where
     URL sources get their size (inline data can be checked before the upload starts).
     """
-    batch = _Batch(storage, dataset, fetch, max_file_bytes, max_batch_bytes)
+    batch = _Batch(storage, dataset, upload_slots(concurrency), fetch, max_file_bytes, max_batch_bytes)
     seen: set[str] = set()
     sources: list[tuple[int, FileSource]] = []
     for index, item in enumerate(files):
@@ -272,7 +260,7 @@ async def upload_batch(
 
     # A few workers per batch, not a task per file: 20 jobs of 50 files would otherwise hold
     # 1000 tasks, their frames and semaphore waiters at once; memory follows the concurrency.
-    workers = min(len(sources), storage.upload_concurrency)
+    workers = min(len(sources), concurrency)
     tasks = [asyncio.create_task(worker()) for _ in range(workers)]
     try:
         await asyncio.gather(*tasks)

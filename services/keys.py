@@ -1,0 +1,142 @@
+"""The key layout and every name/key rule, in one place.
+
+Layout::
+
+    datasets/<dataset>/<file name>            training files (upload_training_files, presign_uploads)
+    loras/<output_name>/<output_name>.safetensors        a trained LoRA (and .kohya.safetensors)
+    loras/<output_name>/checkpoints/...       training checkpoints
+    outputs/<job id>/<file name>              outputs too large to return inline
+
+Rules (each raises ``ValueError`` with a message fit for the caller, or returns a problem):
+
+* :func:`safe_name`: dataset names and LoRA output names;
+* :func:`file_name_problem`: a file name inside a dataset (checked, never rewritten);
+* :func:`validate_key`: any object key, as both storage backends accept it;
+* :func:`managed_key`: a key the caller may list, read or delete (inside the roots above);
+* :func:`lora_reference`: the ``lora`` input of ``generate`` (a key or an output name).
+
+Imports nothing from the project: storage, schemas and actions all build on it.
+"""
+
+from __future__ import annotations
+
+import re
+
+DATASET_ROOT = "datasets"
+LORA_ROOT = "loras"
+OUTPUT_ROOT = "outputs"
+MANAGED_ROOTS = (f"{DATASET_ROOT}/", f"{LORA_ROOT}/", f"{OUTPUT_ROOT}/")
+
+MAX_KEY_BYTES = 1024  # S3's limit
+MAX_FILE_NAME_BYTES = 255  # a file name on every common file system (the local backend)
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+_LORA_REFERENCE = re.compile(r"^[A-Za-z0-9_.\-/]{1,512}$")
+
+
+def safe_name(value: str, field: str) -> str:
+    """A dataset or LoRA name: letters, digits, ``-``, ``_`` and ``.``; 1..128 characters; no ``..``."""
+    if not _SAFE_NAME.fullmatch(value) or ".." in value or value == ".":
+        raise ValueError(f"{field} must be 1-128 letters, digits, '-', '_' or '.', without '..' or separators")
+    return value
+
+
+def file_name_problem(name: str) -> str | None:
+    """Why ``name`` is not a valid file name inside a dataset, or ``None`` when it is.
+
+    Names are checked, never rewritten: what the caller sent is the key they get.
+    """
+    if not name:
+        return "must not be empty"
+    if "/" in name or "\\" in name:
+        return "path separators are not allowed"
+    if name in (".", "..") or ".." in name:
+        return "'..' is not allowed"
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+        return "control characters are not allowed"
+    if len(name.encode()) > MAX_FILE_NAME_BYTES:
+        return f"longer than {MAX_FILE_NAME_BYTES} bytes"
+    return None
+
+
+def validate_key(key: str) -> str:
+    """Return ``key`` if it is a safe relative object key, else raise ``ValueError``.
+
+    No leading ``/``, no empty, ``.`` or ``..`` segments, no backslashes or control
+    characters, at most 1024 bytes.
+    """
+    if not key:
+        raise ValueError("key must not be empty")
+    if len(key.encode()) > MAX_KEY_BYTES:
+        raise ValueError(f"key is longer than {MAX_KEY_BYTES} bytes")
+    if key.startswith("/") or "\\" in key:
+        raise ValueError("key must be relative and use '/' separators")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in key):
+        raise ValueError("key must not contain control characters")
+    if any(part in ("", ".", "..") for part in key.rstrip("/").split("/")):
+        raise ValueError("key must not contain empty, '.' or '..' segments")
+    return key
+
+
+def validate_prefix(prefix: str) -> str:
+    """Validate a listing prefix (empty means everything)."""
+    if prefix:
+        validate_key(prefix)
+    return prefix
+
+
+def managed_key(key: str) -> str:
+    """A key inside the worker's own roots (``datasets/``, ``loras/``, ``outputs/``)."""
+    validate_key(key)
+    if not key.startswith(MANAGED_ROOTS):
+        raise ValueError(f"must start with one of {', '.join(MANAGED_ROOTS)}")
+    return key
+
+
+def lora_reference(value: str) -> str:
+    """The ``lora`` input of ``generate``: a storage key or a ``train_lora`` output name."""
+    if not _LORA_REFERENCE.fullmatch(value) or ".." in value or value.startswith("/") or "//" in value:
+        raise ValueError("must be a storage key or an output_name (letters, digits, '-', '_', '.', '/')")
+    return value
+
+
+def dataset_prefix(dataset: str) -> str:
+    """``datasets/<dataset>/``."""
+    return f"{DATASET_ROOT}/{safe_name(dataset, 'dataset')}/"
+
+
+def dataset_key(dataset: str, name: str) -> str:
+    """``datasets/<dataset>/<name>``; ``name`` must pass :func:`file_name_problem`."""
+    if problem := file_name_problem(name):
+        raise ValueError(f"file name {name!r}: {problem}")
+    return dataset_prefix(dataset) + name
+
+
+def lora_prefix(output_name: str) -> str:
+    """``loras/<output_name>/``."""
+    return f"{LORA_ROOT}/{safe_name(output_name, 'output_name')}/"
+
+
+def lora_key(output_name: str, kohya: bool = False) -> str:
+    """Where a trained LoRA is stored: ``loras/<name>/<name>.safetensors`` (``.kohya.safetensors``)."""
+    suffix = ".kohya.safetensors" if kohya else ".safetensors"
+    return f"{lora_prefix(output_name)}{output_name}{suffix}"
+
+
+def lora_checkpoint_prefix(output_name: str) -> str:
+    """``loras/<output_name>/checkpoints/``: where training checkpoints of that LoRA go."""
+    return f"{lora_prefix(output_name)}checkpoints/"
+
+
+def resolve_lora_key(reference: str) -> str:
+    """The key a ``lora`` input names: a key under ``loras/`` as is, a bare name via :func:`lora_key`."""
+    lora_reference(reference)
+    key = reference if "/" in reference else lora_key(reference)
+    if not key.startswith(f"{LORA_ROOT}/"):
+        raise ValueError(f"{reference} must be a key under {LORA_ROOT}/ or a train_lora output_name")
+    return key
+
+
+def output_key(job_id: str, name: str) -> str:
+    """``outputs/<job id>/<name>``: an output too large to return inline."""
+    return validate_key(f"{OUTPUT_ROOT}/{job_id}/{name}")

@@ -1,0 +1,93 @@
+"""What each action returns: pydantic models, rendered by the output policy into the response.
+
+Their JSON is the API's output contract (README examples). Files travel as
+:class:`~services.outputs.OutputFile` fields; everything else is plain data.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field, model_serializer
+
+from services.batch_upload import BatchResult
+from services.outputs import OutputFile
+
+__all__ = [
+    "BatchResult",
+    "DeleteFilesResult",
+    "GenerateResult",
+    "GetFileResult",
+    "HealthResult",
+    "ListFilesResult",
+    "ListedFile",
+    "PresignResult",
+    "PresignedUploadOut",
+    "TrainLoraResult",
+]
+
+
+class ListedFile(BaseModel):
+    key: str
+    name: str
+    size: int
+    last_modified: str | None
+
+
+class ListFilesResult(BaseModel):
+    prefix: str
+    files: list[ListedFile]
+    next_token: str | None
+
+
+class DeleteFilesResult(BaseModel):
+    deleted: list[str]
+    failed: list[dict[str, str]]
+
+
+class GetFileResult(BaseModel):
+    file: OutputFile
+
+
+class PresignedUploadOut(BaseModel):
+    name: str
+    key: str
+    url: str
+    method: str
+    headers: dict[str, str]
+    expires_in: int
+
+
+class PresignResult(BaseModel):
+    dataset: str
+    prefix: str
+    uploads: list[PresignedUploadOut]
+
+
+class HealthResult(BaseModel):
+    status: str
+    storage: dict[str, Any]
+    gpu: dict[str, Any]
+    python: str
+    packages: dict[str, str | None]
+    limits: dict[str, int]
+    model_id: str
+
+
+class TrainLoraResult(BaseModel):
+    lora: OutputFile
+    samples: list[OutputFile] = Field(default_factory=list)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    kohya_lora: OutputFile | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_absent_kohya(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        if self.kohya_lora is None:
+            data.pop("kohya_lora", None)
+        return data
+
+
+class GenerateResult(BaseModel):
+    images: list[OutputFile]
+    seed: int
