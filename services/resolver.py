@@ -75,4 +75,3 @@ def _release_from_thread(loop: asyncio.AbstractEventLoop, slots: asyncio.Semapho
         logger.debug("DNS lookup of %s returned after its event loop closed", host)
         return
     loop.call_soon_threadsafe(slots.release)
-

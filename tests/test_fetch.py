@@ -257,7 +257,9 @@ def test_check_url_syntax_refuses(url: str, why: str) -> None:
         check_url_syntax(url)
 
 
-@pytest.mark.parametrize("url", ["http://a..b/x", "http://-a.com/", "http://" + "a" * 64 + ".com/", "http://xn--zz.ex/"])
+@pytest.mark.parametrize(
+    "url", ["http://a..b/x", "http://-a.com/", "http://" + "a" * 64 + ".com/", "http://xn--zz.ex/"]
+)
 def test_invalid_host_is_an_input_error_without_a_lookup(tmp_path: Path, url: str) -> None:
     """An InputError naming the URL before any lookup; never a UnicodeError from the IDNA codec."""
     looked_up: list[str] = []
@@ -636,7 +638,9 @@ def test_hung_dns_cannot_starve_other_jobs(
 
     async def upload(dataset: str) -> float:
         started = time.perf_counter()
-        result = await handler({"id": dataset, "input": {"action": "upload_training_files", "dataset": dataset, "files": files}})
+        result = await handler(
+            {"id": dataset, "input": {"action": "upload_training_files", "dataset": dataset, "files": files}}
+        )
         assert "error" not in result and len(result["uploaded"]) == 50, result
         return time.perf_counter() - started
 
