@@ -299,7 +299,8 @@ def cmd_train(worker: WorkerClient, args: argparse.Namespace) -> int:
     lines = [f"LoRA saved to {result.lora}" + (f" (stored as {result.key})" if result.key else "")]
     if result.resumed_from_step:
         lines.append(
-            f"resumed from step {result.resumed_from_step} (after {result.resubmissions} resubmissions)"
+            f"resumed from step {result.resumed_from_step} (after {result.resubmissions} resubmission"
+            + ("s)" if result.resubmissions > 1 else ")")
             if result.resubmissions
             else f"resumed from step {result.resumed_from_step} (a checkpoint of an earlier run)"
         )

@@ -46,6 +46,7 @@ class StepBar:
 
     def __init__(self, label: str, *, file: TextIO | None = None, disable: bool = False) -> None:
         self.label = label
+        self.disable = disable
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._turn = 0
@@ -91,7 +92,9 @@ class StepBar:
             self._bar.refresh()
 
     def note(self, text: str) -> None:
-        """A message line above the bar (resubmissions, warnings)."""
+        """A message line above the bar (resubmissions, warnings); none when disabled."""
+        if self.disable:
+            return
         with self._lock:
             self._bar.write(text, file=self._bar.fp)
 
