@@ -32,9 +32,9 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 PROG = "lora-worker"
-EPILOG = (
+EXIT_TEXT = (
     "Exit status: 0 done, 1 a job or a file failed, 2 bad usage or configuration, 130 interrupted "
-    "(Ctrl-C cancels the running job on the endpoint). Run '%(prog)s COMMAND --help' for a command's options."
+    "(Ctrl-C cancels the running job on the endpoint)."
 )
 
 
@@ -74,13 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Client of the RunPod LoRA worker: upload datasets, train, generate, fetch files "
         "(also runs as 'python -m client').",
-        epilog=EPILOG,
+        epilog=f"{EXIT_TEXT} Run '%(prog)s COMMAND --help' for a command's options.",
     )
     _connection_options(parser, top=True)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=text, description=text, epilog=EPILOG)
+        sub = commands.add_parser(name, help=text, description=text, epilog=EXIT_TEXT)
         _connection_options(sub, top=False)
         return sub
 
@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output-name", required=True, help="LoRA name; stored under loras/<name>/")
     train.add_argument("--steps", type=int, help="optimizer steps (default: the worker's)")
     train.add_argument("--base-model", help="builtin:tiny-sd, a cached Hugging Face repo id, ... (default: MODEL_ID)")
-    train.add_argument("--trigger-word", help="a token the captions are prefixed with")
+    train.add_argument("--trigger-word", help="prepended to every caption that lacks it")
     train.add_argument("--rank", type=int, help="LoRA rank (default: the worker's)")
     train.add_argument("--resolution", type=int, help="training resolution in pixels (default: the worker's)")
     train.add_argument("--out", help="file or folder for the .safetensors (default: .)")
