@@ -230,14 +230,21 @@ class CheckpointStore:
         await self._upload_verified(where, checkpoint.key(MANIFEST_NAME), entry, data=manifest)
         older = [] if previous is None else [previous[0].step, *previous[1]]
         kept = [step, *sorted({int(s) for s in older if int(s) < step}, reverse=True)][: self.keep]
-        pointer = {**checkpoint.manifest(), "previous": kept[1:]}
+        pointer = _json_bytes({**checkpoint.manifest(), "previous": kept[1:]})
         try:
             # The commit point: before this PUT the previous pointer is current, after it this one.
-            await self.storage.put_bytes(self.pointer_key, _json_bytes(pointer), content_type="application/json")
+            await self.storage.put_bytes(self.pointer_key, pointer, content_type="application/json")
+            info = await self.storage.head(self.pointer_key)
         except StorageError as exc:
+            # A lost answer does not say whether the PUT landed: either pointer names a complete checkpoint.
             raise CheckpointUploadFailed(
-                f"{where}: writing {self.pointer_key} failed: {exc}; the previous checkpoint stays current"
+                f"{where}: writing {self.pointer_key} failed: {exc}; it names this checkpoint or the previous one"
             ) from exc
+        problem = _mismatch(StoredFile(POINTER_NAME, len(pointer), hashlib.sha256(pointer).hexdigest()), info)
+        if problem:  # a PUT replaces whole objects, so only a misbehaving store gets here
+            raise CheckpointUploadFailed(
+                f"{where}: {self.pointer_key} {problem} after upload; readers will scan the step folders"
+            )
         log.info("checkpoint %s saved (%d files; kept steps %s)", checkpoint.prefix, len(stored), kept)
         pruned, errors = await self._prune(set(kept))
         return SaveResult(checkpoint, uploaded=True, pruned=pruned, prune_errors=errors)
