@@ -124,17 +124,45 @@ def test_upload_list_get_delete_round_trip(backend: Settings) -> None:
     assert "does not exist" in missing["error"]
 
 
-def test_partial_upload_failure_keeps_the_report_next_to_the_error(backend: Settings) -> None:
+def test_partial_upload_completes_with_the_report_and_a_summary(backend: Settings) -> None:
     files = [
         {"name": "good.png", "data": b64(b"ok")},
         {"name": "bad/name.png", "data": b64(b"x")},
         {"name": "worse.png", "data": "%%%"},
     ]
     [result] = run_jobs(job({"action": "upload_training_files", "dataset": "part", "files": files}))
-    assert result["error"].startswith("2 of 3 files failed: input.files[1].name: path separators are not allowed")
-    assert "input.files[2]: data is not valid base64" in result["error"]
+    assert "error" not in result
+    assert result["partial"] is True
+    assert result["summary"].startswith("1 uploaded, 0 skipped, 2 failed: input.files[1].name: path separators")
+    assert "input.files[2]: data is not valid base64" in result["summary"]
     assert [u["name"] for u in result["uploaded"]] == ["good.png"]
     assert sorted(f["name"] for f in result["failed"]) == ["bad/name.png", "worse.png"]
+
+
+def test_upload_where_every_file_failed_is_an_error_naming_the_reasons(backend: Settings) -> None:
+    files = [{"name": "bad/name.png", "data": b64(b"x")}, {"name": "worse.png", "data": "%%%"}]
+    [result] = run_jobs(job({"action": "upload_training_files", "dataset": "none", "files": files}))
+    assert set(result) == {"error"}
+    assert result["error"].startswith("no file was stored: 0 uploaded, 0 skipped, 2 failed: input.files[0].name")
+    assert "input.files[1]: data is not valid base64" in result["error"]
+
+
+def test_delete_reports_missing_keys_apart_from_deleted(backend: Settings) -> None:
+    run_jobs(job({"action": "upload_training_files", "dataset": "dm", "files": [{"name": "a.txt", "data": b64(b"a")}]}))
+    keys = ["datasets/dm/a.txt", "datasets/dm/never.txt"]
+    [result] = run_jobs(job({"action": "delete_files", "keys": keys}, "j2"))
+    assert result["deleted"] == ["datasets/dm/a.txt"]
+    assert result["missing"] == ["datasets/dm/never.txt"]
+    assert result["failed"] == [] and result["partial"] is False
+    assert result["summary"] == "1 deleted, 1 missing, 0 failed"
+
+
+def test_presign_on_the_local_backend_is_a_clear_error(
+    local_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    use_settings_env(monkeypatch, local_settings)
+    [result] = run_jobs(job({"action": "presign_uploads", "dataset": "p", "files": [{"name": "a.png"}]}))
+    assert result == {"error": "presigned uploads need an S3 bucket; send the file inline"}
 
 
 def test_list_files_pages(backend: Settings) -> None:
@@ -164,8 +192,7 @@ def test_presign_uploads_then_put_over_http(s3_env: Settings) -> None:
     assert listed["files"][0]["size"] == 2048
 
 
-def test_presign_refuses_bad_names(local_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
-    use_settings_env(monkeypatch, local_settings)
+def test_presign_refuses_bad_names(s3_env: Settings) -> None:
     [result] = run_jobs(job({"action": "presign_uploads", "files": [{"name": "a/b"}, {"name": "x"}, {"name": "x"}]}))
     assert result["error"] == (
         "invalid input: input.files[0].name: path separators are not allowed; input.files[2].name: duplicate"
