@@ -77,9 +77,6 @@ class Settings(BaseSettings):
     job_timeout: float = Field(
         3300.0, ge=0, le=7 * 24 * 3600, description="Deadline of every job in seconds; 0 means none."
     )
-    outputs_ttl_days: float = Field(
-        7.0, ge=0, le=3650, description="Local backend: outputs/ older than this are deleted; 0 keeps them."
-    )
     runpod_webhook_post_output: str | None = Field(
         None, repr=False, description="Set by RunPod on its workers; progress updates are sent only there."
     )
