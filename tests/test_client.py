@@ -40,8 +40,8 @@ HUB_TESTS = json.loads((ROOT / ".runpod" / "tests.json").read_text())
 SERVER_INLINE_MAX = 4096  # small, so stored files and LoRAs come back as file:// redirects
 SMALL_BUDGET = 200_000  # inline JSON bytes per batch in the tests (the default is 9.5 MB)
 needs_gpu_runner = pytest.mark.skipif(
-    not ((ROOT / "services/gpu/train.py").exists() and (ROOT / "services/gpu/generate.py").exists()),
-    reason="the GPU runner (services/gpu/train.py, generate.py) is not there yet",
+    not ((ROOT / "services/gpu/train_job.py").exists() and (ROOT / "services/gpu/generate.py").exists()),
+    reason="the GPU runner (services/gpu/train_job.py, generate.py) is not there yet",
 )
 
 

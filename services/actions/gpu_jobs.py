@@ -7,6 +7,7 @@ thread under the GPU lock, so the event loop keeps serving storage jobs meanwhil
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,15 +53,27 @@ async def _fetch_dataset(request: TrainLoraInput, ctx: JobContext) -> Path:
     return target
 
 
+def _progress(ctx: JobContext) -> Callable[..., None]:
+    """The runner's ``progress(update, final=False)`` on the context's throttled reporter
+    (``final`` always goes out)."""
+
+    def report(update: dict[str, Any], final: bool = False) -> None:
+        ctx.progress(update, force=final)
+
+    return report
+
+
 async def train_lora(request: TrainLoraInput, ctx: JobContext) -> dict[str, Any]:
     """Train, store the LoRA under ``loras/<output_name>/``, return it with samples and metrics."""
-    from services.gpu.train import train_lora as run_training
+    from services.gpu.train_job import train_lora as run_training
 
     dataset_dir = await _fetch_dataset(request, ctx)
     out_dir = ctx.workspace / "train"
     out_dir.mkdir()
     async with gpu_lock():
-        result = await asyncio.to_thread(run_training, request, dataset_dir, out_dir, ctx.settings, ctx.progress)
+        result = await asyncio.to_thread(
+            run_training, request, dataset_dir, out_dir, ctx.settings, _progress(ctx), getattr(ctx, "stop", None)
+        )
     key = lora_key(request.output_name)
     await ctx.storage.put_file(key, result.lora_path, content_type="application/octet-stream")
     response: dict[str, Any] = {
@@ -102,7 +115,9 @@ async def generate(request: GenerateInput, ctx: JobContext) -> dict[str, Any]:
 
     lora_path = await _fetch_lora(request, ctx)
     async with gpu_lock():
-        result = await asyncio.to_thread(generate_images, request, lora_path, ctx.settings)
+        result = await asyncio.to_thread(
+            generate_images, request, lora_path, ctx.settings, _progress(ctx), getattr(ctx, "stop", None)
+        )
     return {
         "images": [OutputFile.from_bytes(i.name, i.data, i.mime) for i in result.images],
         "seed": result.seed,

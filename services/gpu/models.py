@@ -1,11 +1,12 @@
 """Model sources and the bounded, least-recently-used pipeline cache.
 
-A ``base_model`` is ``builtin:tiny-sd`` / ``builtin:tiny-sdxl`` (built in code), an absolute
+A ``base_model`` is a ``builtin:tiny-*`` model (built in code), an absolute
 directory holding a diffusers pipeline (``model_index.json``), or a Hugging Face repo id loaded
 from the local cache only (``HF_HOME``'s hub, the default hub cache, and RunPod's cached models
 at ``/runpod-volume/huggingface-cache/hub``): nothing is ever downloaded.
 
-Pipelines stay loaded across jobs, keyed by (model, dtype, device). At rest a cached pipeline
+Pipelines stay loaded across jobs, keyed by (model, dtype, device); each entry knows its model
+family (:mod:`services.gpu.families`), None for pipelines the runner only generates with. At rest a cached pipeline
 is frozen (``requires_grad`` off), in eval mode, with no adapter and its default scheduler; the
 training and generation paths restore that state in ``finally`` blocks. When the cache is full,
 the least recently used pipeline is dropped and its GPU memory freed.
@@ -22,7 +23,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from services.errors import InputError
 from services.gpu.catalog import (
@@ -31,6 +32,7 @@ from services.gpu.catalog import (
     RUNPOD_HF_CACHE,
     RUNPOD_VOLUME,
 )
+from services.gpu.families import ModelFamily, family_of
 from services.gpu.state import RUNNER_STATE
 
 if TYPE_CHECKING:
@@ -40,9 +42,6 @@ if TYPE_CHECKING:
     from config.settings import Settings
 
 log = logging.getLogger(__name__)
-
-Family = Literal["sd", "sdxl", "other"]
-FALLBACK_SIZE = 512
 
 
 @dataclass(frozen=True)
@@ -63,7 +62,7 @@ class LoadedPipeline:
 
     key: PipelineKey
     pipe: DiffusionPipeline
-    family: Family
+    family: ModelFamily | None
     native_size: int
     default_scheduler: Any
     compiled: Any = None  # torch.compile'd denoiser, built on first compiled use
@@ -71,7 +70,9 @@ class LoadedPipeline:
 
     @property
     def denoiser_name(self) -> str:
-        """``unet`` (SD, SDXL) or ``transformer`` (Flux, SD3, ...)."""
+        """``unet`` or ``transformer``: the family's, else whichever the pipeline has."""
+        if self.family is not None:
+            return self.family.denoiser_name
         return "unet" if getattr(self.pipe, "unet", None) is not None else "transformer"
 
     @property
@@ -102,15 +103,6 @@ class PipelineCache:
             self._entries[key] = entry
             self._publish()
             return entry
-
-    def put(self, entry: LoadedPipeline, capacity: int) -> None:
-        """Insert a pipeline built elsewhere (the benchmark), evicting as needed."""
-        with self._lock:
-            while len(self._entries) >= capacity and entry.key not in self._entries:
-                self._drop(next(iter(self._entries)))
-            self._entries[entry.key] = entry
-            self._entries.move_to_end(entry.key)
-            self._publish()
 
     def evict(self, key: PipelineKey) -> None:
         """Drop one pipeline (after a failure left it in an unknown state)."""
@@ -197,12 +189,11 @@ def resolve_compile(setting: bool | None, device: torch.device) -> bool:
     return device.type == "cuda" if setting is None else setting
 
 
-def configure_compile_cache() -> Path | None:
-    """Point inductor's cache at the network volume when there is one, so the next worker
-    starts warm; returns the cache directory when it is persistent (set or on the volume)."""
-    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if current:
-        return Path(current)
+def compile_cache_dir(settings: Settings) -> Path | None:
+    """The persistent inductor cache: ``TORCHINDUCTOR_CACHE_DIR`` when set, else a folder on
+    the network volume when there is one (so the next worker starts warm), else None."""
+    if settings.torchinductor_cache_dir is not None:
+        return settings.torchinductor_cache_dir
     if not RUNPOD_VOLUME.is_dir():
         return None
     try:
@@ -210,11 +201,17 @@ def configure_compile_cache() -> Path | None:
     except OSError as exc:
         log.warning("cannot create the inductor cache %s (%s); compiling without it", INDUCTOR_CACHE_ON_VOLUME, exc)
         return None
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(INDUCTOR_CACHE_ON_VOLUME)
     return INDUCTOR_CACHE_ON_VOLUME
 
 
-def compiled_denoiser(entry: LoadedPipeline) -> torch.nn.Module:
+def use_compile_cache(cache: Path | None) -> None:
+    """Point inductor at ``cache``. Inductor reads its cache folder only from the environment
+    (``torch._inductor.runtime.cache_dir_utils.cache_dir``), so this is the one place that sets it."""
+    if cache is not None:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
+
+
+def compiled_denoiser(entry: LoadedPipeline, cache: Path | None) -> torch.nn.Module:
     """The entry's denoiser under ``torch.compile`` in reduce-overhead mode (CUDA graphs).
 
     The compiled module shares the plain one's parameters, so LoRA weights fused in place are
@@ -223,7 +220,7 @@ def compiled_denoiser(entry: LoadedPipeline) -> torch.nn.Module:
     import torch
 
     if entry.compiled is None:
-        configure_compile_cache()
+        use_compile_cache(cache)
         plain = entry.denoiser
         entry.compiled = _detached_outputs(torch.compile(plain, mode="reduce-overhead"), plain)
     return entry.compiled
@@ -295,30 +292,24 @@ def _load(key: PipelineKey, settings: Settings, dtype: torch.dtype, device: torc
 def wrap_pipeline(pipe: DiffusionPipeline, key: PipelineKey) -> LoadedPipeline:
     """Freeze ``pipe`` and describe it as a cache entry (used by the loader and the benchmark)."""
     import torch
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             component.eval().requires_grad_(False)
     pipe.set_progress_bar_config(disable=True)
-    family: Family = "other"
-    if isinstance(pipe, StableDiffusionXLPipeline):
-        family = "sdxl"
-    elif isinstance(pipe, StableDiffusionPipeline):
-        family = "sd"
-    return LoadedPipeline(
-        key=key, pipe=pipe, family=family, native_size=_native_size(pipe), default_scheduler=pipe.scheduler
-    )
+    family = family_of(pipe)
+    native = family.native_size(pipe) if family is not None else _native_size(pipe)
+    return LoadedPipeline(key=key, pipe=pipe, family=family, native_size=native, default_scheduler=pipe.scheduler)
 
 
-def _native_size(pipe: DiffusionPipeline) -> int:
-    """The pipeline's default image side in pixels (512 SD 1.5, 1024 SDXL, 32 builtin tiny)."""
+def _native_size(pipe: DiffusionPipeline, fallback: int = 1024) -> int:
+    """The default image side of a pipeline of no known family."""
     factor = getattr(pipe, "vae_scale_factor", 8)
     sample = getattr(pipe, "default_sample_size", None)
     if not isinstance(sample, int):
         denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
         sample = getattr(getattr(denoiser, "config", None), "sample_size", None)
-    return int(sample * factor) if isinstance(sample, int) else FALLBACK_SIZE
+    return int(sample * factor) if isinstance(sample, int) else fallback
 
 
 def _load_kwargs(index: Path | None, dtype: torch.dtype) -> dict[str, Any]:
