@@ -32,7 +32,7 @@ from services.gpu.catalog import (
     RUNPOD_HF_CACHE,
     RUNPOD_VOLUME,
 )
-from services.gpu.families import ModelFamily, family_of
+from services.gpu.families import ModelFamily, family_of, family_of_index
 from services.gpu.state import RUNNER_STATE
 
 if TYPE_CHECKING:
@@ -320,6 +320,8 @@ def _load_kwargs(index: Path | None, dtype: torch.dtype) -> dict[str, Any]:
             components = json.loads(index.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise InputError(f"input.base_model: cannot read {index}: {exc}") from exc
+        family = family_of_index(components)
+        log.info("%s: %s (%s)", index.parent, components.get("_class_name"), family.label if family else "no family")
         if "safety_checker" in components:
             kwargs.update(safety_checker=None, requires_safety_checker=False)
     return kwargs
