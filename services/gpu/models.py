@@ -33,6 +33,7 @@ from services.gpu.catalog import (
     RUNPOD_VOLUME,
 )
 from services.gpu.families import ModelFamily, family_of, family_of_index
+from services.gpu.quantize import QUANT_PREFIX, is_quantized, quantize_linear_layers
 from services.gpu.state import RUNNER_STATE
 
 if TYPE_CHECKING:
@@ -74,6 +75,11 @@ class LoadedPipeline:
         if self.family is not None:
             return self.family.denoiser_name
         return "unet" if getattr(self.pipe, "unet", None) is not None else "transformer"
+
+    @property
+    def quantized(self) -> bool:
+        """True when the denoiser's frozen weights are NF4 (a LoRA is applied unfused)."""
+        return is_quantized(self.key.dtype)
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -265,13 +271,18 @@ def _detached_outputs(compiled: Any, plain: Any) -> Any:
 # --- loading ----------------------------------------------------------------------------------
 
 
-def load_pipeline(model: str, settings: Settings, dtype: torch.dtype, device: torch.device) -> LoadedPipeline:
-    """The cached pipeline of ``model`` in ``dtype`` on ``device``, loading it when needed."""
-    key = PipelineKey(model, str(dtype).removeprefix("torch."), str(device))
+def load_pipeline(
+    model: str, settings: Settings, dtype: torch.dtype, device: torch.device, quantize: bool = False
+) -> LoadedPipeline:
+    """The cached pipeline of ``model`` in ``dtype`` on ``device``, loading it when needed;
+    with ``quantize``, its denoiser's linear layers in NF4 (:mod:`services.gpu.quantize`)."""
+    name = str(dtype).removeprefix("torch.")
+    key = PipelineKey(model, f"{QUANT_PREFIX}{name}" if quantize else name, str(device))
     return PIPELINES.get(key, settings.model_cache_size, lambda k: _load(k, settings, dtype, device))
 
 
 def _load(key: PipelineKey, settings: Settings, dtype: torch.dtype, device: torch.device) -> LoadedPipeline:
+    import torch
     from diffusers.utils import logging as diffusers_logging
 
     log.info("pipeline cache: loading %s", key)
@@ -279,14 +290,20 @@ def _load(key: PipelineKey, settings: Settings, dtype: torch.dtype, device: torc
     if key.model in BUILTIN_MODELS:
         from services.gpu.tiny import build_tiny_pipeline
 
-        pipe = build_tiny_pipeline(key.model).to(device)  # built in fp32
-        if key.dtype != "float32":
+        pipe = build_tiny_pipeline(key.model)  # built in fp32
+        if dtype != torch.float32:
             pipe = pipe.to(dtype=dtype)
     elif key.model.startswith("/"):
-        pipe = _from_directory(Path(key.model), dtype).to(device)
+        pipe = _from_directory(Path(key.model), dtype)
     else:
-        pipe = _from_hf_cache(key.model, settings, dtype).to(device)
-    return wrap_pipeline(pipe, key)
+        pipe = _from_hf_cache(key.model, settings, dtype)
+    if is_quantized(key.dtype):
+        family = family_of(pipe)
+        if family is None:
+            raise InputError(f"input.quantize_base: {type(pipe).__name__} has no known denoiser to quantize")
+        layers = quantize_linear_layers(family.denoiser(pipe), dtype)
+        log.info("pipeline cache: %s: %d linear layers of the %s in NF4", key, layers, family.denoiser_name)
+    return wrap_pipeline(pipe.to(device), key)
 
 
 def wrap_pipeline(pipe: DiffusionPipeline, key: PipelineKey) -> LoadedPipeline:

@@ -129,6 +129,11 @@ class TrainLoraInput(BaseModel):
     seed: int = Field(0, ge=0, le=2**32 - 1)
     mixed_precision: MixedPrecision = Field("auto", description="auto: bf16 on a CUDA GPU, fp32 on the CPU.")
     gradient_checkpointing: bool = Field(False, description="Less memory, about 2x slower steps.")
+    quantize_base: Literal["none", "nf4"] = Field(
+        "none",
+        description="nf4: the frozen denoiser in 4-bit NF4 (bitsandbytes) for smaller GPUs; the LoRA trains "
+        "in full precision over it.",
+    )
     cache_latents: bool = Field(True, description="Encode the images with the VAE once.")
     cache_text_embeddings: bool = Field(True, description="Encode the captions once.")
     sample_prompts: list[Prompt] = Field(

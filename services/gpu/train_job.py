@@ -118,6 +118,7 @@ def lora_metadata(
     sides = ",".join(str(r) for r in cfg.resolutions)
     return {
         "base_model": entry.key.model,
+        "quantized_base": "nf4" if entry.quantized else "none",
         **family.file_metadata(entry.pipe),
         "rank": str(cfg.rank),
         "alpha": f"{cfg.alpha:g}",
@@ -179,7 +180,8 @@ def train_lora(
     with gpu_errors("train_lora"):
         device = models.runtime_device()
         precision = resolve_precision(params.mixed_precision, device)
-        entry = models.load_pipeline(model, settings, torch_dtype(precision), device)
+        quantize = params.quantize_base == "nf4"
+        entry = models.load_pipeline(model, settings, torch_dtype(precision), device, quantize=quantize)
         family = trainable(entry.family, entry.pipe)
         family.check_exports(params.export_formats)
         resolutions = params.resolutions() or [entry.native_size]
@@ -216,7 +218,7 @@ def train_lora(
         if "kohya" in params.export_formats:
             kohya_path = export_kohya(lora_path, work_dir / f"{params.output_name}_kohya.safetensors", metadata)
         samples = _samples(entry, params, resolutions[0], lora_path, stop)
-        metrics = _metrics(cfg, stats, setup_seconds, started, device, len(examples), buckets)
+        metrics = _metrics(cfg, stats, setup_seconds, started, device, len(examples), buckets, params.quantize_base)
     if cfg.compile:
         RUNNER_STATE.record_warmup(f"train {model} {resolutions[0]}px b{cfg.batch_size}", stats.first_step_seconds)
         _remember_warm(cfg.compile_key, stats.first_step_seconds, cache)
@@ -239,9 +241,8 @@ def _train_config(
     rank = params.rank or family.defaults.rank
     alpha = params.alpha if params.alpha is not None else (family.defaults.alpha or rank)
     sides = "/".join(str(r) for r in resolutions)
-    key = (
-        f"{model}|{precision}|{sides}|{params.batch_size}|{rank}|{params.lora_targets}|{params.gradient_checkpointing}"
-    )
+    parts = (model, precision, sides, params.batch_size, rank, params.lora_targets, params.gradient_checkpointing)
+    key = "|".join(str(part) for part in (*parts, params.quantize_base))
     return TrainConfig(
         steps=steps,
         rank=rank,
@@ -283,6 +284,7 @@ def _metrics(
     device: torch.device,
     images: int,
     buckets: dict[str, int],
+    quantized: str,
 ) -> dict[str, Any]:
     metrics: dict[str, Any] = {
         "steps": stats.steps,
@@ -301,6 +303,7 @@ def _metrics(
         "precision": cfg.precision,
         "device": device.type,
         "compiled": cfg.compile,
+        "quantized_base": quantized,
     }
     if cfg.compile:
         metrics["compile_warmup_seconds"] = round(stats.first_step_seconds, 3)

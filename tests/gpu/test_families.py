@@ -285,3 +285,32 @@ def test_only_the_family_seam_names_a_family() -> None:
             if literal.search(line) or pipeline.search(line):
                 offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
     assert offenders == []
+
+
+def test_quantized_base_trains_a_lora_that_loads_on_the_full_precision_model(settings, tmp_path: Path) -> None:
+    """NF4 frozen base (bitsandbytes runs on the CPU too): the LoRA trains over 4-bit layers,
+    samples render with it unfused, the base stays bit for bit, and the file fits the bf16/fp32 model."""
+    model = "builtin:tiny-flux"
+    entry = models.load_pipeline(model, settings, torch.float32, CPU, quantize=True)
+    transformer = family_of_builtin(model).denoiser(entry.pipe)
+    assert type(transformer.transformer_blocks[0].attn.to_q).__name__ == "Linear4bit"
+    packed = {k: v.clone() for k, v in transformer.state_dict().items()}
+    params = TrainLoraInput(
+        action="train_lora",
+        dataset="d",
+        output_name="q",
+        base_model=model,
+        steps=6,
+        rank=2,
+        quantize_base="nf4",
+        gradient_checkpointing=True,
+        sample_prompts=["a cat"],
+        sample_steps=2,
+    )
+    result = train_lora(params, write_dataset(tmp_path / "d", 2), tmp_path / "w", settings)
+    assert result.metrics["quantized_base"] == "nf4" and len(result.samples) == 1
+    after = transformer.state_dict()
+    assert set(after) == set(packed) and all(torch.equal(after[k], packed[k]) for k in packed)
+    assert tuner_layers(entry.pipe) == []
+    plain = GenerateInput(action="generate", prompt="a cat", base_model=model, steps=2, seed=3)
+    assert generate_images(plain, result.lora_path, settings).images != generate_images(plain, None, settings).images

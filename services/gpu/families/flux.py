@@ -65,12 +65,12 @@ class Flux(ModelFamily):
             in_channels=16,  # 4 latent channels packed 2x2
             num_layers=1,
             num_single_layers=1,
-            attention_head_dim=8,
+            attention_head_dim=16,  # 32 wide: the NF4 path quantizes layers in 32s (see quantize.py)
             num_attention_heads=2,
             joint_attention_dim=tiny.TEXT_HIDDEN,
             pooled_projection_dim=tiny.TEXT_HIDDEN,
             guidance_embeds=True,  # like FLUX.1-dev
-            axes_dims_rope=(2, 2, 4),
+            axes_dims_rope=(4, 4, 8),
         )
         scheduler = FlowMatchEulerDiscreteScheduler(
             shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15
