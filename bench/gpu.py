@@ -13,7 +13,13 @@ and text encoder every step, autocast + GradScaler, AdamW, a loss ``.item()`` pe
 runner is ``services.gpu.trainer.LoraTrainer`` (cached latents and embeddings, bf16 autocast,
 fused AdamW; eager, then compiled).
 
-Models are built in code from the SD1.5 / SDXL configs with random weights and the offline
+FLUX.1 (``--flux``, on by default): a FLUX.1-dev-size pipeline (12 B transformer, T5-XXL- and
+CLIP-L-size encoders) at 1024 px; generation, 28 steps, against a plain bf16 ``FluxPipeline``
+(with the pixel difference); a LoRA rank 16 step at batch 1 against the diffusers
+``train_dreambooth_lora_flux.py`` recipe (CLIP, T5 and the VAE every step); the 1000-step
+projection; and (``--flux-nf4``) the step and peak memory on the NF4 base with checkpointing.
+
+Models are built in code from the SD1.5 / SDXL / FLUX.1 configs with random weights and the offline
 tokenizer: nothing is downloaded. Rows print as they complete (a timeout still shows them);
 compiled sections run last and are skipped when the time left (``--budget``) would not cover
 their warm-up. Needs torch, diffusers, transformers, peft, safetensors and Pillow only.
@@ -363,7 +369,13 @@ def recipe_train(clock: Clock, pipe: Any, sdxl: bool, data: tuple, args: argpars
 
 
 def ours_train(
-    clock: Clock, entry: Any, data: tuple, args: argparse.Namespace, compile: bool, precision: str
+    clock: Clock,
+    entry: Any,
+    data: tuple,
+    args: argparse.Namespace,
+    compile: bool,
+    precision: str,
+    checkpointing: bool = False,
 ) -> Timing:
     cfg = TrainConfig(
         steps=args.warmup_steps + args.train_steps,
@@ -372,6 +384,7 @@ def ours_train(
         batch_size=args.train_batch,
         precision=precision,
         compile=compile,
+        gradient_checkpointing=checkpointing,
     )
     clock.reset_peak()
     trainer = LoraTrainer(entry, cfg)
@@ -449,7 +462,7 @@ def eager_phase(family: str, args: argparse.Namespace, device: torch.device, rep
     plain_dtype = torch.float16 if cuda else torch.float32
     ours_dtype = models.inference_dtype(device)
     pipe = build(family, args.tiny, device, plain_dtype)
-    batches = args.batches if family == "sd15" else args.batches[:1]
+    batches = args.batches
     runs = 3 if family == "sd15" and not args.tiny else 2
     plain_gen: dict[int, Timing] = {}
     if "gen" in args.only:
@@ -513,7 +526,7 @@ def compiled_phase(family: str, args: argparse.Namespace, device: torch.device, 
     dtype = models.inference_dtype(device)
     pipe = build(family, args.tiny, device, dtype)
     entry = models.wrap_pipeline(pipe, models.PipelineKey(f"bench:{family}", str(dtype), str(device)))
-    batches = args.batches if family == "sd15" else args.batches[:1]
+    batches = args.batches
 
     def gen(batch: int) -> None:
         if not report.allows(f"gen {family}"):
@@ -766,6 +779,33 @@ def flux_phase(args: argparse.Namespace, device: torch.device, report: Report, c
                 "cached text+latents, encoders off GPU",
             )
     free(entry, pipe)
+    if "train" in args.only and args.flux_nf4:
+        run_guarded(report, f"train {label} nf4", lambda: flux_nf4_row(args, device, report, clock, size))
+
+
+def flux_nf4_row(args: argparse.Namespace, device: torch.device, report: Report, clock: Clock, size: int) -> None:
+    """Peak memory and step time of FLUX.1 LoRA training on the NF4 base, with gradient
+    checkpointing, the encoders off the GPU: the 24 GB card configuration."""
+    from services.gpu.quantize import quantize_linear_layers
+
+    dtype = models.inference_dtype(device)
+    pipe = build_flux(args.tiny, torch.device("cpu"), dtype)  # quantized on the CPU, then moved
+    quantize_linear_layers(pipe.transformer, dtype)
+    pipe = pipe.to(device)
+    key = models.PipelineKey("bench:flux", f"nf4-{str(dtype).removeprefix('torch.')}", str(device))
+    entry = models.wrap_pipeline(pipe, key)
+    data = dataset(size, count=4)
+    nf4_args = argparse.Namespace(**{**vars(args), "train_batch": 1})
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    ours = ours_train(clock, entry, data, nf4_args, compile=False, precision=precision, checkpointing=True)
+    report.compare(
+        f"train flux {size}px b1 r{args.rank}, NF4 base + checkpointing",
+        report.results.get("train flux plain"),
+        ours,
+        "s/step",
+        "peak memory is the point of this row (24 GB card)",
+    )
+    free(entry, pipe)
 
 
 def projections(report: Report, args: argparse.Namespace) -> None:
@@ -804,10 +844,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--compile", action=argparse.BooleanOptionalAction, default=None, help="compiled rows (default: on with CUDA)"
     )
-    parser.add_argument("--sdxl-compile", action="store_true", help="also compile SDXL (long warm-up)")
+    parser.add_argument(
+        "--sdxl-compile", action=argparse.BooleanOptionalAction, default=True, help="compiled SDXL rows (long warm-up)"
+    )
+    parser.add_argument(
+        "--flux-nf4", action=argparse.BooleanOptionalAction, default=True, help="FLUX.1 training on the NF4 base"
+    )
     parser.add_argument("--flux", action=argparse.BooleanOptionalAction, default=True, help="FLUX.1-size rows")
     parser.add_argument("--steps", type=int, default=None, help="generation steps (25; tiny 4)")
-    parser.add_argument("--batches", default="1,4", help="generation batch sizes (SDXL uses the first)")
+    parser.add_argument("--batches", default="1,4", help="generation batch sizes")
     parser.add_argument("--train-steps", type=int, default=None, help="timed training steps (15; tiny 3)")
     parser.add_argument("--warmup-steps", type=int, default=3, help="untimed training steps first")
     parser.add_argument("--train-batch", type=int, default=4)
