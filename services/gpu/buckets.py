@@ -4,7 +4,7 @@ ratio with about the model's native area, sides in ``step`` pixel steps (64 on f
 :class:`BatchPlan` draws the whole run's batches up front from the seed: each epoch shuffles the
 images of every bucket, cuts them into full batches of one bucket (the last one topped up from
 the same bucket's next shuffle), and shuffles the batch order. The plan and its cursor are
-plain data, so a checkpoint can save and restore the loop's position.
+plain data (``dataclasses.asdict``), so a checkpoint can save and restore the loop's position.
 """
 
 from __future__ import annotations
@@ -79,6 +79,3 @@ class BatchPlan:
         batch = self.batches[self.cursor]
         self.cursor += 1
         return batch
-
-    def state_dict(self) -> dict[str, object]:
-        return {"batches": self.batches, "cursor": self.cursor, "counts": self.counts}

@@ -86,3 +86,20 @@ def test_bad_dataset_fails_before_any_model_loads(tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"bad\.png"):
         train_lora(params, tmp_path, tmp_path / "work", gpu_settings())
     assert not any("/nonexistent/model" in name for name in RUNNER_STATE.snapshot()["pipelines"])
+
+
+def test_buckets_keep_aspect_and_the_plan_is_reproducible() -> None:
+    from services.gpu.buckets import BatchPlan, bucket_sizes, nearest_bucket
+
+    sizes = bucket_sizes(1024, 64)
+    assert (1024, 1024) in sizes and all(w % 64 == 0 and h % 64 == 0 for w, h in sizes)
+    assert all(w * h <= 1024 * 1024 * 1.1 for w, h in sizes)
+    assert nearest_bucket(1920, 1080, sizes) == (1344, 768)  # 16:9 -> 1.75
+    assert nearest_bucket(1080, 1920, sizes) == (768, 1344)
+    buckets = [(32, 32)] * 3 + [(40, 24)]
+    plan = BatchPlan.draw(buckets, batch_size=2, count=20, seed=7)
+    assert plan == BatchPlan.draw(buckets, batch_size=2, count=20, seed=7)
+    assert plan != BatchPlan.draw(buckets, batch_size=2, count=20, seed=8)
+    assert all(len(batch) == 2 and len({buckets[i] for i in batch}) == 1 for batch in plan.batches)
+    assert plan.counts == {"32x32": 3, "40x24": 1}
+    assert plan.next() == plan.batches[0] and plan.cursor == 1

@@ -15,6 +15,7 @@ families predict the velocity ``noise - latents``.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -131,7 +132,7 @@ class FlowSchedule:
 # --- the protocol -----------------------------------------------------------------------------
 
 
-class ModelFamily:
+class ModelFamily(ABC):
     """One architecture. Subclasses set the class attributes and the abstract methods."""
 
     name: ClassVar[str]  # stored in LoRA metadata (``base_model_family``)
@@ -155,9 +156,9 @@ class ModelFamily:
         """True for a model directory whose ``model_index.json`` names this family's pipeline."""
         return index.get("_class_name") in self.pipeline_classes
 
+    @abstractmethod
     def build_tiny(self) -> DiffusionPipeline:
         """The tiny built-in pipeline (fp32, CPU); seeded by the caller."""
-        raise NotImplementedError
 
     # sizes
 
@@ -189,9 +190,9 @@ class ModelFamily:
 
     # training
 
+    @abstractmethod
     def encode_text(self, pipe: Any, captions: Sequence[str]) -> list[Text]:
         """Per caption, the conditioning exactly as the pipeline computes it (no guidance)."""
-        raise NotImplementedError
 
     def collate_text(self, items: Sequence[Text]) -> Text:
         """A batch of cached per-caption conditioning."""
@@ -206,14 +207,15 @@ class ModelFamily:
             sample = sample - shift
         return sample * pipe.vae.config.scaling_factor
 
+    @abstractmethod
     def schedule(self, pipe: Any, device: torch.device) -> DdpmSchedule | FlowSchedule:
-        raise NotImplementedError
+        """The training noise schedule (noisy input and target)."""
 
+    @abstractmethod
     def predict(
         self, pipe: Any, denoiser: Any, noisy: torch.Tensor, timesteps: torch.Tensor, text: Text
     ) -> torch.Tensor:
         """The denoiser's prediction for ``noisy`` (B, C, H, W), in the target's layout."""
-        raise NotImplementedError
 
     # LoRA files
 
