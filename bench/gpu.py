@@ -10,10 +10,16 @@ is; this runner is ``services.gpu.generate.render`` (bf16, the UNet compiled in
 reduce-overhead mode, LoRA fused per job). Training (seconds per optimizer step, LoRA rank
 16, batch 4): plain is the diffusers ``train_text_to_image_lora`` recipe (fp16 weights, VAE
 and text encoder every step, autocast + GradScaler, AdamW, a loss ``.item()`` per step); this
-runner is ``services.gpu.training.LoraTrainer`` (cached latents and embeddings, bf16 autocast,
+runner is ``services.gpu.trainer.LoraTrainer`` (cached latents and embeddings, bf16 autocast,
 fused AdamW; eager, then compiled).
 
-Models are built in code from the SD1.5 / SDXL configs with random weights and the offline
+FLUX.1 (``--flux``, on by default): a FLUX.1-dev-size pipeline (12 B transformer, T5-XXL- and
+CLIP-L-size encoders) at 1024 px; generation, 28 steps, against a plain bf16 ``FluxPipeline``
+(with the pixel difference); a LoRA rank 16 step at batch 1 against the diffusers
+``train_dreambooth_lora_flux.py`` recipe (CLIP, T5 and the VAE every step); the 1000-step
+projection; and (``--flux-nf4``) the step and peak memory on the NF4 base with checkpointing.
+
+Models are built in code from the SD1.5 / SDXL / FLUX.1 configs with random weights and the offline
 tokenizer: nothing is downloaded. Rows print as they complete (a timeout still shows them);
 compiled sections run last and are skipped when the time left (``--budget``) would not cover
 their warm-up. Needs torch, diffusers, transformers, peft, safetensors and Pillow only.
@@ -40,13 +46,20 @@ from PIL import Image
 
 from services.gpu import models
 from services.gpu.generate import GenerationRequest, render
-from services.gpu.tiny import build_tiny_pipeline, build_tokenizer
-from services.gpu.training import LoraTrainer, TrainConfig
+from services.gpu.tiny import build_tiny_pipeline, clip_tokenizer
+from services.gpu.trainer import LoraTrainer, TrainConfig
 
 PROMPT = "a photo of an astronaut riding a horse on the moon, detailed, 8k"
 TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 # Rough warm-up costs on an H200 (../shared/REFERENCE.md), used to skip what the budget cannot cover.
-WARMUP_ESTIMATE = {"gen sd15": 75.0, "train sd15": 190.0, "gen sdxl": 160.0, "train sdxl": 300.0}
+WARMUP_ESTIMATE = {
+    "gen sd15": 75.0,
+    "train sd15": 190.0,
+    "gen sdxl": 160.0,
+    "train sdxl": 300.0,
+    "gen flux": 240.0,  # a guess, to measure
+    "train flux": 400.0,  # a guess, to measure
+}
 BENCH_ERRORS = (RuntimeError, ValueError, TypeError, KeyError, AttributeError, OSError, AssertionError, ImportError)
 
 
@@ -93,7 +106,7 @@ def build_sd15(device: torch.device) -> Any:
     """SD 1.5-size pipeline (UNet 860 M, CLIP ViT-L text encoder, SD VAE), random weights."""
     from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
-    tokenizer = build_tokenizer()
+    tokenizer = clip_tokenizer()
     # Schedulers hold CPU tensors (some convert them to numpy): build them outside the device context.
     scheduler = PNDMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1
@@ -124,7 +137,7 @@ def build_sdxl(device: torch.device) -> Any:
     """SDXL-size pipeline (UNet 2.6 B, CLIP-L + OpenCLIP-bigG text encoders, SDXL VAE)."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 
-    tokenizer = build_tokenizer()
+    tokenizer = clip_tokenizer()
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading"
     )
@@ -151,7 +164,7 @@ def build_sdxl(device: torch.device) -> Any:
         text_encoder=text_encoder,
         text_encoder_2=text_encoder_2,
         tokenizer=tokenizer,
-        tokenizer_2=build_tokenizer(),
+        tokenizer_2=clip_tokenizer(),
         unet=unet,
         scheduler=scheduler,
         add_watermarker=False,
@@ -273,7 +286,7 @@ class RecipeTrainer:
         from diffusers.training_utils import cast_training_params
         from peft import LoraConfig
 
-        from services.gpu.training import pixel_tensor
+        from services.gpu.trainer import pixel_tensor
 
         self.pipe, self.sdxl, self.batch = pipe, sdxl, batch
         self.device = pipe.unet.device
@@ -356,16 +369,22 @@ def recipe_train(clock: Clock, pipe: Any, sdxl: bool, data: tuple, args: argpars
 
 
 def ours_train(
-    clock: Clock, entry: Any, data: tuple, args: argparse.Namespace, compile: bool, precision: str
+    clock: Clock,
+    entry: Any,
+    data: tuple,
+    args: argparse.Namespace,
+    compile: bool,
+    precision: str,
+    checkpointing: bool = False,
 ) -> Timing:
     cfg = TrainConfig(
         steps=args.warmup_steps + args.train_steps,
         rank=args.rank,
         alpha=float(args.rank),
-        resolution=data[0][0].size[0],
         batch_size=args.train_batch,
         precision=precision,
         compile=compile,
+        gradient_checkpointing=checkpointing,
     )
     clock.reset_peak()
     trainer = LoraTrainer(entry, cfg)
@@ -443,7 +462,7 @@ def eager_phase(family: str, args: argparse.Namespace, device: torch.device, rep
     plain_dtype = torch.float16 if cuda else torch.float32
     ours_dtype = models.inference_dtype(device)
     pipe = build(family, args.tiny, device, plain_dtype)
-    batches = args.batches if family == "sd15" else args.batches[:1]
+    batches = args.batches
     runs = 3 if family == "sd15" and not args.tiny else 2
     plain_gen: dict[int, Timing] = {}
     if "gen" in args.only:
@@ -507,7 +526,7 @@ def compiled_phase(family: str, args: argparse.Namespace, device: torch.device, 
     dtype = models.inference_dtype(device)
     pipe = build(family, args.tiny, device, dtype)
     entry = models.wrap_pipeline(pipe, models.PipelineKey(f"bench:{family}", str(dtype), str(device)))
-    batches = args.batches if family == "sd15" else args.batches[:1]
+    batches = args.batches
 
     def gen(batch: int) -> None:
         if not report.allows(f"gen {family}"):
@@ -561,10 +580,238 @@ def compiled_phase(family: str, args: argparse.Namespace, device: torch.device, 
     free(entry, pipe)
 
 
+# --- FLUX.1 ------------------------------------------------------------------------------------
+
+
+def build_flux(tiny: bool, device: torch.device, dtype: torch.dtype) -> Any:
+    """FLUX.1-dev-size pipeline (12 B transformer, T5-XXL- and CLIP-L-size encoders, 16-channel
+    VAE), random weights built directly on ``device`` in ``dtype``; or the builtin tiny one."""
+    if tiny:
+        pipe = build_tiny_pipeline("builtin:tiny-flux").to(device, dtype)
+    else:
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+        from transformers import T5Config, T5EncoderModel
+
+        from services.gpu.tiny import t5_tokenizer
+
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                tokenizer = clip_tokenizer()
+                t5 = T5EncoderModel(
+                    T5Config(
+                        vocab_size=32128,
+                        d_model=4096,
+                        d_kv=64,
+                        d_ff=10240,
+                        num_layers=24,
+                        num_heads=64,
+                        feed_forward_proj="gated-gelu",
+                        pad_token_id=0,
+                        eos_token_id=1,
+                        decoder_start_token_id=0,
+                    )
+                )
+                pipe = FluxPipeline(
+                    scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True),
+                    vae=AutoencoderKL(
+                        in_channels=3,
+                        out_channels=3,
+                        down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4,
+                        block_out_channels=(128, 256, 512, 512),
+                        layers_per_block=2,
+                        latent_channels=16,
+                        use_quant_conv=False,
+                        use_post_quant_conv=False,
+                        shift_factor=0.1159,
+                        scaling_factor=0.3611,
+                    ),
+                    text_encoder=_clip(tokenizer, 768, 12, 12, "quick_gelu"),
+                    tokenizer=tokenizer,
+                    text_encoder_2=t5,
+                    tokenizer_2=t5_tokenizer(),
+                    transformer=FluxTransformer2DModel(guidance_embeds=True),
+                )
+        finally:
+            torch.set_default_dtype(previous)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval().requires_grad_(False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+class FluxRecipeTrainer:
+    """The diffusers ``train_dreambooth_lora_flux.py`` step without its caching flags: CLIP, T5
+    and the VAE run every step, bf16 weights, LoRA (its default targets) in fp32, AdamW,
+    uniform sigmas, guidance 3.5 (its default), the loss read back every step."""
+
+    def __init__(self, pipe: Any, images: list[Image.Image], captions: list[str], rank: int) -> None:
+        from diffusers.training_utils import cast_training_params
+        from peft import LoraConfig
+
+        from services.gpu.trainer import pixel_tensor
+
+        self.pipe = pipe
+        self.device = pipe.transformer.device
+        targets = ["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out"]
+        targets += ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
+        pipe.transformer.add_adapter(
+            LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=targets)
+        )
+        cast_training_params(pipe.transformer, dtype=torch.float32)
+        self.params = [p for p in pipe.transformer.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=1e-4, weight_decay=1e-4)
+        self.pixels, self.captions, self.cursor = pixel_tensor(images), captions, 0
+
+    def step(self) -> None:
+        import torch.nn.functional as F
+
+        pipe, i = self.pipe, self.cursor % len(self.captions)
+        self.cursor += 1
+        with torch.no_grad():
+            embeds, pooled, text_ids = pipe.encode_prompt(
+                prompt=[self.captions[i]], prompt_2=None, device=self.device, max_sequence_length=512
+            )
+            pixels = self.pixels[i : i + 1].to(self.device, pipe.vae.dtype)
+            latents = pipe.vae.encode(pixels).latent_dist.sample()
+            latents = (latents - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+        b, c, h, w = latents.shape
+        noise = torch.randn_like(latents)
+        sigma = torch.rand((b,), device=self.device).view(-1, 1, 1, 1).to(latents.dtype)
+        noisy = (1 - sigma) * latents + sigma * noise
+        packed = pipe._pack_latents(noisy, b, c, h, w)
+        ids = pipe._prepare_latent_image_ids(b, h // 2, w // 2, self.device, latents.dtype)
+        guidance = torch.full((b,), 3.5, device=self.device)
+        out = pipe.transformer(
+            hidden_states=packed,
+            timestep=sigma.flatten(),
+            guidance=guidance,
+            pooled_projections=pooled,
+            encoder_hidden_states=embeds,
+            txt_ids=text_ids,
+            img_ids=ids,
+            return_dict=False,
+        )[0]
+        prediction = pipe._unpack_latents(
+            out, h * pipe.vae_scale_factor, w * pipe.vae_scale_factor, pipe.vae_scale_factor
+        )
+        loss = F.mse_loss(prediction.float(), (noise - latents).float())
+        loss.backward()
+        loss.item()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+
+    def close(self) -> None:
+        self.pipe.transformer.unload_lora()
+
+
+def flux_phase(args: argparse.Namespace, device: torch.device, report: Report, compile: bool) -> None:
+    """FLUX.1-dev-size rows: generation (plain bf16 FluxPipeline vs this runner, eager and
+    compiled) and a LoRA rank 16 step at batch 1 (the dreambooth recipe vs this runner)."""
+    clock = Clock(device)
+    size = args.size or (32 if args.tiny else 1024)
+    steps = 4 if args.tiny else 28
+    label = f"flux {size}px"
+    dtype = models.inference_dtype(device)
+    pipe = build_flux(args.tiny, device, dtype)
+    entry = models.wrap_pipeline(pipe, models.PipelineKey("bench:flux", str(dtype), str(device)))
+
+    def plain_call() -> Any:
+        generator = torch.Generator("cpu").manual_seed(0)
+        return pipe(
+            prompt=PROMPT, height=size, width=size, num_inference_steps=steps, generator=generator, output_type="np"
+        )
+
+    def ours_call(compiled: bool) -> Any:
+        request = GenerationRequest(prompt=PROMPT, width=size, height=size, seed=0, steps=steps)
+        return render(entry, request, None, compile=compiled)
+
+    if "gen" in args.only:
+        plain = run_guarded(report, f"gen {label} plain", lambda: time_calls(clock, plain_call, 2, per=1))
+        for compiled in (False, True) if compile else (False,):
+            if compiled and not report.allows("gen flux"):
+                continue
+            ours = run_guarded(
+                report, f"gen {label} ours", lambda c=compiled: time_calls(clock, lambda: ours_call(c), 2, per=1)
+            )
+            reference = np.asarray(plain_call().images[0], dtype=np.float32)
+            mine = np.asarray(ours_call(compiled)[0], dtype=np.float32) / 255.0
+            note = f"max |pixel diff| vs plain {np.abs(reference - mine).max():.4f} (0..1)"
+            report.compare(
+                f"gen {label} {steps} steps b1, {'compiled' if compiled else 'eager'}", plain, ours, "s/img", note
+            )
+    if "train" in args.only:
+        data = dataset(size, count=4)
+
+        def recipe() -> Timing:
+            clock.reset_peak()
+            trainer = FluxRecipeTrainer(pipe, *data, rank=args.rank)
+            try:
+                return time_calls(
+                    clock, trainer.step, args.train_steps, per=1, warmups=args.warmup_steps, reset_peak=False
+                )
+            finally:
+                trainer.close()
+
+        plain_train = run_guarded(report, f"train {label} plain", recipe)
+        train_args = argparse.Namespace(**{**vars(args), "train_batch": 1})
+        precision = "bf16" if device.type == "cuda" else "fp32"
+        for compiled in (False, True) if compile else (False,):
+            if compiled and not report.allows("train flux"):
+                continue
+            variant = "compiled" if compiled else "eager"
+            ours = run_guarded(
+                report,
+                f"train {label} {variant}",
+                lambda c=compiled: ours_train(clock, entry, data, train_args, compile=c, precision=precision),
+            )
+            report.results["train flux plain"] = plain_train
+            report.results[f"train flux {variant}"] = ours
+            report.compare(
+                f"train {label} b1 r{args.rank}, {variant}",
+                plain_train,
+                ours,
+                "s/step",
+                "cached text+latents, encoders off GPU",
+            )
+    free(entry, pipe)
+    if "train" in args.only and args.flux_nf4:
+        run_guarded(report, f"train {label} nf4", lambda: flux_nf4_row(args, device, report, clock, size))
+
+
+def flux_nf4_row(args: argparse.Namespace, device: torch.device, report: Report, clock: Clock, size: int) -> None:
+    """Peak memory and step time of FLUX.1 LoRA training on the NF4 base, with gradient
+    checkpointing, the encoders off the GPU: the 24 GB card configuration."""
+    from services.gpu.quantize import quantize_linear_layers
+
+    dtype = models.inference_dtype(device)
+    pipe = build_flux(args.tiny, torch.device("cpu"), dtype)  # quantized on the CPU, then moved
+    quantize_linear_layers(pipe.transformer, dtype)
+    pipe = pipe.to(device)
+    key = models.PipelineKey("bench:flux", f"nf4-{str(dtype).removeprefix('torch.')}", str(device))
+    entry = models.wrap_pipeline(pipe, key)
+    data = dataset(size, count=4)
+    nf4_args = argparse.Namespace(**{**vars(args), "train_batch": 1})
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    ours = ours_train(clock, entry, data, nf4_args, compile=False, precision=precision, checkpointing=True)
+    report.compare(
+        f"train flux {size}px b1 r{args.rank}, NF4 base + checkpointing",
+        report.results.get("train flux plain"),
+        ours,
+        "s/step",
+        "peak memory is the point of this row (24 GB card)",
+    )
+    free(entry, pipe)
+
+
 def projections(report: Report, args: argparse.Namespace) -> None:
     """A 1000-step job end to end: setup + warm-up + steps."""
     steps = 1000
-    for family in ("sd15", "sdxl"):
+    for family in ("sd15", "sdxl", "flux"):
         plain = report.results.get(f"train {family} plain")
         if plain is None:
             continue
@@ -576,11 +823,12 @@ def projections(report: Report, args: argparse.Namespace) -> None:
             warm = ours.first if variant == "compiled" else 0.0
             total = ours.setup + warm + steps * ours.per_item
             note = f"compile warm-up {warm:.1f} s (cold inductor cache)" if warm else "no compile"
+            batch = 1 if family == "flux" else args.train_batch
             report.line(
-                f"| {steps}-step job {family} b{args.train_batch}, {variant} (s, incl. setup and "
+                f"| {steps}-step job {family} b{batch}, {variant} (s, incl. setup and "
                 f"warm-up) | {recipe:.1f} s | {total:.1f} s | {recipe / total:.2f}x | | {note} |"
             )
-    from services.gpu.train import TRAIN_COMPILE_MIN_STEPS, TRAIN_COMPILE_MIN_STEPS_WARM
+    from services.gpu.train_job import TRAIN_COMPILE_MIN_STEPS, TRAIN_COMPILE_MIN_STEPS_WARM
 
     report.line(
         f"| policy | | | | | with COMPILE unset the worker compiles training from {TRAIN_COMPILE_MIN_STEPS} "
@@ -596,9 +844,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--compile", action=argparse.BooleanOptionalAction, default=None, help="compiled rows (default: on with CUDA)"
     )
-    parser.add_argument("--sdxl-compile", action="store_true", help="also compile SDXL (long warm-up)")
+    parser.add_argument(
+        "--sdxl-compile", action=argparse.BooleanOptionalAction, default=True, help="compiled SDXL rows (long warm-up)"
+    )
+    parser.add_argument(
+        "--flux-nf4", action=argparse.BooleanOptionalAction, default=True, help="FLUX.1 training on the NF4 base"
+    )
+    parser.add_argument("--flux", action=argparse.BooleanOptionalAction, default=True, help="FLUX.1-size rows")
     parser.add_argument("--steps", type=int, default=None, help="generation steps (25; tiny 4)")
-    parser.add_argument("--batches", default="1,4", help="generation batch sizes (SDXL uses the first)")
+    parser.add_argument("--batches", default="1,4", help="generation batch sizes")
     parser.add_argument("--train-steps", type=int, default=None, help="timed training steps (15; tiny 3)")
     parser.add_argument("--warmup-steps", type=int, default=3, help="untimed training steps first")
     parser.add_argument("--train-batch", type=int, default=4)
@@ -639,6 +893,8 @@ def main(argv: list[str] | None = None) -> int:
         phases.append(("sd15 compiled phase", lambda: compiled_phase("sd15", args, device, report)))
         if args.sdxl and (args.sdxl_compile or args.tiny):
             phases.append(("sdxl compiled phase", lambda: compiled_phase("sdxl", args, device, report)))
+    if args.flux:
+        phases.append(("flux phase", lambda: flux_phase(args, device, report, compile)))
     for what, phase in phases:
         run_guarded(report, what, phase)
         torch._dynamo.reset()  # drops compiled graphs and their CUDA graph pools

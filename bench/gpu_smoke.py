@@ -26,7 +26,7 @@ from config.settings import build_settings
 from services.gpu.generate import generate_images
 from services.gpu.info import gpu_info
 from services.gpu.params import GenerateInput, TrainLoraInput
-from services.gpu.train import train_lora
+from services.gpu.train_job import train_lora
 
 
 def _dataset(folder: Path) -> None:

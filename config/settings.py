@@ -103,6 +103,9 @@ class Settings(BaseSettings):
     model_cache_size: int = Field(1, ge=1, le=16, description="Pipelines kept loaded per worker.")
     compile: bool | None = Field(None, description="torch.compile the UNet; default on with CUDA, off on CPU.")
     hf_home: Path | None = None
+    torchinductor_cache_dir: Path | None = Field(
+        None, description="torch.compile cache folder; default: on the network volume when mounted."
+    )
 
     @field_validator("s3_bucket", "s3_endpoint_url", "s3_region", mode="before")
     @classmethod

@@ -16,6 +16,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -32,7 +33,7 @@ from client.files import save_output_file
 from client.uploads import LocalFile, base64_length, encode_batch, entry_length, envelope_length, plan_upload
 from config.settings import Settings, build_settings
 from services.actions import parse_job_input
-from tests.conftest import CONFIG_PREFIXES
+from tests.conftest import CONFIG_PREFIXES, TEST_KEY_ID, TEST_SECRET, s3_client
 from tests.faultproxy import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,7 +46,7 @@ SMALL_BUDGET = 200_000  # inline JSON bytes per batch in the tests (the default 
 # --- the local server ----------------------------------------------------------------------------
 
 
-def server_env(storage: Path) -> dict[str, str]:
+def server_env(storage: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith(CONFIG_PREFIXES)}
     env.update(
         {
@@ -54,14 +55,27 @@ def server_env(storage: Path) -> dict[str, str]:
             "MODEL_ID": "builtin:tiny-sd",
             "LOG_LEVEL": "WARNING",
             "PYTHONPATH": str(ROOT),
+            **(extra or {}),
         }
     )
     return env
 
 
+def noise_png(side: int, seed: int) -> bytes:
+    """A real PNG of random pixels (incompressible: about 3 x side**2 bytes)."""
+    import numpy as np
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 @contextlib.contextmanager
-def serve_local_api(home: Path) -> Iterator[tuple[str, Path]]:
-    """``python rp_handler.py --rp_serve_api`` on a free port: ``(base URL, STORAGE_DIR)``."""
+def serve_local_api(home: Path, extra_env: dict[str, str] | None = None) -> Iterator[tuple[str, Path]]:
+    """``python rp_handler.py --rp_serve_api`` on a free port: ``(base URL, STORAGE_DIR)``.
+
+    ``extra_env`` adds settings (an S3 bucket on the moto server, for presigned uploads)."""
     storage = home / "storage"
     port = free_port()
     log_path = home / "server.log"
@@ -69,7 +83,7 @@ def serve_local_api(home: Path) -> Iterator[tuple[str, Path]]:
         process = subprocess.Popen(
             [sys.executable, str(ROOT / "rp_handler.py"), "--rp_serve_api", "--rp_api_port", str(port)],
             cwd=home,
-            env=server_env(storage),
+            env=server_env(storage, extra_env),
             stdout=log_file,
             stderr=subprocess.STDOUT,
         )
@@ -166,13 +180,29 @@ def test_encoded_batch_is_the_size_the_plan_predicted(tmp_path: Path) -> None:
 # --- against the local server --------------------------------------------------------------------
 
 
-def test_upload_packs_small_files_inline_and_presigns_large_ones(
-    worker: WorkerClient, local_server: tuple[str, Path], tmp_path: Path
-) -> None:
+@pytest.fixture(scope="module")
+def s3_server(moto_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, str]]:
+    """The worker's local API on the S3 backend (moto): presigned uploads need a bucket."""
+    bucket = f"client-{uuid.uuid4().hex[:12]}"
+    s3_client(moto_server).create_bucket(Bucket=bucket)
+    env = {
+        "S3_BUCKET": bucket,
+        "S3_ENDPOINT_URL": moto_server,
+        "S3_REGION": "us-east-1",
+        "AWS_ACCESS_KEY_ID": TEST_KEY_ID,
+        "AWS_SECRET_ACCESS_KEY": TEST_SECRET,
+    }
+    with serve_local_api(tmp_path_factory.mktemp("client-s3-server"), env) as (base, _storage):
+        yield base, bucket, moto_server
+
+
+def test_upload_packs_small_files_inline_and_presigns_large_ones(s3_server: tuple[str, str], tmp_path: Path) -> None:
+    base, bucket, _endpoint = s3_server
+    worker = WorkerClient.for_local(base, timeout=120, request_timeout=30, inline_budget=SMALL_BUDGET)
     folder = make_dataset(tmp_path / "photos", ("red", "green", "blue"))
-    for index in range(3):  # 60 KB each: 80 KB of base64, so two per 200 KB batch
-        (folder / f"mid-{index}.png").write_bytes(os.urandom(60_000))
-    (folder / "huge.png").write_bytes(os.urandom(300_000))  # alone over the budget: presigned PUT
+    for index in range(3):  # about 60 KB each: 80 KB of base64, so two per 200 KB batch
+        (folder / f"mid-{index}.png").write_bytes(noise_png(140, seed=index))
+    (folder / "huge.png").write_bytes(noise_png(320, seed=9))  # about 300 KB, alone over the budget: presigned PUT
     (folder / "notes.md").write_text("not part of the dataset")
     (folder / "nested").mkdir()
     sent = sorted(p.name for p in folder.iterdir() if p.suffix in (".png", ".txt"))
@@ -187,9 +217,10 @@ def test_upload_packs_small_files_inline_and_presigns_large_ones(
     assert {item["name"] for item in report.ignored} == {"notes.md", "nested"}
     listed = {f["name"]: f["size"] for f in worker.list_files(dataset="up")}
     assert listed == {name: (folder / name).stat().st_size for name in sent}
-    storage = local_server[1]
+    s3 = s3_client(s3_server[2])
     for name in sent:
-        assert (storage / "datasets" / "up" / name).read_bytes() == (folder / name).read_bytes()
+        stored = s3.get_object(Bucket=bucket, Key=f"datasets/up/{name}")["Body"].read()
+        assert stored == (folder / name).read_bytes()
 
     again = worker.upload_dataset(folder, "up")  # the worker skips what it already holds
     assert again.ok

@@ -378,8 +378,10 @@ def test_fuzzed_valid_jobs_run_cleanly(fuzz: FuzzRun) -> None:
         result = fuzz.run(job)
         fuzz.check(result)
         action = job["input"]["action"]
-        if action in ("list_files", "presign_uploads", "health", "get_file"):
+        if action in ("list_files", "health", "get_file"):
             assert "error" not in result or "does not exist" in result["error"], result
+        if action == "presign_uploads":  # the local backend has no presigned PUT (README)
+            assert result == {"error": "presigned uploads need an S3 bucket; send the file inline"}
         for item in result.get("uploaded", []):  # what is reported uploaded is there, byte for byte
             stored = (fuzz.settings.storage_dir / item["key"]).read_bytes()
             assert hashlib.sha256(stored).hexdigest() == item["sha256"]

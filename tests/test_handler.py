@@ -418,7 +418,9 @@ def test_gpu_jobs_are_serialized_while_storage_jobs_keep_running(
     overlap = []
     guard = threading.Lock()
 
-    def fake_generate(params: Any, lora_path: Any, settings: Any) -> GenerateResult:
+    def fake_generate(
+        params: Any, lora_path: Any, settings: Any, progress: Any = None, stop: Any = None
+    ) -> GenerateResult:
         nonlocal running
         with guard:
             running += 1

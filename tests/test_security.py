@@ -166,9 +166,12 @@ def test_loopback_url_is_refused_by_default(
 
     with caplog.at_level(logging.DEBUG):
         [result], hits = run_with_site(jobs)
-    assert result["error"].startswith("1 of 2 files failed: input.files[0]: url http://")
-    assert "host " in result["error"]
-    assert "a loopback address" in result["error"]
+    # One file of two failed: the job completes, partial, and says why (README "Partial failure").
+    assert "error" not in result
+    assert result["partial"] is True
+    assert result["summary"].startswith("1 uploaded, 0 skipped, 1 failed: input.files[0]: url http://")
+    assert "host " in result["summary"]
+    assert "a loopback address" in result["summary"]
     assert [f["name"] for f in result["failed"]] == ["cat.png"]
     assert QUERY_SECRET not in json.dumps(result)
     assert QUERY_SECRET not in caplog.text
@@ -192,9 +195,9 @@ def test_non_image_served_for_an_image_name_is_refused(
             )
         ]
     )
+    assert result["error"].startswith("no file was stored: ")  # the only file failed: a failed job
     assert "input.files[0]: url http://127.0.0.1:" in result["error"]
     assert "not an image" in result["error"]
-    assert result["uploaded"] == []
     assert hits["text.png"] == 1
     assert stored_files(local_env) == {}
     assert workspaces(tmp_path) == []

@@ -104,16 +104,8 @@ def test_partial_failure_reaches_the_caller_through_runsync_and_run_status(serve
     assert failed["error"].startswith("no file was stored: 0 uploaded, 0 skipped, 1 failed: input.files[0].name")
 
 
-def _runner_checks_the_stop_signal() -> bool:
-    """The GPU runner's generate takes ``progress`` and ``stop`` (the GPU branch adds them)."""
-    source = (ROOT / "services" / "gpu" / "generate.py").read_text()
-    return "stop.check(" in source
-
-
 @pytest.mark.gpu
 def test_sigterm_stops_a_long_generate_between_steps(server: Server, tmp_path: Path) -> None:
-    if not _runner_checks_the_stop_signal():
-        pytest.skip("the GPU runner does not check the stop signal yet (GPU branch)")
     steps = 150
     long_job = {"action": "generate", "prompt": "noise", "steps": steps, "width": 512, "height": 512, "seed": 1}
     answer: dict[str, Any] = {}

@@ -47,14 +47,14 @@ async def _fetch_dataset(request: TrainLoraInput, ctx: JobContext) -> Path:
 
 async def train_lora(request: TrainLoraInput, ctx: JobContext) -> TrainLoraResult:
     """Train, store the LoRA under ``loras/<output_name>/``, return it with samples and metrics."""
-    from services.gpu.train import train_lora as run_training
+    from services.gpu.train_job import train_lora as run_training
 
     dataset_dir = await _fetch_dataset(request, ctx)
     out_dir = ctx.workspace / "train"
     out_dir.mkdir()
     async with gpu_lock():
         result = await ctx.in_thread(
-            "training", run_training, request, dataset_dir, out_dir, ctx.settings, ctx.progress
+            "training", run_training, request, dataset_dir, out_dir, ctx.settings, ctx.progress, ctx.stop
         )
     ctx.stage = "storing the LoRA"
     key = lora_key(request.output_name)
@@ -100,7 +100,9 @@ async def generate(request: GenerateInput, ctx: JobContext) -> GenerateResult:
     ctx.stage = "downloading the LoRA"
     lora_path = await _fetch_lora(request, ctx)
     async with gpu_lock():
-        result = await ctx.in_thread("generating", generate_images, request, lora_path, ctx.settings)
+        result = await ctx.in_thread(
+            "generating", generate_images, request, lora_path, ctx.settings, ctx.progress, ctx.stop
+        )
     return GenerateResult(
         images=[OutputFile.from_bytes(i.name, i.data, i.mime) for i in result.images],
         seed=result.seed,

@@ -6,7 +6,8 @@ module tree it had at rest: a compiled denoiser (reduce-overhead, CUDA graphs ov
 parameter storage) runs it without recompiling, and there is no LoRA overhead per step. After
 the job the copies are written back in place: the base weights are restored bit for bit and
 nothing leaks into the next job. A pipeline that cannot be restored is evicted from the cache
-and the job fails with :class:`ModelStateError`.
+and the job fails with :class:`ModelStateError`. On a quantized (NF4) base the LoRA runs
+unfused at ``scale`` (fusing would re-quantize the base) and is unloaded after the job.
 """
 
 from __future__ import annotations
@@ -95,6 +96,11 @@ def fused_lora(entry: LoadedPipeline, path: Path | None, scale: float) -> Iterat
     backups: list[Backup] = []
     try:
         _load(entry, path)
+        if entry.quantized:
+            entry.pipe.set_adapters([JOB_ADAPTER], [scale])
+            log.info("LoRA %s applied unfused at scale %s to %s", path.name, scale, entry.key)
+            yield
+            return
         backups = _backup(tuner_layers(entry.pipe))
         entry.pipe.fuse_lora(lora_scale=scale, adapter_names=[JOB_ADAPTER])
         entry.pipe.unload_lora_weights()

@@ -8,8 +8,7 @@ from typing import Literal, get_args
 from services.errors import InputError
 
 BUILTIN_PREFIX = "builtin:"
-BUILTIN_MODELS = ("builtin:tiny-sd", "builtin:tiny-sdxl")
-DEFAULT_TRAIN_STEPS = 1000
+BUILTIN_MODELS = ("builtin:tiny-sd", "builtin:tiny-sdxl", "builtin:tiny-flux", "builtin:tiny-zimage")
 DEFAULT_TINY_TRAIN_STEPS = 100  # the builtin models train in seconds on a CPU
 
 # RunPod mounts its cached models here (REFERENCE.md, "RunPod SDK").
@@ -32,6 +31,7 @@ SCHEDULER_NAMES: tuple[str, ...] = get_args(SchedulerName)
 
 MixedPrecision = Literal["auto", "no", "fp16", "bf16"]
 ExportFormat = Literal["diffusers", "kohya"]
+LoraTargets = Literal["attention", "attention+mlp"]
 ImageFormat = Literal["png", "jpeg", "webp"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")

@@ -1,5 +1,5 @@
 """Training datasets: images plus optional same-name ``.txt`` captions, validated before any
-model is loaded, then resized and centre-cropped to the training resolution."""
+model is loaded, then resized to their aspect-ratio bucket (:mod:`services.gpu.buckets`)."""
 
 from __future__ import annotations
 
@@ -92,13 +92,18 @@ def scan_dataset(root: Path, caption: str = "", trigger_word: str | None = None)
     return [Example(path, with_trigger(_caption(path, root, caption), trigger_word)) for path in images]
 
 
-def load_square(path: Path, size: int) -> Image.Image:
-    """RGB, upright (EXIF), transparency on white, shorter side resized to ``size``, centre crop."""
+def load_rgb(path: Path) -> Image.Image:
+    """RGB, upright (EXIF), transparency flattened on white."""
     with Image.open(path) as source:
         image = ImageOps.exif_transpose(source)
         if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
             rgba = image.convert("RGBA")
             image = Image.new("RGB", rgba.size, (255, 255, 255))
             image.paste(rgba, mask=rgba.getchannel("A"))
-        image = image.convert("RGB")
-    return ImageOps.fit(image, (size, size), method=Image.Resampling.BICUBIC, centering=(0.5, 0.5))
+        return image.convert("RGB")
+
+
+def fit(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Resize ``image`` to cover ``size`` (width, height) keeping its aspect ratio, then cut the
+    few pixels left over evenly from both sides (its bucket has the nearest ratio)."""
+    return ImageOps.fit(image, size, method=Image.Resampling.BICUBIC, centering=(0.5, 0.5))

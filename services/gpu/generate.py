@@ -5,6 +5,13 @@ CPU generator seeded with ``seed + i``. A job's LoRA and scheduler are set for t
 (:func:`services.gpu.adapters.fused_lora`, :func:`scheduler_for`). With compilation on, the
 denoiser runs through ``torch.compile`` in reduce-overhead mode; the first call for each new
 shape compiles, and its time is recorded as a warm-up (``gpu_info``).
+
+Progress and stop: after every denoising step (diffusers' ``callback_on_step_end``) the job's
+``progress(update, final=False)`` gets ``{"step", "total_steps"}`` (the last step
+with ``final=True``; the caller throttles the others) and the job's
+:class:`~services.stop.StopSignal` is checked; a set signal raises :class:`JobStopped` out of
+the pipeline, and the ``finally`` blocks put the cached pipeline back at rest (LoRA weights
+restored, adapter removed, scheduler and denoiser back).
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import inspect
 import logging
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +41,8 @@ if TYPE_CHECKING:
     from config.settings import Settings
     from services.gpu.models import LoadedPipeline
     from services.gpu.params import GenerateInput
+    from services.gpu.trainer import Progress
+    from services.stop import StopSignal
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +75,13 @@ class GenerationRequest:
     lora_scale: float = 1.0
 
 
-def generate_images(params: GenerateInput, lora_path: Path | None, settings: Settings) -> GenerateResult:
+def generate_images(
+    params: GenerateInput,
+    lora_path: Path | None,
+    settings: Settings,
+    progress: Progress | None = None,
+    stop: StopSignal | None = None,
+) -> GenerateResult:
     """Render ``params.num_images`` images; sync (run it in a worker thread under the GPU lock)."""
     seed = params.seed if params.seed is not None else secrets.randbelow(2**32)
     with gpu_errors("generate"):
@@ -89,20 +104,33 @@ def generate_images(params: GenerateInput, lora_path: Path | None, settings: Set
             scheduler=params.scheduler,
             lora_scale=params.lora_scale,
         )
-        images = render(entry, request, lora_path, compile=models.resolve_compile(settings.compile, device))
+        compile = models.resolve_compile(settings.compile, device)
+        cache = models.compile_cache_dir(settings) if compile else None
+        images = render(entry, request, lora_path, compile=compile, cache=cache, progress=progress, stop=stop)
     files = [encode_image(image, f"image-{i}", params.format, params.quality) for i, image in enumerate(images)]
     return GenerateResult(images=files, seed=seed)
 
 
 def render(
-    entry: LoadedPipeline, request: GenerationRequest, lora_path: Path | None, *, compile: bool
+    entry: LoadedPipeline,
+    request: GenerationRequest,
+    lora_path: Path | None,
+    *,
+    compile: bool,
+    cache: Path | None = None,
+    progress: Progress | None = None,
+    stop: StopSignal | None = None,
 ) -> list[Image.Image]:
     """Run the pipeline for one request with its LoRA and scheduler; returns PIL images."""
     kwargs = _call_kwargs(entry, request)
+    if progress is not None or stop is not None:
+        kwargs["callback_on_step_end"] = step_callback(request.steps, progress, stop)
+    if stop is not None:
+        stop.check("generate before the first step")
     with (
         scheduler_for(entry, request.scheduler),
         fused_lora(entry, lora_path, request.lora_scale),
-        _denoiser(entry, compile) as first_call,
+        _denoiser(entry, compile, cache) as first_call,
     ):
         started = time.perf_counter()
         output = entry.pipe(**kwargs)
@@ -113,6 +141,23 @@ def render(
             )
             log.info("compile warm-up for %s: %.1f s", entry.key, seconds)
     return list(output.images)
+
+
+def step_callback(
+    steps: int, progress: Progress | None, stop: StopSignal | None
+) -> Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]:
+    """diffusers' ``callback_on_step_end``: report the step, then stop if asked."""
+
+    def on_step_end(pipe: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        done = index + 1
+        total = getattr(pipe, "num_timesteps", None) or steps  # Heun and friends take more
+        if progress is not None:
+            progress({"step": done, "total_steps": total}, final=done >= total)
+        if stop is not None and done < total:
+            stop.check(f"generate at step {done} of {total}")
+        return {}
+
+    return on_step_end
 
 
 def _call_kwargs(entry: LoadedPipeline, request: GenerationRequest) -> dict[str, Any]:
@@ -158,14 +203,14 @@ def scheduler_for(entry: LoadedPipeline, name: str) -> Iterator[None]:
 
 
 @contextmanager
-def _denoiser(entry: LoadedPipeline, compile: bool) -> Iterator[Any]:
+def _denoiser(entry: LoadedPipeline, compile: bool, cache: Path | None) -> Iterator[Any]:
     """Swap in the compiled denoiser for the call; yields ``first_call(request) -> bool``."""
     if not compile:
         yield lambda _request: False
         return
     name = entry.denoiser_name
     plain = getattr(entry.pipe, name)
-    setattr(entry.pipe, name, models.compiled_denoiser(entry))
+    setattr(entry.pipe, name, models.compiled_denoiser(entry, cache))
 
     def first_call(request: GenerationRequest) -> bool:
         shape = (request.num_images, request.width, request.height, request.guidance_scale)

@@ -1,11 +1,12 @@
 """Model sources and the bounded, least-recently-used pipeline cache.
 
-A ``base_model`` is ``builtin:tiny-sd`` / ``builtin:tiny-sdxl`` (built in code), an absolute
+A ``base_model`` is a ``builtin:tiny-*`` model (built in code), an absolute
 directory holding a diffusers pipeline (``model_index.json``), or a Hugging Face repo id loaded
 from the local cache only (``HF_HOME``'s hub, the default hub cache, and RunPod's cached models
 at ``/runpod-volume/huggingface-cache/hub``): nothing is ever downloaded.
 
-Pipelines stay loaded across jobs, keyed by (model, dtype, device). At rest a cached pipeline
+Pipelines stay loaded across jobs, keyed by (model, dtype, device); each entry knows its model
+family (:mod:`services.gpu.families`), None for pipelines the runner only generates with. At rest a cached pipeline
 is frozen (``requires_grad`` off), in eval mode, with no adapter and its default scheduler; the
 training and generation paths restore that state in ``finally`` blocks. When the cache is full,
 the least recently used pipeline is dropped and its GPU memory freed.
@@ -22,7 +23,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from services.errors import InputError
 from services.gpu.catalog import (
@@ -31,6 +32,8 @@ from services.gpu.catalog import (
     RUNPOD_HF_CACHE,
     RUNPOD_VOLUME,
 )
+from services.gpu.families import ModelFamily, family_of, family_of_index
+from services.gpu.quantize import QUANT_PREFIX, is_quantized, quantize_linear_layers
 from services.gpu.state import RUNNER_STATE
 
 if TYPE_CHECKING:
@@ -40,9 +43,6 @@ if TYPE_CHECKING:
     from config.settings import Settings
 
 log = logging.getLogger(__name__)
-
-Family = Literal["sd", "sdxl", "other"]
-FALLBACK_SIZE = 512
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class LoadedPipeline:
 
     key: PipelineKey
     pipe: DiffusionPipeline
-    family: Family
+    family: ModelFamily | None
     native_size: int
     default_scheduler: Any
     compiled: Any = None  # torch.compile'd denoiser, built on first compiled use
@@ -71,8 +71,15 @@ class LoadedPipeline:
 
     @property
     def denoiser_name(self) -> str:
-        """``unet`` (SD, SDXL) or ``transformer`` (Flux, SD3, ...)."""
+        """``unet`` or ``transformer``: the family's, else whichever the pipeline has."""
+        if self.family is not None:
+            return self.family.denoiser_name
         return "unet" if getattr(self.pipe, "unet", None) is not None else "transformer"
+
+    @property
+    def quantized(self) -> bool:
+        """True when the denoiser's frozen weights are NF4 (a LoRA is applied unfused)."""
+        return is_quantized(self.key.dtype)
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -102,15 +109,6 @@ class PipelineCache:
             self._entries[key] = entry
             self._publish()
             return entry
-
-    def put(self, entry: LoadedPipeline, capacity: int) -> None:
-        """Insert a pipeline built elsewhere (the benchmark), evicting as needed."""
-        with self._lock:
-            while len(self._entries) >= capacity and entry.key not in self._entries:
-                self._drop(next(iter(self._entries)))
-            self._entries[entry.key] = entry
-            self._entries.move_to_end(entry.key)
-            self._publish()
 
     def evict(self, key: PipelineKey) -> None:
         """Drop one pipeline (after a failure left it in an unknown state)."""
@@ -197,12 +195,11 @@ def resolve_compile(setting: bool | None, device: torch.device) -> bool:
     return device.type == "cuda" if setting is None else setting
 
 
-def configure_compile_cache() -> Path | None:
-    """Point inductor's cache at the network volume when there is one, so the next worker
-    starts warm; returns the cache directory when it is persistent (set or on the volume)."""
-    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if current:
-        return Path(current)
+def compile_cache_dir(settings: Settings) -> Path | None:
+    """The persistent inductor cache: ``TORCHINDUCTOR_CACHE_DIR`` when set, else a folder on
+    the network volume when there is one (so the next worker starts warm), else None."""
+    if settings.torchinductor_cache_dir is not None:
+        return settings.torchinductor_cache_dir
     if not RUNPOD_VOLUME.is_dir():
         return None
     try:
@@ -210,11 +207,17 @@ def configure_compile_cache() -> Path | None:
     except OSError as exc:
         log.warning("cannot create the inductor cache %s (%s); compiling without it", INDUCTOR_CACHE_ON_VOLUME, exc)
         return None
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(INDUCTOR_CACHE_ON_VOLUME)
     return INDUCTOR_CACHE_ON_VOLUME
 
 
-def compiled_denoiser(entry: LoadedPipeline) -> torch.nn.Module:
+def use_compile_cache(cache: Path | None) -> None:
+    """Point inductor at ``cache``. Inductor reads its cache folder only from the environment
+    (``torch._inductor.runtime.cache_dir_utils.cache_dir``), so this is the one place that sets it."""
+    if cache is not None:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
+
+
+def compiled_denoiser(entry: LoadedPipeline, cache: Path | None) -> torch.nn.Module:
     """The entry's denoiser under ``torch.compile`` in reduce-overhead mode (CUDA graphs).
 
     The compiled module shares the plain one's parameters, so LoRA weights fused in place are
@@ -223,7 +226,7 @@ def compiled_denoiser(entry: LoadedPipeline) -> torch.nn.Module:
     import torch
 
     if entry.compiled is None:
-        configure_compile_cache()
+        use_compile_cache(cache)
         plain = entry.denoiser
         entry.compiled = _detached_outputs(torch.compile(plain, mode="reduce-overhead"), plain)
     return entry.compiled
@@ -268,13 +271,18 @@ def _detached_outputs(compiled: Any, plain: Any) -> Any:
 # --- loading ----------------------------------------------------------------------------------
 
 
-def load_pipeline(model: str, settings: Settings, dtype: torch.dtype, device: torch.device) -> LoadedPipeline:
-    """The cached pipeline of ``model`` in ``dtype`` on ``device``, loading it when needed."""
-    key = PipelineKey(model, str(dtype).removeprefix("torch."), str(device))
+def load_pipeline(
+    model: str, settings: Settings, dtype: torch.dtype, device: torch.device, quantize: bool = False
+) -> LoadedPipeline:
+    """The cached pipeline of ``model`` in ``dtype`` on ``device``, loading it when needed;
+    with ``quantize``, its denoiser's linear layers in NF4 (:mod:`services.gpu.quantize`)."""
+    name = str(dtype).removeprefix("torch.")
+    key = PipelineKey(model, f"{QUANT_PREFIX}{name}" if quantize else name, str(device))
     return PIPELINES.get(key, settings.model_cache_size, lambda k: _load(k, settings, dtype, device))
 
 
 def _load(key: PipelineKey, settings: Settings, dtype: torch.dtype, device: torch.device) -> LoadedPipeline:
+    import torch
     from diffusers.utils import logging as diffusers_logging
 
     log.info("pipeline cache: loading %s", key)
@@ -282,43 +290,43 @@ def _load(key: PipelineKey, settings: Settings, dtype: torch.dtype, device: torc
     if key.model in BUILTIN_MODELS:
         from services.gpu.tiny import build_tiny_pipeline
 
-        pipe = build_tiny_pipeline(key.model).to(device)  # built in fp32
-        if key.dtype != "float32":
+        pipe = build_tiny_pipeline(key.model)  # built in fp32
+        if dtype != torch.float32:
             pipe = pipe.to(dtype=dtype)
     elif key.model.startswith("/"):
-        pipe = _from_directory(Path(key.model), dtype).to(device)
+        pipe = _from_directory(Path(key.model), dtype)
     else:
-        pipe = _from_hf_cache(key.model, settings, dtype).to(device)
-    return wrap_pipeline(pipe, key)
+        pipe = _from_hf_cache(key.model, settings, dtype)
+    if is_quantized(key.dtype):
+        family = family_of(pipe)
+        if family is None:
+            raise InputError(f"input.quantize_base: {type(pipe).__name__} has no known denoiser to quantize")
+        layers = quantize_linear_layers(family.denoiser(pipe), dtype)
+        log.info("pipeline cache: %s: %d linear layers of the %s in NF4", key, layers, family.denoiser_name)
+    return wrap_pipeline(pipe.to(device), key)
 
 
 def wrap_pipeline(pipe: DiffusionPipeline, key: PipelineKey) -> LoadedPipeline:
     """Freeze ``pipe`` and describe it as a cache entry (used by the loader and the benchmark)."""
     import torch
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             component.eval().requires_grad_(False)
     pipe.set_progress_bar_config(disable=True)
-    family: Family = "other"
-    if isinstance(pipe, StableDiffusionXLPipeline):
-        family = "sdxl"
-    elif isinstance(pipe, StableDiffusionPipeline):
-        family = "sd"
-    return LoadedPipeline(
-        key=key, pipe=pipe, family=family, native_size=_native_size(pipe), default_scheduler=pipe.scheduler
-    )
+    family = family_of(pipe)
+    native = family.native_size(pipe) if family is not None else _native_size(pipe)
+    return LoadedPipeline(key=key, pipe=pipe, family=family, native_size=native, default_scheduler=pipe.scheduler)
 
 
-def _native_size(pipe: DiffusionPipeline) -> int:
-    """The pipeline's default image side in pixels (512 SD 1.5, 1024 SDXL, 32 builtin tiny)."""
+def _native_size(pipe: DiffusionPipeline, fallback: int = 1024) -> int:
+    """The default image side of a pipeline of no known family."""
     factor = getattr(pipe, "vae_scale_factor", 8)
     sample = getattr(pipe, "default_sample_size", None)
     if not isinstance(sample, int):
         denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
         sample = getattr(getattr(denoiser, "config", None), "sample_size", None)
-    return int(sample * factor) if isinstance(sample, int) else FALLBACK_SIZE
+    return int(sample * factor) if isinstance(sample, int) else fallback
 
 
 def _load_kwargs(index: Path | None, dtype: torch.dtype) -> dict[str, Any]:
@@ -329,6 +337,8 @@ def _load_kwargs(index: Path | None, dtype: torch.dtype) -> dict[str, Any]:
             components = json.loads(index.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise InputError(f"input.base_model: cannot read {index}: {exc}") from exc
+        family = family_of_index(components)
+        log.info("%s: %s (%s)", index.parent, components.get("_class_name"), family.label if family else "no family")
         if "safety_checker" in components:
             kwargs.update(safety_checker=None, requires_safety_checker=False)
     return kwargs

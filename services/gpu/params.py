@@ -4,6 +4,9 @@
 
     {"action": "train_lora", "dataset": "my-set", "output_name": "my-lora",
      "trigger_word": "sks", "steps": 1000, "rank": 16, "export_formats": ["diffusers", "kohya"]}
+    {"action": "train_lora", "dataset": "my-set", "output_name": "flux-lora",
+     "base_model": "black-forest-labs/FLUX.1-dev", "resolution": [512, 768, 1024],
+     "lora_targets": "attention+mlp", "gradient_checkpointing": true}
 
 ``generate``::
 
@@ -28,6 +31,7 @@ from services.gpu.catalog import (
     BUILTIN_PREFIX,
     ExportFormat,
     ImageFormat,
+    LoraTargets,
     MixedPrecision,
     SchedulerName,
     check_pixels,
@@ -76,42 +80,51 @@ def _limit(field: str, value: int, limit: int, setting: str) -> None:
         raise InputError(f"input.{field}: at most {limit} ({setting})")
 
 
+_BASE_MODEL = f"{', '.join(BUILTIN_MODELS)}, a cached Hugging Face repo id or a local directory; default MODEL_ID."
+Side = Annotated[int, Field(ge=16, le=2048, multiple_of=8)]
+
+
 class TrainLoraInput(BaseModel):
-    """Train a LoRA adapter on the UNet of an SD 1.x/2.x or SDXL model."""
+    """Train a LoRA adapter on the denoiser (UNet or transformer) of an SD 1.x/2.x, SDXL,
+    FLUX.1 or Z-Image model, on aspect-ratio buckets."""
 
     model_config = ConfigDict(extra="forbid")
 
     action: Literal["train_lora"]
     dataset: str | None = Field(None, description="Dataset name: images plus optional same-name .txt captions.")
     dataset_url: Url | None = Field(None, description="URL of a zip of images and captions.")
-    base_model: str | None = Field(
-        None,
-        description="builtin:tiny-sd, builtin:tiny-sdxl, a cached Hugging Face repo id or a local "
-        "directory; default MODEL_ID.",
-    )
+    base_model: str | None = Field(None, description=_BASE_MODEL)
     output_name: str = Field(description="Name of the LoRA; stored under loras/<output_name>/.")
     trigger_word: str | None = Field(
         None, min_length=1, max_length=100, description="Prepended to every caption that lacks it."
     )
     caption: str = Field("", max_length=2000, description="Caption for images without a .txt file.")
     steps: int | None = Field(
-        None, ge=1, le=100_000, description="Optimizer steps; default 1000 (100 for the builtin tiny models)."
+        None, ge=1, le=100_000, description="Optimizer steps; default: the family's (100 for the builtin tiny models)."
     )
-    rank: int = Field(16, ge=1, le=256, description="LoRA rank.")
-    alpha: float | None = Field(None, gt=0, le=1024, description="LoRA alpha; default: the rank.")
-    learning_rate: float = Field(1e-4, gt=0, le=1.0)
-    resolution: int | None = Field(
+    rank: int | None = Field(None, ge=1, le=256, description="LoRA rank; default: the family's (16).")
+    alpha: float | None = Field(
+        None, gt=0, le=1024, description="LoRA alpha; default: the rank. Folded into the saved weights."
+    )
+    learning_rate: float | None = Field(None, gt=0, le=1.0, description="Default: the family's (1e-4).")
+    resolution: Side | list[Side] | None = Field(
         None,
-        ge=16,
-        le=2048,
-        multiple_of=8,
-        description="Square training size in pixels; default: the model's native size.",
+        description="Training side in pixels, or a list of sides for multi-resolution training: each image "
+        "trains at its aspect-ratio bucket of about side x side pixels; default: the model's native size.",
+    )
+    lora_targets: LoraTargets = Field(
+        "attention", description="Layers that get LoRA: attention, or attention+mlp (also the feed-forward layers)."
     )
     batch_size: int = Field(1, ge=1, le=64)
     gradient_accumulation: int = Field(1, ge=1, le=64)
     seed: int = Field(0, ge=0, le=2**32 - 1)
     mixed_precision: MixedPrecision = Field("auto", description="auto: bf16 on a CUDA GPU, fp32 on the CPU.")
     gradient_checkpointing: bool = Field(False, description="Less memory, about 2x slower steps.")
+    quantize_base: Literal["none", "nf4"] = Field(
+        "none",
+        description="nf4: the frozen denoiser in 4-bit NF4 (bitsandbytes) for smaller GPUs; the LoRA trains "
+        "in full precision over it.",
+    )
     cache_latents: bool = Field(True, description="Encode the images with the VAE once.")
     cache_text_embeddings: bool = Field(True, description="Encode the captions once.")
     sample_prompts: list[Prompt] = Field(
@@ -122,7 +135,7 @@ class TrainLoraInput(BaseModel):
         default_factory=lambda: ["diffusers"],
         min_length=1,
         max_length=4,
-        description="diffusers (always written) and optionally kohya (A1111/ComfyUI).",
+        description="diffusers (always written) and optionally kohya (A1111/ComfyUI; SD and SDXL only).",
     )
 
     @field_validator("dataset")
@@ -152,11 +165,25 @@ class TrainLoraInput(BaseModel):
     def _unique_formats(cls, value: list[str]) -> list[str]:
         return list(dict.fromkeys(value))
 
+    @field_validator("resolution")
+    @classmethod
+    def _resolutions(cls, value: int | list[int] | None) -> int | list[int] | None:
+        if isinstance(value, list) and not 1 <= len(value) <= 4:
+            raise ValueError("give 1 to 4 sides")
+        return value
+
     @model_validator(mode="after")
     def _one_dataset(self) -> TrainLoraInput:
         if (self.dataset is None) == (self.dataset_url is None):
             raise ValueError("give exactly one of dataset or dataset_url")
         return self
+
+    def resolutions(self) -> list[int]:
+        """The training sides asked for, without duplicates (empty: the model's native size)."""
+        if self.resolution is None:
+            return []
+        sides = self.resolution if isinstance(self.resolution, list) else [self.resolution]
+        return list(dict.fromkeys(sides))
 
     def check_limits(self, settings: Settings) -> None:
         """Bounds from the worker's settings; raises :class:`InputError` naming the field."""
@@ -165,12 +192,10 @@ class TrainLoraInput(BaseModel):
         if self.sample_prompts:
             _limit("sample_steps", self.sample_steps, settings.max_gen_steps, "MAX_GEN_STEPS")
         _limit("sample_prompts", len(self.sample_prompts), settings.max_images_per_request, "MAX_IMAGES_PER_REQUEST")
-        if self.resolution is not None:
-            pixels = self.resolution * self.resolution
-            if pixels > settings.max_image_pixels:
+        for side in self.resolutions():
+            if side * side > settings.max_image_pixels:
                 raise InputError(
-                    f"input.resolution: {self.resolution}x{self.resolution} is over "
-                    f"{settings.max_image_pixels} pixels (MAX_IMAGE_PIXELS)"
+                    f"input.resolution: {side}x{side} is over {settings.max_image_pixels} pixels (MAX_IMAGE_PIXELS)"
                 )
 
 
@@ -182,11 +207,7 @@ class GenerateInput(BaseModel):
     action: Literal["generate"]
     prompt: Prompt
     negative_prompt: str | None = Field(None, max_length=2000)
-    base_model: str | None = Field(
-        None,
-        description="builtin:tiny-sd, builtin:tiny-sdxl, a cached Hugging Face repo id or a local "
-        "directory; default MODEL_ID.",
-    )
+    base_model: str | None = Field(None, description=_BASE_MODEL)
     lora: str | None = Field(None, description="Storage key of a LoRA file, or a train_lora output_name.")
     lora_url: Url | None = Field(None, description="URL of a LoRA .safetensors file.")
     lora_scale: float = Field(1.0, ge=-4.0, le=4.0, description="Strength of the LoRA; 0 = the base model.")

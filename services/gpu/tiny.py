@@ -1,9 +1,10 @@
-"""Tiny randomly initialised SD and SDXL pipelines, built in code with no hub access.
+"""Pieces of the tiny built-in models, built in code with no hub access, and the builder.
 
-They serve the tests, CI and the default run. Weights come from a fixed seed on a forked CPU
-generator, so every process builds the same model. The CLIP tokenizer is built offline from a
-byte-level vocabulary (the 256 byte characters, the same with ``</w>``, plus the start and end
-tokens: 514 entries) and no merges: every character is one token.
+Each family module builds its own tiny pipeline (``ModelFamily.build_tiny``) from these
+pieces. Weights come from a fixed seed on a forked CPU generator, so every process builds the
+same model. Tokenizers are built offline from a byte-level vocabulary and no merges (every
+character is one token): CLIP's (the 256 byte characters, the same with ``</w>``, plus the
+start and end tokens: 514 entries), a T5 tokenizer and a Qwen-style one with a chat template.
 """
 
 from __future__ import annotations
@@ -12,12 +13,16 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
-    from transformers import CLIPTokenizer
+    from transformers import CLIPTokenizer, PreTrainedTokenizerFast
 
 TINY_SEED = 20_240_601
 TINY_SIZE = 32  # pixels; latents are 16x16 (the tiny VAE downsamples by 2)
 TEXT_HIDDEN = 16
 MAX_TOKENS = 77
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def byte_characters() -> list[str]:
@@ -34,20 +39,54 @@ def byte_characters() -> list[str]:
 
 
 def byte_level_vocab() -> dict[str, int]:
-    """The 514-entry vocabulary: byte characters, the same with ``</w>``, start and end."""
+    """The 514-entry CLIP vocabulary: byte characters, the same with ``</w>``, start and end."""
     chars = byte_characters()
     tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
     return {token: index for index, token in enumerate(tokens)}
 
 
-def build_tokenizer() -> CLIPTokenizer:
+def clip_tokenizer() -> CLIPTokenizer:
     """A CLIP tokenizer with no merges (one token per character), 77 tokens long, built offline."""
     from transformers import CLIPTokenizer
 
     return CLIPTokenizer(vocab=byte_level_vocab(), merges=[], model_max_length=MAX_TOKENS)
 
 
-def _text_config(tokenizer: CLIPTokenizer, **extra: Any) -> Any:
+def _byte_bpe(specials: list[str], unknown: str | None) -> Any:
+    """A ``tokenizers`` byte-level BPE with no merges: ``specials`` first, then the 256 bytes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {token: index for index, token in enumerate(specials)}
+    for char in byte_characters():
+        vocab[char] = len(vocab)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=unknown))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def t5_tokenizer() -> PreTrainedTokenizerFast:
+    """A T5 tokenizer (pad 0, end 1, unknown 2; ``</s>`` appended) over single bytes."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import T5TokenizerFast
+
+    tokenizer = _byte_bpe(["<pad>", "</s>", "<unk>"], "<unk>")
+    tokenizer.post_processor = TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    specials = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}  # token names, not secrets
+    return T5TokenizerFast(tokenizer_object=tokenizer, **specials)
+
+
+def qwen_tokenizer() -> PreTrainedTokenizerFast:
+    """A Qwen2-style tokenizer over single bytes, with a minimal chat template."""
+    from transformers import Qwen2TokenizerFast
+
+    tokenizer = _byte_bpe(["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None)
+    specials = {"pad_token": "<|endoftext|>", "eos_token": "<|im_end|>", "unk_token": None, "bos_token": None}
+    return Qwen2TokenizerFast(tokenizer_object=tokenizer, chat_template=CHAT_TEMPLATE, **specials)
+
+
+def clip_config(tokenizer: CLIPTokenizer, **extra: Any) -> Any:
+    """A two-layer, 16-wide CLIP text encoder config."""
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
@@ -64,112 +103,40 @@ def _text_config(tokenizer: CLIPTokenizer, **extra: Any) -> Any:
     )
 
 
-def _vae() -> Any:
+def vae(**extra: Any) -> Any:
+    """A two-level AutoencoderKL (downsamples by 2), 4 latent channels; ``extra`` overrides."""
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=TINY_SIZE,
-    )
+    config: dict[str, Any] = {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        "up_block_types": ("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        "block_out_channels": (8, 16),
+        "layers_per_block": 1,
+        "latent_channels": 4,
+        "norm_num_groups": 4,
+        "sample_size": TINY_SIZE,
+    }
+    config.update(extra)
+    return AutoencoderKL(**config)
 
 
-def _sd() -> DiffusionPipeline:
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    tokenizer = build_tokenizer()
-    unet = UNet2DConditionModel(
-        sample_size=TINY_SIZE // 2,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        attention_head_dim=2,
-        norm_num_groups=4,
-        cross_attention_dim=TEXT_HIDDEN,
-    )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    return StableDiffusionPipeline(
-        vae=_vae(),
-        text_encoder=CLIPTextModel(_text_config(tokenizer)),
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-
-
-def _sdxl() -> DiffusionPipeline:
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    tokenizer = build_tokenizer()
-    time_dim = 4
-    unet = UNet2DConditionModel(
-        sample_size=TINY_SIZE // 2,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=time_dim,
-        transformer_layers_per_block=(1, 1),
-        projection_class_embeddings_input_dim=6 * time_dim + TEXT_HIDDEN,
-        cross_attention_dim=2 * TEXT_HIDDEN,
-        norm_num_groups=4,
-    )
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        steps_offset=1,
-        timestep_spacing="leading",
-    )
-    return StableDiffusionXLPipeline(
-        vae=_vae(),
-        text_encoder=CLIPTextModel(_text_config(tokenizer)),
-        text_encoder_2=CLIPTextModelWithProjection(_text_config(tokenizer, projection_dim=TEXT_HIDDEN)),
-        tokenizer=tokenizer,
-        tokenizer_2=build_tokenizer(),
-        unet=unet,
-        scheduler=scheduler,
-        add_watermarker=False,
-    )
-
-
-_BUILDERS = {"builtin:tiny-sd": _sd, "builtin:tiny-sdxl": _sdxl}
+def flow_vae() -> Any:
+    """The tiny VAE with a FLUX.1-like latent shift and scale (and no quant convs)."""
+    return vae(use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
 
 
 def build_tiny_pipeline(name: str) -> DiffusionPipeline:
-    """Build ``builtin:tiny-sd`` or ``builtin:tiny-sdxl`` (fp32, CPU, eval mode, frozen)."""
+    """Build the builtin model ``name`` (fp32, CPU, eval mode, frozen)."""
     import torch
 
-    builder = _BUILDERS[name]
+    from services.gpu.families import family_of_builtin
+
+    family = family_of_builtin(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
-        pipe = builder()
+        pipe = family.build_tiny()
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             component.eval().requires_grad_(False)

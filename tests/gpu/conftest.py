@@ -78,7 +78,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def trained(tmp_path_factory: pytest.TempPathFactory, dataset: Path, settings: Settings) -> Trained:
     """One LoRA trained on the tiny SD model, with a kohya copy and one sample."""
     from services.gpu.params import TrainLoraInput
-    from services.gpu.train import train_lora
+    from services.gpu.train_job import train_lora
 
     params = TrainLoraInput(
         action="train_lora",
@@ -95,5 +95,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory, dataset: Path, settings: S
         export_formats=["diffusers", "kohya"],
     )
     progress: list[dict[str, Any]] = []
-    result = train_lora(params, dataset, tmp_path_factory.mktemp("work"), settings, progress=progress.append)
+
+    def report(update: dict[str, Any], final: bool = False) -> None:
+        progress.append({**update, "final": final})
+
+    result = train_lora(params, dataset, tmp_path_factory.mktemp("work"), settings, progress=report)
     return Trained(result=result, progress=progress, dataset=dataset)

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from services.errors import InputError
-from services.gpu.dataset import load_square, scan_dataset, with_trigger
+from services.gpu.dataset import fit, load_rgb, scan_dataset, with_trigger
 from tests.gpu.conftest import write_dataset
 
 pytestmark = pytest.mark.gpu
@@ -64,21 +64,21 @@ def test_caption_must_be_utf8(tmp_path: Path) -> None:
         scan_dataset(tmp_path)
 
 
-def test_load_square_crops_and_flattens_alpha(tmp_path: Path) -> None:
+def test_fit_keeps_aspect_and_flattens_alpha(tmp_path: Path) -> None:
     rgba = np.zeros((20, 40, 4), np.uint8)
     rgba[:, 20:] = (255, 0, 0, 255)  # right half opaque red, left half transparent
     Image.fromarray(rgba, "RGBA").save(tmp_path / "wide.png")
-    square = load_square(tmp_path / "wide.png", 16)
-    assert square.size == (16, 16) and square.mode == "RGB"
-    pixels = np.asarray(square)
-    assert tuple(pixels[8, 1]) == (255, 255, 255)  # transparent became white
-    assert tuple(pixels[8, 14]) == (255, 0, 0)
+    wide = fit(load_rgb(tmp_path / "wide.png"), (32, 16))  # its bucket: the same 2:1 ratio
+    assert wide.size == (32, 16) and wide.mode == "RGB"
+    pixels = np.asarray(wide)
+    assert tuple(pixels[8, 1]) == (255, 255, 255)  # transparent became white, and nothing cropped
+    assert tuple(pixels[8, 30]) == (255, 0, 0)
 
 
 def test_bad_dataset_fails_before_any_model_loads(tmp_path: Path) -> None:
     from services.gpu.params import TrainLoraInput
     from services.gpu.state import RUNNER_STATE
-    from services.gpu.train import train_lora
+    from services.gpu.train_job import train_lora
     from tests.gpu.conftest import gpu_settings
 
     (tmp_path / "bad.png").write_bytes(b"nope")
@@ -86,3 +86,20 @@ def test_bad_dataset_fails_before_any_model_loads(tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"bad\.png"):
         train_lora(params, tmp_path, tmp_path / "work", gpu_settings())
     assert not any("/nonexistent/model" in name for name in RUNNER_STATE.snapshot()["pipelines"])
+
+
+def test_buckets_keep_aspect_and_the_plan_is_reproducible() -> None:
+    from services.gpu.buckets import BatchPlan, bucket_sizes, nearest_bucket
+
+    sizes = bucket_sizes(1024, 64)
+    assert (1024, 1024) in sizes and all(w % 64 == 0 and h % 64 == 0 for w, h in sizes)
+    assert all(w * h <= 1024 * 1024 * 1.1 for w, h in sizes)
+    assert nearest_bucket(1920, 1080, sizes) == (1344, 768)  # 16:9 -> 1.75
+    assert nearest_bucket(1080, 1920, sizes) == (768, 1344)
+    buckets = [(32, 32)] * 3 + [(40, 24)]
+    plan = BatchPlan.draw(buckets, batch_size=2, count=20, seed=7)
+    assert plan == BatchPlan.draw(buckets, batch_size=2, count=20, seed=7)
+    assert plan != BatchPlan.draw(buckets, batch_size=2, count=20, seed=8)
+    assert all(len(batch) == 2 and len({buckets[i] for i in batch}) == 1 for batch in plan.batches)
+    assert plan.counts == {"32x32": 3, "40x24": 1}
+    assert plan.next() == plan.batches[0] and plan.cursor == 1

@@ -26,7 +26,7 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"  # pragma: allowlist secret 
 
 
 def _fake(key: PipelineKey) -> LoadedPipeline:
-    return LoadedPipeline(key=key, pipe=object(), family="other", native_size=8, default_scheduler=None)
+    return LoadedPipeline(key=key, pipe=object(), family=None, native_size=8, default_scheduler=None)
 
 
 def test_cache_evicts_least_recently_used() -> None:
@@ -62,7 +62,7 @@ def test_load_pipeline_evicts_and_reports(settings) -> None:
     assert [key.model for key in models.PIPELINES.loaded()] == ["builtin:tiny-sdxl"]
     assert RUNNER_STATE.snapshot()["pipelines"] == ["builtin:tiny-sdxl (float32, cpu)"]
     sd = models.load_pipeline("builtin:tiny-sd", settings, torch.float32, CPU)
-    assert sd.family == "sd" and sd.native_size == 32
+    assert sd.family is not None and sd.family.builtin == "builtin:tiny-sd" and sd.native_size == 32
     assert [key.model for key in models.PIPELINES.loaded()] == ["builtin:tiny-sdxl", "builtin:tiny-sd"]
 
 

@@ -12,12 +12,12 @@ from safetensors.torch import load_file
 from services.errors import InputError
 from services.gpu import models
 from services.gpu.adapters import fused_lora, tuner_layers
-from services.gpu.dataset import load_square, scan_dataset
+from services.gpu.dataset import fit, load_rgb, scan_dataset
 from services.gpu.lora_files import read_metadata
 from services.gpu.params import TrainLoraInput
-from services.gpu.train import train_lora
-from services.gpu.training import ProgressReporter, evaluation_loss
-from tests.gpu.conftest import SIZE, TRAIN_ALPHA, TRAIN_RANK, TRAIN_STEPS, Trained, decode, write_dataset
+from services.gpu.train_job import train_lora
+from services.gpu.trainer import ProgressReporter, evaluation_loss
+from tests.gpu.conftest import SIZE, TRAIN_RANK, TRAIN_STEPS, Trained, decode, gpu_settings, write_dataset
 
 pytestmark = pytest.mark.gpu
 
@@ -27,7 +27,7 @@ CPU = torch.device("cpu")
 def test_evaluation_loss_falls_after_training(trained: Trained, settings) -> None:
     entry = models.load_pipeline("builtin:tiny-sd", settings, torch.float32, CPU)
     examples = scan_dataset(trained.dataset, trigger_word="sks")
-    images = [load_square(example.path, SIZE) for example in examples]
+    images = [fit(load_rgb(example.path), (SIZE, SIZE)) for example in examples]
     captions = [example.caption for example in examples]
     before = evaluation_loss(entry, images, captions)
     assert evaluation_loss(entry, images, captions) == before  # deterministic
@@ -49,7 +49,9 @@ def test_lora_file_layout_and_metadata(trained: Trained) -> None:
     assert metadata["trigger_word"] == "sks"
     assert metadata["software"].startswith("runpod-lora-worker ")
     assert metadata["software_version"]
-    assert '"unet.lora_alpha": 8.0' in metadata["lora_adapter_metadata"]  # what load_lora_weights reads
+    assert metadata["alpha_folded_into_weights"] == "true"
+    # alpha is folded into the up weights, so the file says alpha = rank to every loader
+    assert f'"unet.lora_alpha": {TRAIN_RANK}' in metadata["lora_adapter_metadata"]
 
 
 def test_kohya_copy_layout(trained: Trained) -> None:
@@ -58,7 +60,7 @@ def test_kohya_copy_layout(trained: Trained) -> None:
     tensors = load_file(str(kohya))
     assert all(key.startswith("lora_unet_") for key in tensors)
     alphas = [value for key, value in tensors.items() if key.endswith(".alpha")]
-    assert alphas and all(float(value) == TRAIN_ALPHA for value in alphas)
+    assert alphas and all(float(value) == TRAIN_RANK for value in alphas)  # alpha folded in
     assert read_metadata(kohya)["ss_network_dim"] == str(TRAIN_RANK)
 
 
@@ -71,7 +73,8 @@ def test_metrics_progress_and_samples(trained: Trained) -> None:
     assert (metrics["device"], metrics["precision"], metrics["compiled"]) == ("cpu", "fp32", False)
     calls = trained.progress
     assert 1 <= len(calls) <= TRAIN_STEPS
-    assert all(set(call) == {"step", "total_steps", "loss", "eta_seconds"} for call in calls)
+    assert all(set(call) == {"step", "total_steps", "loss", "eta_seconds", "final"} for call in calls)
+    assert [call["final"] for call in calls] == [False] * (len(calls) - 1) + [True]
     assert [call["step"] for call in calls] == sorted({call["step"] for call in calls})
     assert calls[-1]["step"] == calls[-1]["total_steps"] == TRAIN_STEPS
     assert calls[-1]["eta_seconds"] == 0
@@ -92,12 +95,19 @@ def test_progress_reporter_throttles() -> None:
     now = [0.0]
     calls: list[dict] = []
     reads: list[int] = []
-    reporter = ProgressReporter(calls.append, total_steps=10, interval=1.0, clock=lambda: now[0])
+    finals: list[bool] = []
+
+    def report(update: dict, final: bool = False) -> None:
+        calls.append(update)
+        finals.append(final)
+
+    reporter = ProgressReporter(report, total_steps=10, interval=1.0, clock=lambda: now[0])
     for step in range(1, 11):
         now[0] += 0.3
         reporter.update(step, lambda step=step: reads.append(step) or 0.5)
     assert [call["step"] for call in calls] == [1, 5, 9, 10]  # 0.3 s apart: once a second, plus the last
-    assert reads == [1, 5, 9, 10]  # the loss (a device sync on a GPU) is read only when reported
+    assert reads == [1, 5, 9, 10]
+    assert finals == [False, False, False, True]  # the loss (a device sync on a GPU) is read only when reported
     assert calls[1]["eta_seconds"] == pytest.approx(1.5 / 5 * 5)
 
 
@@ -132,8 +142,8 @@ def test_fp16_needs_cuda(tmp_path: Path, settings, dataset: Path) -> None:
         train_lora(params, dataset, tmp_path, settings)
 
 
-def test_training_compile_policy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from services.gpu.train import (
+def test_training_compile_policy(tmp_path: Path) -> None:
+    from services.gpu.train_job import (
         TRAIN_COMPILE_MIN_STEPS,
         TRAIN_COMPILE_MIN_STEPS_WARM,
         _remember_warm,
@@ -141,20 +151,22 @@ def test_training_compile_policy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     )
 
     cuda = torch.device("cuda")
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    assert not should_compile(None, CPU, 100_000, "k")  # off on the CPU unless asked
-    assert should_compile(True, CPU, 1, "k") and not should_compile(False, cuda, 100_000, "k")
-    assert not should_compile(None, cuda, TRAIN_COMPILE_MIN_STEPS - 1, "k")  # cold: not worth the warm-up
-    assert should_compile(None, cuda, TRAIN_COMPILE_MIN_STEPS, "k")
-    assert not should_compile(None, cuda, TRAIN_COMPILE_MIN_STEPS_WARM, "k")
-    _remember_warm("k", 150.0)  # an earlier worker compiled this configuration
-    assert should_compile(None, cuda, TRAIN_COMPILE_MIN_STEPS_WARM, "k")
-    assert not should_compile(None, cuda, TRAIN_COMPILE_MIN_STEPS_WARM, "other")
+    cache = models.compile_cache_dir(gpu_settings(torchinductor_cache_dir=tmp_path))
+    assert cache == tmp_path
+    assert not should_compile(None, CPU, 100_000, "k", cache)  # off on the CPU unless asked
+    assert should_compile(True, CPU, 1, "k", cache) and not should_compile(False, cuda, 100_000, "k", cache)
+    assert not should_compile(None, cuda, TRAIN_COMPILE_MIN_STEPS - 1, "k", cache)  # cold: not worth the warm-up
+    assert should_compile(None, cuda, TRAIN_COMPILE_MIN_STEPS, "k", cache)
+    assert not should_compile(None, cuda, TRAIN_COMPILE_MIN_STEPS_WARM, "k", cache)
+    _remember_warm("k", 150.0, cache)  # an earlier worker compiled this configuration
+    assert should_compile(None, cuda, TRAIN_COMPILE_MIN_STEPS_WARM, "k", cache)
+    assert not should_compile(None, cuda, TRAIN_COMPILE_MIN_STEPS_WARM, "other", cache)
 
 
 def test_default_steps_follow_the_model_and_the_limit() -> None:
-    from services.gpu.train import default_steps
+    from services.gpu.families import FLUX
+    from services.gpu.train_job import default_steps
 
-    assert default_steps("builtin:tiny-sd", 10_000) == 100
-    assert default_steps("org/model", 10_000) == 1000
-    assert default_steps("org/model", 300) == 300
+    assert default_steps("builtin:tiny-flux", FLUX, 10_000) == 100
+    assert default_steps("org/model", FLUX, 10_000) == FLUX.defaults.steps == 1000
+    assert default_steps("org/model", FLUX, 300) == 300

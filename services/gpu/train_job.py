@@ -1,9 +1,10 @@
-"""The ``train_lora`` action's runner: dataset check, training, LoRA files, samples, metrics.
+"""The ``train_lora`` job runner: dataset check, buckets, training, LoRA files, samples, metrics.
 
 ``train_lora`` is synchronous; the caller runs it in a worker thread under the GPU lock. The
-order of work is: validate the dataset (no model loaded yet), load the cached pipeline,
-train (:mod:`services.gpu.training`), save the diffusers LoRA and the optional kohya copy,
-render the sample prompts through the generation path with the saved file, and report.
+order of work is: validate the dataset (no model loaded yet), load the cached pipeline and its
+model family, put every image in its aspect-ratio bucket at each training resolution, train
+(:mod:`services.gpu.trainer`), save the diffusers LoRA and the optional kohya copy, render the
+sample prompts through the generation path with the saved file, and report.
 
 Compilation: with ``COMPILE`` unset, training compiles on a GPU only when the job is long
 enough to earn the warm-up back (``TRAIN_COMPILE_MIN_STEPS``; fewer when an earlier worker
@@ -17,22 +18,24 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from services.errors import InputError
 from services.gpu import SOFTWARE_NAME, SOFTWARE_VERSION, models
-from services.gpu.catalog import BUILTIN_MODELS, DEFAULT_TINY_TRAIN_STEPS, DEFAULT_TRAIN_STEPS, check_pixels
-from services.gpu.dataset import load_square, scan_dataset
+from services.gpu.buckets import bucket_sizes, nearest_bucket
+from services.gpu.catalog import BUILTIN_MODELS, DEFAULT_TINY_TRAIN_STEPS, check_pixels
+from services.gpu.dataset import fit, load_rgb, scan_dataset
 from services.gpu.encode import encode_image
+from services.gpu.families import ModelFamily, trainable
 from services.gpu.generate import GenerationRequest, render
 from services.gpu.guard import gpu_errors
 from services.gpu.lora_files import export_kohya, save_diffusers_lora
 from services.gpu.state import RUNNER_STATE
-from services.gpu.training import (
+from services.gpu.trainer import (
     LoraTrainer,
     Precision,
+    Progress,
     ProgressReporter,
     TrainConfig,
     run_steps,
@@ -42,10 +45,12 @@ from services.gpu.types import ImageFile, TrainResult
 
 if TYPE_CHECKING:
     import torch
+    from PIL import Image
 
     from config.settings import Settings
     from services.gpu.models import LoadedPipeline
     from services.gpu.params import TrainLoraInput
+    from services.stop import StopSignal
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +61,9 @@ TRAIN_COMPILE_MIN_STEPS_WARM = 1000
 _MARKERS = "runpod-lora-worker"
 
 
-def default_steps(model: str, max_steps: int) -> int:
-    """1000 optimizer steps (100 on the builtin tiny models), within ``MAX_TRAIN_STEPS``."""
-    default = DEFAULT_TINY_TRAIN_STEPS if model in BUILTIN_MODELS else DEFAULT_TRAIN_STEPS
+def default_steps(model: str, family: ModelFamily, max_steps: int) -> int:
+    """The family's default (100 on the builtin tiny models), within ``MAX_TRAIN_STEPS``."""
+    default = DEFAULT_TINY_TRAIN_STEPS if model in BUILTIN_MODELS else family.defaults.steps
     return min(default, max_steps)
 
 
@@ -71,27 +76,26 @@ def resolve_precision(requested: str, device: torch.device) -> Precision:
     return {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}[requested]
 
 
-def _marker(cfg_key: str) -> Path | None:
-    cache = models.configure_compile_cache()
+def _marker(cfg_key: str, cache: Path | None) -> Path | None:
     if cache is None:
         return None
     digest = hashlib.sha256(cfg_key.encode()).hexdigest()[:16]
     return cache / _MARKERS / f"train-{digest}.json"
 
 
-def should_compile(setting: bool | None, device: torch.device, steps: int, cfg_key: str) -> bool:
-    """The training compile policy (see the module docstring)."""
+def should_compile(setting: bool | None, device: torch.device, steps: int, cfg_key: str, cache: Path | None) -> bool:
+    """The training compile policy (see the module docstring); ``cache`` is the inductor cache."""
     if setting is not None:
         return setting
     if device.type != "cuda":
         return False
-    marker = _marker(cfg_key)
+    marker = _marker(cfg_key, cache)
     warm = marker is not None and marker.is_file()
     return steps >= (TRAIN_COMPILE_MIN_STEPS_WARM if warm else TRAIN_COMPILE_MIN_STEPS)
 
 
-def _remember_warm(cfg_key: str, warmup: float) -> None:
-    marker = _marker(cfg_key)
+def _remember_warm(cfg_key: str, warmup: float, cache: Path | None) -> None:
+    marker = _marker(cfg_key, cache)
     if marker is None:
         return
     try:
@@ -104,21 +108,25 @@ def _remember_warm(cfg_key: str, warmup: float) -> None:
 def lora_metadata(
     entry: LoadedPipeline, cfg: TrainConfig, output_name: str, trigger_word: str | None, images: int
 ) -> dict[str, str]:
-    """Header metadata: the worker's own keys plus kohya's ``ss_*`` keys that UIs display."""
+    """Header metadata: the worker's own keys, the family's, and kohya's ``ss_*`` keys that UIs
+    display. ``alpha`` is the trained one; the weights have it folded in (the file's alpha is the rank)."""
     import diffusers
     import peft
     import torch
 
-    cross = getattr(entry.pipe.unet.config, "cross_attention_dim", 768)
-    version = "sdxl_base_v1-0" if entry.family == "sdxl" else ("sd_v2" if cross == 1024 else "sd_v1")
+    family = trainable(entry.family, entry.pipe)
+    sides = ",".join(str(r) for r in cfg.resolutions)
     return {
         "base_model": entry.key.model,
-        "base_model_family": entry.family,
+        "quantized_base": "nf4" if entry.quantized else "none",
+        **family.file_metadata(entry.pipe),
         "rank": str(cfg.rank),
         "alpha": f"{cfg.alpha:g}",
+        "alpha_folded_into_weights": "true",
+        "lora_targets": ",".join(cfg.targets),
         "steps": str(cfg.steps),
         "trigger_word": trigger_word or "",
-        "resolution": str(cfg.resolution),
+        "resolution": sides,
         "learning_rate": f"{cfg.learning_rate:g}",
         "batch_size": str(cfg.batch_size),
         "images": str(images),
@@ -127,14 +135,30 @@ def lora_metadata(
         "libraries": f"diffusers {diffusers.__version__}; peft {peft.__version__}; torch {torch.__version__}",
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(cfg.rank),
-        "ss_network_alpha": f"{cfg.alpha:g}",
+        "ss_network_alpha": str(cfg.rank),
         "ss_output_name": output_name,
-        "ss_base_model_version": version,
         "ss_max_train_steps": str(cfg.steps),
-        "ss_resolution": f"({cfg.resolution}, {cfg.resolution})",
+        "ss_resolution": f"({cfg.resolutions[0]}, {cfg.resolutions[0]})",
         "ss_num_train_images": str(images),
         "ss_learning_rate": f"{cfg.learning_rate:g}",
     }
+
+
+def bucketed_images(
+    paths: list[Path], resolutions: list[int], step: int, max_pixels: int
+) -> tuple[list[Image.Image], list[int]]:
+    """Every image at each resolution, resized to its bucket; with the source index of each."""
+    images: list[Image.Image] = []
+    sources: list[int] = []
+    originals = [load_rgb(path) for path in paths]
+    for side in resolutions:
+        sizes = bucket_sizes(side, step)
+        for index, image in enumerate(originals):
+            size = nearest_bucket(*image.size, sizes)
+            check_pixels(*size, max_pixels)
+            images.append(fit(image, size))
+            sources.append(index)
+    return images, sources
 
 
 def train_lora(
@@ -142,27 +166,33 @@ def train_lora(
     dataset_dir: Path,
     work_dir: Path,
     settings: Settings,
-    progress: Callable[[dict[str, Any]], None] | None = None,
+    progress: Progress | None = None,
+    stop: StopSignal | None = None,
 ) -> TrainResult:
-    """Train a LoRA on the images in ``dataset_dir``; files go to ``work_dir``. Sync."""
+    """Train a LoRA on the images in ``dataset_dir``; files go to ``work_dir``. Sync.
+
+    ``progress(update, final=False)`` receives training progress (the last with final=True);
+    ``stop`` is checked between optimizer steps and sample images (:class:`JobStopped`).
+    """
     started = time.perf_counter()
     examples = scan_dataset(dataset_dir, params.caption, params.trigger_word)
     model = params.base_model or settings.model_id
     with gpu_errors("train_lora"):
         device = models.runtime_device()
         precision = resolve_precision(params.mixed_precision, device)
-        entry = models.load_pipeline(model, settings, torch_dtype(precision), device)
-        if entry.family not in ("sd", "sdxl"):
-            raise InputError(
-                f"input.base_model: training supports SD 1.x/2.x and SDXL, not {type(entry.pipe).__name__}"
-            )
-        resolution = params.resolution or entry.native_size
-        check_pixels(resolution, resolution, settings.max_image_pixels)
-        images = [load_square(example.path, resolution) for example in examples]
-        captions = [example.caption for example in examples]
-        cfg = _train_config(params, model, settings, precision, resolution, device)
+        quantize = params.quantize_base == "nf4"
+        entry = models.load_pipeline(model, settings, torch_dtype(precision), device, quantize=quantize)
+        family = trainable(entry.family, entry.pipe)
+        family.check_exports(params.export_formats)
+        resolutions = params.resolutions() or [entry.native_size]
+        images, sources = bucketed_images(
+            [e.path for e in examples], resolutions, family.bucket_step(entry.pipe), settings.max_image_pixels
+        )
+        captions = [examples[i].caption for i in sources]
+        cache = models.compile_cache_dir(settings)
+        cfg = _train_config(params, model, family, settings, precision, resolutions, device, cache)
         lora_path = work_dir / f"{params.output_name}.safetensors"
-        metadata = lora_metadata(entry, cfg, params.output_name, params.trigger_word, len(images))
+        metadata = lora_metadata(entry, cfg, params.output_name, params.trigger_word, len(examples))
         setup_started = time.perf_counter()
         if device.type == "cuda":
             import torch
@@ -171,8 +201,9 @@ def train_lora(
         trainer = LoraTrainer(entry, cfg)
         try:
             trainer.setup(images, captions)
+            buckets = trainer.plan.counts
             setup_seconds = time.perf_counter() - setup_started
-            stats = run_steps(trainer, ProgressReporter(progress, cfg.steps))
+            stats = run_steps(trainer, ProgressReporter(progress, cfg.steps), stop)
             save_diffusers_lora(
                 entry,
                 trainer.lora_state_dict(),
@@ -185,30 +216,39 @@ def train_lora(
             trainer.close()
         kohya_path = None
         if "kohya" in params.export_formats:
-            kohya_path = export_kohya(
-                lora_path, work_dir / f"{params.output_name}_kohya.safetensors", cfg.alpha, metadata
-            )
-        samples = _samples(entry, params, resolution, lora_path)
-        metrics = _metrics(cfg, stats, setup_seconds, started, device, len(images))
+            kohya_path = export_kohya(lora_path, work_dir / f"{params.output_name}_kohya.safetensors", metadata)
+        samples = _samples(entry, params, resolutions[0], lora_path, stop)
+        metrics = _metrics(cfg, stats, setup_seconds, started, device, len(examples), buckets, params.quantize_base)
     if cfg.compile:
-        RUNNER_STATE.record_warmup(f"train {model} {resolution}px b{cfg.batch_size}", stats.first_step_seconds)
-        _remember_warm(cfg.compile_key, stats.first_step_seconds)
+        RUNNER_STATE.record_warmup(f"train {model} {resolutions[0]}px b{cfg.batch_size}", stats.first_step_seconds)
+        _remember_warm(cfg.compile_key, stats.first_step_seconds, cache)
     log.info("trained %s: %s", params.output_name, metrics)
     return TrainResult(lora_path=lora_path, kohya_path=kohya_path, samples=samples, metrics=metrics)
 
 
 def _train_config(
-    params: TrainLoraInput, model: str, settings: Settings, precision: Precision, resolution: int, device: torch.device
+    params: TrainLoraInput,
+    model: str,
+    family: ModelFamily,
+    settings: Settings,
+    precision: Precision,
+    resolutions: list[int],
+    device: torch.device,
+    cache: Path | None,
 ) -> TrainConfig:
-    """The job's inputs with every default resolved, and the compile decision."""
-    steps = params.steps or default_steps(model, settings.max_train_steps)
-    key = f"{model}|{precision}|{resolution}|{params.batch_size}|{params.rank}|{params.gradient_checkpointing}"
+    """The job's inputs with every default resolved (the family's), and the compile decision."""
+    steps = params.steps or default_steps(model, family, settings.max_train_steps)
+    rank = params.rank or family.defaults.rank
+    alpha = params.alpha if params.alpha is not None else (family.defaults.alpha or rank)
+    sides = "/".join(str(r) for r in resolutions)
+    parts = (model, precision, sides, params.batch_size, rank, params.lora_targets, params.gradient_checkpointing)
+    key = "|".join(str(part) for part in (*parts, params.quantize_base))
     return TrainConfig(
         steps=steps,
-        rank=params.rank,
-        alpha=float(params.alpha if params.alpha is not None else params.rank),
-        learning_rate=params.learning_rate,
-        resolution=resolution,
+        rank=rank,
+        alpha=float(alpha),
+        learning_rate=params.learning_rate or family.defaults.learning_rate,
+        targets=tuple(family.target_modules(params.lora_targets)),
         batch_size=params.batch_size,
         gradient_accumulation=params.gradient_accumulation,
         seed=params.seed,
@@ -216,25 +256,35 @@ def _train_config(
         gradient_checkpointing=params.gradient_checkpointing,
         cache_latents=params.cache_latents,
         cache_text_embeddings=params.cache_text_embeddings,
-        compile=should_compile(settings.compile, device, steps, key),
+        compile=should_compile(settings.compile, device, steps, key, cache),
         compile_key=key,
+        resolutions=tuple(resolutions),
     )
 
 
-def _samples(entry: LoadedPipeline, params: TrainLoraInput, resolution: int, lora_path: Path) -> list[ImageFile]:
+def _samples(
+    entry: LoadedPipeline, params: TrainLoraInput, resolution: int, lora_path: Path, stop: StopSignal | None
+) -> list[ImageFile]:
     """Sample prompts rendered from the saved file (the same path as ``generate``)."""
     files = []
     for i, prompt in enumerate(params.sample_prompts):
         request = GenerationRequest(
             prompt=prompt, width=resolution, height=resolution, seed=params.seed + i, steps=params.sample_steps
         )
-        (image,) = render(entry, request, lora_path, compile=False)
+        (image,) = render(entry, request, lora_path, compile=False, stop=stop)
         files.append(encode_image(image, f"sample-{i}", "png"))
     return files
 
 
 def _metrics(
-    cfg: TrainConfig, stats: Any, setup_seconds: float, started: float, device: torch.device, images: int
+    cfg: TrainConfig,
+    stats: Any,
+    setup_seconds: float,
+    started: float,
+    device: torch.device,
+    images: int,
+    buckets: dict[str, int],
+    quantized: str,
 ) -> dict[str, Any]:
     metrics: dict[str, Any] = {
         "steps": stats.steps,
@@ -244,11 +294,16 @@ def _metrics(
         "setup_seconds": round(setup_seconds, 3),
         "steps_per_second": round(stats.steps / stats.seconds, 3) if stats.seconds > 0 else None,
         "images": images,
-        "resolution": cfg.resolution,
+        "resolution": list(cfg.resolutions),
+        "buckets": buckets,
+        "rank": cfg.rank,
+        "alpha": cfg.alpha,
+        "learning_rate": cfg.learning_rate,
         "batch_size": cfg.batch_size,
         "precision": cfg.precision,
         "device": device.type,
         "compiled": cfg.compile,
+        "quantized_base": quantized,
     }
     if cfg.compile:
         metrics["compile_warmup_seconds"] = round(stats.first_step_seconds, 3)

@@ -1,0 +1,58 @@
+"""The model-family seam: the only package that names a family.
+
+Adding a family is one module here (a :class:`~services.gpu.families.base.ModelFamily`
+subclass with its tiny built-in model) plus its line in :data:`FAMILIES` and its builtin name
+in :data:`services.gpu.catalog.BUILTIN_MODELS`. Nothing here imports torch at import time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from services.errors import InputError
+from services.gpu.families.base import ModelFamily
+from services.gpu.families.flux import FAMILY as FLUX
+from services.gpu.families.sd import FAMILY as SD
+from services.gpu.families.sdxl import FAMILY as SDXL
+from services.gpu.families.zimage import FAMILY as ZIMAGE
+
+__all__ = [
+    "FAMILIES",
+    "FLUX",
+    "SD",
+    "SDXL",
+    "ZIMAGE",
+    "ModelFamily",
+    "family_of",
+    "family_of_builtin",
+    "family_of_index",
+    "trainable",
+]
+
+FAMILIES: tuple[ModelFamily, ...] = (SDXL, SD, FLUX, ZIMAGE)
+
+
+def family_of(pipe: Any) -> ModelFamily | None:
+    """The family of a loaded pipeline; None for a pipeline the runner only generates with."""
+    return next((family for family in FAMILIES if family.matches(pipe)), None)
+
+
+def family_of_index(index: dict[str, Any]) -> ModelFamily | None:
+    """The family named by a model directory's ``model_index.json`` (None when not known)."""
+    return next((family for family in FAMILIES if family.matches_index(index)), None)
+
+
+def family_of_builtin(name: str) -> ModelFamily:
+    """The family whose tiny built-in model is ``name``."""
+    for family in FAMILIES:
+        if family.builtin == name:
+            return family
+    raise InputError(f"input.base_model: unknown builtin model {name}")
+
+
+def trainable(family: ModelFamily | None, pipe: Any) -> ModelFamily:
+    """``family``, or an :class:`InputError` listing the families that train."""
+    if family is None:
+        names = ", ".join(f.label for f in FAMILIES)
+        raise InputError(f"input.base_model: training supports {names}, not {type(pipe).__name__}")
+    return family

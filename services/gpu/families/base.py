@@ -1,0 +1,243 @@
+"""The model-family protocol: everything the runner needs to know about one architecture.
+
+A family is one module under :mod:`services.gpu.families` holding a subclass of
+:class:`ModelFamily`: how to recognise its pipelines, its tiny built-in model, how to encode
+text and latents for training, its noise schedule and training target, the denoiser call, the
+LoRA target modules, the training defaults, and its export formats and metadata. The trainer
+loop, the caches, precision and compilation never name a family.
+
+Conventions shared by every family: text conditioning is cached per caption as a dict of
+tensors without a batch dimension (:meth:`ModelFamily.encode_text`) and put together per batch
+by :meth:`ModelFamily.collate_text`; latents are (B, C, H, W) in the denoiser's space; flow
+families predict the velocity ``noise - latents``.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from services.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import DiffusionPipeline
+
+Text = dict[str, "torch.Tensor"]
+BUCKET_STEP = 64  # pixels, for full-size models
+TINY_BUCKET_STEP = 8  # the builtin tiny models (32 px native) bucket in 8 px steps
+TINY_NATIVE_LIMIT = 256  # a model whose native side is below this is a tiny test model
+
+
+@dataclass(frozen=True)
+class TrainDefaults:
+    """A family's LoRA training defaults (``alpha`` None means: the rank)."""
+
+    rank: int = 16
+    alpha: float | None = None
+    learning_rate: float = 1e-4
+    steps: int = 1000
+
+
+# --- noise schedules --------------------------------------------------------------------------
+
+
+class DdpmSchedule:
+    """DDPM forward process (SD, SDXL): integer timesteps, epsilon / v-prediction / sample target."""
+
+    def __init__(self, scheduler_config: Any, device: torch.device) -> None:
+        from diffusers import DDPMScheduler
+
+        scheduler = DDPMScheduler.from_config(scheduler_config)
+        self.prediction_type = scheduler_config.get("prediction_type", "epsilon")
+        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise InputError(f"input.base_model: prediction type {self.prediction_type} is not trainable here")
+        alphas = scheduler.alphas_cumprod.to(device).float()
+        self.sqrt_alpha = alphas.sqrt()
+        self.sqrt_one_minus = (1.0 - alphas).sqrt()
+        self.num_timesteps = int(scheduler.config.num_train_timesteps)
+
+    def sample(self, batch: int, latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        import torch
+
+        return torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=generator.device).to(
+            latents.device
+        )
+
+    def at(self, fraction: float, batch: int, device: torch.device) -> torch.Tensor:
+        """A fixed timestep (``fraction`` of the schedule), for evaluation."""
+        import torch
+
+        step = min(self.num_timesteps - 1, int(fraction * self.num_timesteps))
+        return torch.full((batch,), step, device=device, dtype=torch.long)
+
+    def noisy_and_target(
+        self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        a = self.sqrt_alpha[timesteps].view(-1, 1, 1, 1)
+        s = self.sqrt_one_minus[timesteps].view(-1, 1, 1, 1)
+        noisy = a * latents + s * noise
+        if self.prediction_type == "epsilon":
+            return noisy, noise
+        if self.prediction_type == "v_prediction":
+            return noisy, a * noise - s * latents
+        return noisy, latents
+
+
+class FlowSchedule:
+    """Rectified flow (Flux, Z-Image): ``x_t = (1 - s) x + s noise``, target ``noise - x``.
+
+    Sigmas are drawn logit-normal (mean 0, std 1, as SD3's paper and SimpleTuner do) and then
+    shifted the way the model's own scheduler shifts them at inference: by ``exp(mu)`` from the
+    image's token count when the scheduler uses dynamic shifting (FLUX.1), else by its static
+    ``shift`` (Z-Image-Turbo: 3.0). The loss is unweighted.
+    """
+
+    def __init__(self, scheduler_config: Any, tokens_per_latent: float) -> None:
+        self.config = scheduler_config
+        self.tokens_per_latent = tokens_per_latent
+
+    def _shift(self, sigmas: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        config = self.config
+        if config.get("use_dynamic_shifting", False):
+            tokens = latents.shape[-1] * latents.shape[-2] * self.tokens_per_latent
+            base, top = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+            low, high = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+            mu = low + (high - low) * (tokens - base) / (top - base)
+            return math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1))
+        shift = float(config.get("shift", 1.0))
+        return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+    def sample(self, batch: int, latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        import torch
+
+        normal = torch.randn((batch,), generator=generator, device=generator.device).to(latents.device)
+        return self._shift(torch.sigmoid(normal), latents)
+
+    def at(self, fraction: float, batch: int, device: torch.device) -> torch.Tensor:
+        import torch
+
+        return torch.full((batch,), fraction, device=device)
+
+    def noisy_and_target(
+        self, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        s = sigmas.view(-1, 1, 1, 1).to(latents.dtype)
+        return (1 - s) * latents + s * noise, noise - latents
+
+
+# --- the protocol -----------------------------------------------------------------------------
+
+
+class ModelFamily(ABC):
+    """One architecture. Subclasses set the class attributes and the abstract methods."""
+
+    name: ClassVar[str]  # stored in LoRA metadata (``base_model_family``)
+    label: ClassVar[str]  # for people (README, errors)
+    pipeline_classes: ClassVar[tuple[str, ...]]  # diffusers pipeline class names
+    builtin: ClassVar[str]  # the tiny built-in model, ``builtin:tiny-<name>``
+    denoiser_name: ClassVar[str] = "transformer"
+    defaults: ClassVar[TrainDefaults] = TrainDefaults()
+    native_resolution: ClassVar[int] = 1024  # when the pipeline does not say
+    lora_targets: ClassVar[dict[str, tuple[str, ...]]]  # "attention" and "attention+mlp"
+    export_formats: ClassVar[tuple[str, ...]] = ("diffusers",)
+    text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)
+
+    # recognition
+
+    def matches(self, pipe: Any) -> bool:
+        """True for a pipeline of this family (its class or a subclass of it)."""
+        return any(cls.__name__ in self.pipeline_classes for cls in type(pipe).__mro__)
+
+    def matches_index(self, index: dict[str, Any]) -> bool:
+        """True for a model directory whose ``model_index.json`` names this family's pipeline."""
+        return index.get("_class_name") in self.pipeline_classes
+
+    @abstractmethod
+    def build_tiny(self) -> DiffusionPipeline:
+        """The tiny built-in pipeline (fp32, CPU); seeded by the caller."""
+
+    # sizes
+
+    def native_size(self, pipe: Any) -> int:
+        """The default image side in pixels."""
+        factor = getattr(pipe, "vae_scale_factor", 8)
+        sample = getattr(pipe, "default_sample_size", None)
+        if not isinstance(sample, int):
+            sample = getattr(getattr(self.denoiser(pipe), "config", None), "sample_size", None)
+        return int(sample * factor) if isinstance(sample, int) else self.native_resolution
+
+    def pixel_multiple(self, pipe: Any) -> int:
+        """Image sides must be a multiple of this (the VAE factor, times the patch size)."""
+        return int(getattr(pipe, "vae_scale_factor", 8))
+
+    def bucket_step(self, pipe: Any) -> int:
+        """Aspect-ratio buckets step in 64 px on full-size models, 8 px on the tiny ones."""
+        step = TINY_BUCKET_STEP if self.native_size(pipe) < TINY_NATIVE_LIMIT else BUCKET_STEP
+        multiple = self.pixel_multiple(pipe)
+        return math.lcm(step, multiple)
+
+    def denoiser(self, pipe: Any) -> torch.nn.Module:
+        return getattr(pipe, self.denoiser_name)
+
+    def encoder_modules(self, pipe: Any) -> list[str]:
+        """Components that only encode (text encoders, VAE): moved off the GPU while training
+        on cached embeddings and latents."""
+        return [name for name in (*self.text_encoders, "vae") if getattr(pipe, name, None) is not None]
+
+    # training
+
+    @abstractmethod
+    def encode_text(self, pipe: Any, captions: Sequence[str]) -> list[Text]:
+        """Per caption, the conditioning exactly as the pipeline computes it (no guidance)."""
+
+    def collate_text(self, items: Sequence[Text]) -> Text:
+        """A batch of cached per-caption conditioning."""
+        import torch
+
+        return {key: torch.stack([item[key] for item in items]) for key in items[0]}
+
+    def to_model_latents(self, pipe: Any, sample: torch.Tensor) -> torch.Tensor:
+        """VAE latents into the denoiser's space (shift, then scaling factor)."""
+        shift = getattr(pipe.vae.config, "shift_factor", None)
+        if shift is not None:
+            sample = sample - shift
+        return sample * pipe.vae.config.scaling_factor
+
+    @abstractmethod
+    def schedule(self, pipe: Any, device: torch.device) -> DdpmSchedule | FlowSchedule:
+        """The training noise schedule (noisy input and target)."""
+
+    @abstractmethod
+    def predict(
+        self, pipe: Any, denoiser: Any, noisy: torch.Tensor, timesteps: torch.Tensor, text: Text
+    ) -> torch.Tensor:
+        """The denoiser's prediction for ``noisy`` (B, C, H, W), in the target's layout."""
+
+    # LoRA files
+
+    def target_modules(self, which: str) -> list[str]:
+        """peft target module names for ``attention`` or ``attention+mlp``."""
+        return list(self.lora_targets[which])
+
+    def check_exports(self, formats: Sequence[str]) -> None:
+        unsupported = [f for f in formats if f not in self.export_formats]
+        if unsupported:
+            raise InputError(
+                f"input.export_formats: {', '.join(unsupported)} is not offered for {self.label}; "
+                f"use {' or '.join(self.export_formats)}"
+            )
+
+    def save_kwargs(self, layers: dict[str, torch.Tensor], adapter_config: dict[str, Any]) -> dict[str, Any]:
+        """Keyword arguments of the pipeline's ``save_lora_weights`` for the denoiser's layers."""
+        return {
+            f"{self.denoiser_name}_lora_layers": layers,
+            f"{self.denoiser_name}_lora_adapter_metadata": adapter_config,
+        }
+
+    def file_metadata(self, pipe: Any) -> dict[str, str]:
+        """Family keys of the LoRA header (kohya's ``ss_base_model_version`` and friends)."""
+        return {"base_model_family": self.name}

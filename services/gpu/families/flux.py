@@ -1,0 +1,144 @@
+"""FLUX.1 (dev and schnell): a rectified-flow MM-DiT over 2x2-packed latents, CLIP + T5 text.
+
+Training follows the model's inference path: CLIP's pooled embedding and T5's hidden states
+(``max_sequence_length`` 512, as the pipeline's default), the VAE latents shifted and scaled,
+packed 2x2 into tokens with their latent image ids, sigmas drawn logit-normal and shifted by
+the resolution-dependent ``mu`` of the model's scheduler, and, for FLUX.1-dev (guidance-
+distilled: ``guidance_embeds``), a guidance embedding of 1.0 as ai-toolkit and SimpleTuner use.
+
+LoRA files are written in the diffusers format (``transformer.`` keys), which diffusers,
+ComfyUI (it maps diffusers-named FLUX.1 keys) and the FLUX LoRA loaders of the common UIs read;
+kohya/BFL-named export is not offered for FLUX.1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from services.gpu.families.base import FlowSchedule, ModelFamily, Text, TrainDefaults
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import DiffusionPipeline
+
+ATTENTION = ("to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out")
+MLP = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp")
+MAX_SEQUENCE_LENGTH = 512
+TRAIN_GUIDANCE = 1.0
+
+
+class Flux(ModelFamily):
+    name = "flux"
+    label = "FLUX.1"
+    pipeline_classes = ("FluxPipeline",)
+    builtin = "builtin:tiny-flux"
+    defaults = TrainDefaults(rank=16, learning_rate=1e-4, steps=1000)
+    native_resolution = 1024
+    lora_targets: ClassVar[dict[str, tuple[str, ...]]] = {"attention": ATTENTION, "attention+mlp": ATTENTION + MLP}
+    text_encoders = ("text_encoder", "text_encoder_2")
+
+    def build_tiny(self) -> DiffusionPipeline:
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+        from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+        from services.gpu import tiny
+
+        clip_tokenizer = tiny.clip_tokenizer()
+        t5_tokenizer = tiny.t5_tokenizer()
+        t5 = T5EncoderModel(
+            T5Config(
+                vocab_size=len(t5_tokenizer),
+                d_model=tiny.TEXT_HIDDEN,
+                d_kv=8,
+                d_ff=32,
+                num_layers=2,
+                num_heads=2,
+                relative_attention_num_buckets=8,
+                pad_token_id=t5_tokenizer.pad_token_id,
+                eos_token_id=t5_tokenizer.eos_token_id,
+                decoder_start_token_id=t5_tokenizer.pad_token_id,
+            )
+        )
+        transformer = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=16,  # 4 latent channels packed 2x2
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,  # 32 wide: the NF4 path quantizes layers in 32s (see quantize.py)
+            num_attention_heads=2,
+            joint_attention_dim=tiny.TEXT_HIDDEN,
+            pooled_projection_dim=tiny.TEXT_HIDDEN,
+            guidance_embeds=True,  # like FLUX.1-dev
+            axes_dims_rope=(4, 4, 8),
+        )
+        scheduler = FlowMatchEulerDiscreteScheduler(
+            shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15
+        )
+        pipe = FluxPipeline(
+            scheduler=scheduler,
+            vae=tiny.flow_vae(),
+            text_encoder=CLIPTextModel(tiny.clip_config(clip_tokenizer)),
+            tokenizer=clip_tokenizer,
+            text_encoder_2=t5,
+            tokenizer_2=t5_tokenizer,
+            transformer=transformer,
+        )
+        pipe.default_sample_size = tiny.TINY_SIZE // pipe.vae_scale_factor
+        return pipe
+
+    def pixel_multiple(self, pipe: Any) -> int:
+        return int(pipe.vae_scale_factor) * 2  # latents are packed 2x2
+
+    def encode_text(self, pipe: Any, captions: Sequence[str]) -> list[Text]:
+        import torch
+
+        with torch.no_grad():
+            embeds, pooled, _ = pipe.encode_prompt(
+                prompt=list(captions),
+                prompt_2=None,
+                device=self.denoiser(pipe).device,
+                num_images_per_prompt=1,
+                max_sequence_length=MAX_SEQUENCE_LENGTH,
+            )
+        return [{"t5": e, "pooled": p} for e, p in zip(embeds, pooled, strict=True)]
+
+    def schedule(self, pipe: Any, device: torch.device) -> FlowSchedule:
+        return FlowSchedule(pipe.scheduler.config, tokens_per_latent=0.25)
+
+    def predict(
+        self, pipe: Any, denoiser: Any, noisy: torch.Tensor, timesteps: torch.Tensor, text: Text
+    ) -> torch.Tensor:
+        import torch
+
+        batch, channels, height, width = noisy.shape
+        packed = noisy.view(batch, channels, height // 2, 2, width // 2, 2).permute(0, 2, 4, 1, 3, 5)
+        packed = packed.reshape(batch, (height // 2) * (width // 2), channels * 4)
+        image_ids = pipe._prepare_latent_image_ids(batch, height // 2, width // 2, noisy.device, text["t5"].dtype)
+        text_ids = torch.zeros(text["t5"].shape[1], 3, device=noisy.device, dtype=text["t5"].dtype)
+        config = self.denoiser(pipe).config
+        guidance = torch.full((batch,), TRAIN_GUIDANCE, device=noisy.device) if config.guidance_embeds else None
+        out = denoiser(
+            hidden_states=packed,
+            timestep=timesteps,
+            guidance=guidance,
+            pooled_projections=text["pooled"],
+            encoder_hidden_states=text["t5"],
+            txt_ids=text_ids,
+            img_ids=image_ids,
+            return_dict=False,
+        )[0]
+        out = out.view(batch, height // 2, width // 2, channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
+        return out.reshape(batch, channels, height, width)
+
+    def file_metadata(self, pipe: Any) -> dict[str, str]:
+        dev = bool(self.denoiser(pipe).config.guidance_embeds)
+        variant = "flux-1-dev" if dev else "flux-1-schnell"
+        return {
+            "base_model_family": self.name,
+            "ss_base_model_version": variant.replace("-", "_", 1),
+            "modelspec.architecture": f"{variant}/lora",
+        }
+
+
+FAMILY = Flux()

@@ -1,0 +1,87 @@
+"""Stable Diffusion 1.x / 2.x: UNet, one CLIP text encoder, DDPM noise (epsilon or v-prediction)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from services.gpu.families.base import DdpmSchedule, ModelFamily, Text, TrainDefaults
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import DiffusionPipeline
+
+ATTENTION = ("to_k", "to_q", "to_v", "to_out.0")  # the diffusers LoRA examples' choice
+MLP = ("ff.net.0.proj", "ff.net.2")
+
+
+class StableDiffusion(ModelFamily):
+    name = "sd"
+    label = "SD 1.x/2.x"
+    pipeline_classes = ("StableDiffusionPipeline",)
+    builtin = "builtin:tiny-sd"
+    denoiser_name = "unet"
+    defaults = TrainDefaults(rank=16, learning_rate=1e-4, steps=1000)
+    native_resolution = 512
+    lora_targets: ClassVar[dict[str, tuple[str, ...]]] = {"attention": ATTENTION, "attention+mlp": ATTENTION + MLP}
+    export_formats = ("diffusers", "kohya")
+
+    def build_tiny(self) -> DiffusionPipeline:
+        from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        from services.gpu import tiny
+
+        tokenizer = tiny.clip_tokenizer()
+        unet = UNet2DConditionModel(
+            sample_size=tiny.TINY_SIZE // 2,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            block_out_channels=(8, 16),
+            layers_per_block=1,
+            attention_head_dim=2,
+            norm_num_groups=4,
+            cross_attention_dim=tiny.TEXT_HIDDEN,
+        )
+        scheduler = DDIMScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+        )
+        return StableDiffusionPipeline(
+            vae=tiny.vae(),
+            text_encoder=CLIPTextModel(tiny.clip_config(tokenizer)),
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+
+    def encode_text(self, pipe: Any, captions: Sequence[str]) -> list[Text]:
+        import torch
+
+        with torch.no_grad():
+            hidden, _ = pipe.encode_prompt(list(captions), self.denoiser(pipe).device, 1, False)
+        return [{"hidden": h} for h in hidden]
+
+    def schedule(self, pipe: Any, device: torch.device) -> DdpmSchedule:
+        return DdpmSchedule(pipe.scheduler.config, device)
+
+    def predict(
+        self, pipe: Any, denoiser: Any, noisy: torch.Tensor, timesteps: torch.Tensor, text: Text
+    ) -> torch.Tensor:
+        return denoiser(noisy, timesteps, encoder_hidden_states=text["hidden"], return_dict=False)[0]
+
+    def file_metadata(self, pipe: Any) -> dict[str, str]:
+        cross = getattr(pipe.unet.config, "cross_attention_dim", 768)
+        return {"base_model_family": self.name, "ss_base_model_version": "sd_v2" if cross == 1024 else "sd_v1"}
+
+
+FAMILY = StableDiffusion()

@@ -1,0 +1,403 @@
+"""The LoRA training loop, the same for every model family: setup, step and teardown on a
+cached pipeline. What differs per family (text and latent encoding, noise and target, the
+denoiser call, LoRA targets) comes from :mod:`services.gpu.families`.
+
+Fast path (the defaults): the VAE and the text encoders run once per image and caption
+(cached latent distributions and embeddings) and then leave the GPU for the rest of the loop;
+the denoiser's frozen weights stay in the pipeline's dtype (bf16 on a GPU) under autocast while
+the LoRA weights train in fp32; AdamW is fused on CUDA; losses stay on the device (one host
+sync per progress report); ``torch.compile`` is optional. Batches are always full and come
+from one aspect-ratio bucket each (:class:`~services.gpu.buckets.BatchPlan`).
+
+The loop's position is explicit state: the batch plan and its cursor, the noise generator, the
+optimizer and the LoRA weights, so a checkpoint can save and restore it.
+
+:class:`LoraTrainer` attaches a peft adapter to the cached denoiser and removes it in
+:meth:`LoraTrainer.close`; :func:`evaluation_loss` is a deterministic denoising loss (fixed
+noise and timesteps) used by the tests and the benchmark to show that training learns.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from services.errors import ModelStateError
+from services.gpu.adapters import tuner_layers
+from services.gpu.buckets import BatchPlan
+from services.gpu.families import trainable
+from services.gpu.models import PIPELINES, LoadedPipeline
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+    from services.stop import StopSignal
+
+log = logging.getLogger(__name__)
+
+Precision = Literal["fp32", "fp16", "bf16"]
+TRAIN_ADAPTER = "lora_train"
+MAX_GRAD_NORM = 1.0
+WEIGHT_DECAY = 1e-2
+LOSS_EMA = 0.9
+ENCODE_CHUNK = 8
+EVAL_FRACTIONS = (0.05, 0.2, 0.4, 0.6, 0.8, 0.95)
+
+
+class Progress(Protocol):
+    """``progress(update, final=False)``: the caller throttles; the last update has final=True."""
+
+    def __call__(self, update: dict[str, Any], final: bool = False) -> None: ...
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs, resolved (no defaults left to the model)."""
+
+    steps: int
+    rank: int = 16
+    alpha: float = 16.0
+    learning_rate: float = 1e-4
+    targets: tuple[str, ...] = ()  # peft target modules; empty: the family's attention layers
+    batch_size: int = 1
+    gradient_accumulation: int = 1
+    seed: int = 0
+    precision: Precision = "fp32"
+    gradient_checkpointing: bool = False
+    cache_latents: bool = True
+    cache_text_embeddings: bool = True
+    compile: bool = False
+    compile_key: str = ""  # identifies the compiled graph for the warm-cache marker
+    resolutions: tuple[int, ...] = field(default_factory=tuple)  # for the metadata
+
+
+def torch_dtype(precision: Precision) -> torch.dtype:
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def pixel_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
+    """Same-size RGB images as one float tensor in [-1, 1], shape (N, 3, H, W), on the CPU."""
+    import numpy as np
+    import torch
+
+    array = np.stack([np.asarray(image.convert("RGB"), dtype=np.uint8) for image in images])
+    return torch.from_numpy(array).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def encode_latent_dist(vae: Any, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation (fp32, on the VAE's device) of the VAE posterior."""
+    import torch
+
+    original = vae.dtype
+    # An fp16 VAE that the model marks force_upcast (SDXL's) overflows: encode in fp32.
+    upcast = original == torch.float16 and getattr(vae.config, "force_upcast", False)
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        means, stds = [], []
+        with torch.no_grad():
+            for chunk in pixels.split(ENCODE_CHUNK):
+                dist = vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist
+                means.append(dist.mean.float())
+                stds.append(dist.std.float())
+    finally:
+        if upcast:
+            vae.to(original)
+    return torch.cat(means), torch.cat(stds)
+
+
+def _by_size(images: Sequence[Image.Image]) -> dict[tuple[int, int], list[int]]:
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, image in enumerate(images):
+        groups.setdefault(image.size, []).append(index)
+    return groups
+
+
+# --- the trainer ------------------------------------------------------------------------------
+
+
+class LoraTrainer:
+    """Train a LoRA on ``entry``'s denoiser: :meth:`setup`, then :meth:`step` ``cfg.steps`` times,
+    :meth:`lora_state_dict`, and always :meth:`close` (it removes the adapter)."""
+
+    def __init__(self, entry: LoadedPipeline, cfg: TrainConfig) -> None:
+        self.family = trainable(entry.family, entry.pipe)
+        self.entry = entry
+        self.cfg = cfg
+        self.pipe = entry.pipe
+        self.denoiser = self.family.denoiser(entry.pipe)
+        self.device = self.denoiser.device
+        self._attached = False
+        self._checkpointing = False
+        self._offloaded: list[str] = []
+
+    # setup
+
+    def setup(self, images: Sequence[Image.Image], captions: Sequence[str]) -> None:
+        """Attach the adapter, build the optimizer, the batch plan and the latent / text caches.
+
+        ``images`` are already at their bucket's size; each batch holds one size.
+        """
+        import torch
+        from peft import LoraConfig
+
+        cfg, denoiser = self.cfg, self.denoiser
+        targets = list(cfg.targets) or self.family.target_modules("attention")
+        config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian", target_modules=targets)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            self._attached = True
+            denoiser.add_adapter(config, adapter_name=TRAIN_ADAPTER)
+        self.params = [p for p in denoiser.parameters() if p.requires_grad]
+        for param in self.params:
+            param.data = param.data.float()  # LoRA weights train in fp32 over a bf16/fp16 base
+        if cfg.gradient_checkpointing:
+            self._checkpointing = True
+            denoiser.enable_gradient_checkpointing()
+        cuda = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=cfg.learning_rate, weight_decay=WEIGHT_DECAY, **({"fused": True} if cuda else {})
+        )
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+        self.amp_dtype = None if cfg.precision == "fp32" else torch_dtype(cfg.precision)
+        self.forward = torch.compile(denoiser) if cfg.compile else denoiser
+        self.schedule = self.family.schedule(self.pipe, self.device)
+        self.noise_generator = torch.Generator(self.device).manual_seed(cfg.seed)
+        self.plan = BatchPlan.draw(
+            [image.size for image in images], cfg.batch_size, cfg.steps * cfg.gradient_accumulation, cfg.seed
+        )
+
+        self.pixels = [pixel_tensor([image])[0] for image in images]
+        self.latent_dist: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        if cfg.cache_latents:
+            self.latent_dist = [None] * len(images)  # type: ignore[list-item]
+            for indices in _by_size(images).values():
+                mean, std = encode_latent_dist(self.pipe.vae, torch.stack([self.pixels[i] for i in indices]))
+                for row, index in enumerate(indices):
+                    self.latent_dist[index] = (mean[row], std[row])
+            self.pixels = []
+        unique = list(dict.fromkeys(captions))
+        self.captions = list(captions)
+        self.caption_index = [unique.index(c) for c in captions]
+        self.text = self.family.encode_text(self.pipe, unique) if cfg.cache_text_embeddings else None
+        if cfg.cache_latents and cfg.cache_text_embeddings and cuda:
+            self._offload_encoders()
+
+    def _offload_encoders(self) -> None:
+        """Move the text encoders and the VAE to the CPU for the loop (back in :meth:`close`)."""
+        import torch
+
+        for name in self.family.encoder_modules(self.pipe):
+            getattr(self.pipe, name).to("cpu")
+            self._offloaded.append(name)
+        torch.cuda.empty_cache()
+
+    # one optimizer step
+
+    def _latents(self, index: list[int]) -> torch.Tensor:
+        import torch
+
+        if self.latent_dist is not None:
+            mean = torch.stack([self.latent_dist[i][0] for i in index])
+            std = torch.stack([self.latent_dist[i][1] for i in index])
+        else:
+            mean, std = encode_latent_dist(self.pipe.vae, torch.stack([self.pixels[i] for i in index]))
+        sample = mean + std * torch.randn(mean.shape, generator=self.noise_generator, device=self.device)
+        return self.family.to_model_latents(self.pipe, sample)
+
+    def _text(self, index: list[int]) -> dict[str, Any]:
+        if self.text is not None:
+            return self.family.collate_text([self.text[self.caption_index[i]] for i in index])
+        return self.family.collate_text(self.family.encode_text(self.pipe, [self.captions[i] for i in index]))
+
+    def step(self) -> torch.Tensor:
+        """One optimizer step (``gradient_accumulation`` micro-batches); the mean loss, on the device."""
+        import torch
+        import torch.nn.functional as F
+
+        cfg = self.cfg
+        total = torch.zeros((), device=self.device)
+        for _ in range(cfg.gradient_accumulation):
+            index = self.plan.next()
+            latents = self._latents(index)
+            noise = torch.randn(latents.shape, generator=self.noise_generator, device=self.device)
+            timesteps = self.schedule.sample(len(index), latents, self.noise_generator)
+            noisy, target = self.schedule.noisy_and_target(latents, noise, timesteps)
+            text = self._text(index)
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                prediction = self.family.predict(self.pipe, self.forward, noisy, timesteps, text)
+            loss = F.mse_loss(prediction.float(), target.float()) / cfg.gradient_accumulation
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            total += loss.detach()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.params, MAX_GRAD_NORM)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+    # results and teardown
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained layers in diffusers' naming (without the denoiser's prefix)."""
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        return convert_state_dict_to_diffusers(get_peft_model_state_dict(self.denoiser, adapter_name=TRAIN_ADAPTER))
+
+    def adapter_config(self) -> dict[str, Any]:
+        return self.denoiser.peft_config[TRAIN_ADAPTER].to_dict()
+
+    def close(self) -> None:
+        """Remove the adapter and training switches and bring the encoders back, so the cached
+        pipeline is as at rest."""
+        import torch
+
+        self.optimizer = None  # type: ignore[assignment]
+        self.forward = None  # type: ignore[assignment]
+        self.latent_dist = self.text = None
+        self.pixels = []
+        try:
+            for name in self._offloaded:
+                getattr(self.pipe, name).to(self.device)
+            self._offloaded = []
+            if self._attached and getattr(self.denoiser, "peft_config", None):
+                self.denoiser.unload_lora()
+            if self._checkpointing:
+                self.denoiser.disable_gradient_checkpointing()
+            left = tuner_layers(self.pipe)
+        except (RuntimeError, ValueError, AttributeError) as exc:
+            PIPELINES.evict(self.entry.key)
+            raise ModelStateError(f"could not remove the training adapter from {self.entry.key}: {exc}") from exc
+        if left:
+            PIPELINES.evict(self.entry.key)
+            raise ModelStateError(f"{len(left)} adapter layers stayed in {self.entry.key}; the pipeline was dropped")
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+# --- progress ---------------------------------------------------------------------------------
+
+
+class ProgressReporter:
+    """Sends ``{"step", "total_steps", "loss", "eta_seconds"}`` to ``progress`` at most once per
+    ``interval`` seconds, and always the last step (with ``final=True``). ``loss`` is read (a
+    device sync) only when an update goes out."""
+
+    def __init__(
+        self,
+        callback: Progress | None,
+        total_steps: int,
+        interval: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.callback = callback
+        self.total = total_steps
+        self.interval = interval
+        self.clock = clock
+        self.started = clock()
+        self.last: float | None = None
+
+    def update(self, step: int, loss: Callable[[], float]) -> None:
+        if self.callback is None:
+            return
+        now = self.clock()
+        final = step >= self.total
+        if not final and self.last is not None and now - self.last < self.interval:
+            return
+        self.last = now
+        elapsed = now - self.started
+        eta = elapsed / step * (self.total - step) if step else None
+        update = {
+            "step": step,
+            "total_steps": self.total,
+            "loss": round(loss(), 6),
+            "eta_seconds": None if eta is None else round(eta, 1),
+        }
+        self.callback(update, final=final)
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    """Measured by :func:`run_steps`."""
+
+    steps: int
+    final_loss: float
+    seconds: float
+    first_step_seconds: float
+
+
+def run_steps(
+    trainer: LoraTrainer,
+    reporter: ProgressReporter | None = None,
+    stop: StopSignal | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> TrainStats:
+    """Run ``trainer.cfg.steps`` optimizer steps; the loss is an EMA kept on the device.
+
+    ``stop`` is checked before every step: a set signal raises :class:`JobStopped`.
+    """
+    import torch
+
+    total = trainer.cfg.steps
+    sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
+    ema: torch.Tensor | None = None
+    started = clock()
+    first = 0.0
+    for step in range(1, total + 1):
+        if stop is not None:
+            stop.check(f"train_lora at step {step - 1} of {total}")
+        loss = trainer.step()
+        ema = loss if ema is None else ema * LOSS_EMA + loss * (1 - LOSS_EMA)
+        if step == 1:
+            sync()
+            first = clock() - started
+        if reporter is not None:
+            current = ema
+            reporter.update(step, lambda current=current: float(current))
+    sync()
+    return TrainStats(total, float(ema) if ema is not None else float("nan"), clock() - started, first)
+
+
+# --- evaluation -------------------------------------------------------------------------------
+
+
+def evaluation_loss(
+    entry: LoadedPipeline,
+    images: Sequence[Image.Image],
+    captions: Sequence[str],
+    seed: int = 0,
+    fractions: Sequence[float] = EVAL_FRACTIONS,
+) -> float:
+    """Denoising loss with fixed noise and timesteps over the posterior means of same-size
+    images: it falls when the model (with whatever LoRA is fused in) has learned them."""
+    import torch
+    import torch.nn.functional as F
+
+    family = trainable(entry.family, entry.pipe)
+    denoiser = family.denoiser(entry.pipe)
+    device = denoiser.device
+    mean, _ = encode_latent_dist(entry.pipe.vae, pixel_tensor(images))
+    latents = family.to_model_latents(entry.pipe, mean)
+    text = family.collate_text(family.encode_text(entry.pipe, captions))
+    schedule = family.schedule(entry.pipe, device)
+    generator = torch.Generator().manual_seed(seed)
+    losses = []
+    with torch.no_grad():
+        for fraction in fractions:
+            noise = torch.randn(latents.shape, generator=generator).to(device)
+            steps = schedule.at(fraction, len(images), device)
+            noisy, target = schedule.noisy_and_target(latents, noise, steps)
+            prediction = family.predict(entry.pipe, denoiser, noisy.to(denoiser.dtype), steps, text)
+            losses.append(F.mse_loss(prediction.float(), target.float()).item())
+    return sum(losses) / len(losses)
