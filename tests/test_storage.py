@@ -103,9 +103,19 @@ def test_delete_many_and_copy(any_settings: Settings) -> None:
 
 def test_invalid_keys_are_refused_the_same_way(any_settings: Settings) -> None:
     async def scenario(storage: Storage) -> None:
-        for key in ("/abs", "a/../b", "a//b", "a\\b", "", "a/\x01"):
+        for key in ("/abs", "a/../b", "a//b", "a\\b", "", "a/\x01", "a/x\u202egnp.exe", "a/\ud800", "a/b\u2029"):
             with pytest.raises(ValueError, match="key"):
                 await storage.put_bytes(key, b"x")
+        # A trailing '/' names a folder (an S3 console marker, a directory on disk): a file on neither.
+        await storage.put_bytes("folder/inside.txt", b"x")
+        for key in ("folder/", "empty/"):
+            with pytest.raises(ValueError, match="must not end with '/'"):
+                await storage.put_bytes(key, b"x")
+            with pytest.raises(ValueError, match="must not end with '/'"):
+                await storage.head(key)
+            with pytest.raises(ValueError, match="must not end with '/'"):
+                await storage.get_bytes(key)
+        assert [o.key for o in await storage.list_all("folder/")] == ["folder/inside.txt"]
 
     run_with_storage(any_settings, scenario)
     assert validate_key("datasets/x/y.png") == "datasets/x/y.png"

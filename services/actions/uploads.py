@@ -49,6 +49,7 @@ async def upload_training_files(request: UploadTrainingFilesInput, ctx: JobConte
         fetch=_url_fetcher(ctx),
         max_file_bytes=ctx.settings.max_file_bytes,
         max_batch_bytes=ctx.settings.max_batch_bytes,
+        download_concurrency=ctx.settings.download_concurrency,
     )
     if result.failed:
         details = "; ".join(f"input.{f.error}" for f in result.failed[:10])
