@@ -1,9 +1,11 @@
-"""Client of the RunPod LoRA worker: a library (:class:`WorkerClient`) and a CLI (``python -m client``).
+"""Client of the RunPod LoRA worker: a library (:class:`WorkerClient`) and a CLI (``lora-worker``,
+or ``python -m client``).
 
 It hides RunPod's limits: datasets go up in inline batches under the 10 MB request limit or
 straight to storage through presigned URLs, and output files are saved whether they come
 back inline (base64) or as presigned redirects. Errors the worker reports raise
-:class:`JobFailed` with its message.
+:class:`JobFailed` with its message; Ctrl-C cancels the running job and raises
+:class:`JobInterrupted`.
 
     from client import WorkerClient
 
@@ -14,7 +16,15 @@ back inline (base64) or as presigned redirects. Errors the worker reports raise
 """
 
 from client.api import GenerateResult, TrainResult, WorkerClient
-from client.errors import ClientError, DownloadError, JobFailed, JobTimeout, TransportError, UploadError
+from client.errors import (
+    ClientError,
+    DownloadError,
+    JobFailed,
+    JobInterrupted,
+    JobTimeout,
+    TransportError,
+    UploadError,
+)
 from client.files import save_output_file
 from client.transport import LocalTransport, RunPodTransport, Transport
 from client.uploads import UploadPlan, UploadReport, plan_upload
@@ -24,6 +34,7 @@ __all__ = [
     "DownloadError",
     "GenerateResult",
     "JobFailed",
+    "JobInterrupted",
     "JobTimeout",
     "LocalTransport",
     "RunPodTransport",

@@ -10,8 +10,10 @@
     worker = WorkerClient.for_local("http://localhost:8000")    # python rp_handler.py --rp_serve_api
 
 Every job goes through ``/run`` and is polled until it ends; a worker error (``{"error": ...}``
-or status FAILED) raises :class:`JobFailed` with the worker's message. Output files are saved
-whether they came inline (base64) or as a presigned redirect.
+or status FAILED) raises :class:`JobFailed` with the worker's message. Ctrl-C while a job runs
+cancels it (``/cancel``) and raises :class:`JobInterrupted`. ``train`` resubmits the same input
+while the worker stops with a ``[resumable]`` error (a checkpoint saved). Output files are
+saved whether they came inline (base64) or as a presigned redirect.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Any
 
 import requests
 
-from client.errors import ClientError, JobFailed, JobTimeout, TransportError
+from client.errors import ClientError, JobFailed, JobInterrupted, JobTimeout, TransportError
 from client.files import local_name, put_file, save_output_file
 from client.transport import FINAL_STATES, LocalTransport, RunPodTransport, Transport
 from client.uploads import (
@@ -46,6 +48,9 @@ from client.uploads import (
 log = logging.getLogger("client")
 
 ProgressCallback = Callable[[Any], None]
+FilesCallback = Callable[[int, int], None]  # (files done, files to send)
+ResumeCallback = Callable[[int, JobFailed], None]  # (resubmission number, the resumable failure)
+DEFAULT_MAX_RESUMES = 10
 POLL_FAILURES_TOLERATED = 3  # status polls that may fail in a row (a network blip) before giving up
 
 
@@ -58,6 +63,8 @@ class TrainResult:
     samples: list[Path] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
     key: str | None = None
+    resumed_from_step: int | None = None  # the worker's: 0 for a fresh start, None when it does not say
+    resubmissions: int = 0  # jobs sent again after a resumable stop
 
 
 @dataclass
@@ -85,6 +92,14 @@ def _error_text(error: Any) -> str:
 
 def _drop_none(values: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
+
+
+def _file_field(output: Any, key: str, action: str) -> dict[str, Any]:
+    """``output[key]``, an output file; a result without it is the worker's failure, not a crash."""
+    value = output.get(key) if isinstance(output, dict) else None
+    if not isinstance(value, dict):
+        raise JobFailed(f"{action}: the worker's result has no {key!r} file: {str(output)[:200]}")
+    return value
 
 
 class WorkerClient:
@@ -165,7 +180,8 @@ class WorkerClient:
         """Run one job and return its output; raises :class:`JobFailed` or :class:`JobTimeout`.
 
         ``on_progress`` receives each new progress update the worker posts while the job runs
-        (RunPod shows them as the status's ``output``; the local server shows none).
+        (RunPod shows them as the status's ``output``; the local server shows none). Ctrl-C
+        while the job runs asks the endpoint to cancel it and raises :class:`JobInterrupted`.
         """
         limit = self.timeout if timeout is None else timeout
         action = str(job_input.get("action", "job"))
@@ -177,9 +193,8 @@ class WorkerClient:
         log.debug("%s: job %s submitted", action, job_id)
         try:
             state = self._wait(job_id, action, state, deadline, limit, on_progress)
-        except KeyboardInterrupt:
-            self._cancel(job_id, action)
-            raise
+        except KeyboardInterrupt as exc:
+            raise JobInterrupted(job_id, action, self._cancel(job_id, action)) from exc
         return self._finish(job_id, action, state)
 
     def _wait(
@@ -215,11 +230,14 @@ class WorkerClient:
                 log.warning("%s: status of job %s failed (%s); retrying", action, job_id, exc)
         return state
 
-    def _cancel(self, job_id: str, action: str) -> None:
+    def _cancel(self, job_id: str, action: str) -> str:
+        """Ask the endpoint to cancel ``job_id``; what happened, as a sentence."""
         try:
             self.transport.cancel(job_id)
         except ClientError as exc:
             log.warning("%s: could not cancel job %s: %s", action, job_id, exc)
+            return f"could not cancel job {job_id}: {exc}"
+        return f"cancelled job {job_id} on the endpoint"
 
     @staticmethod
     def _finish(job_id: str, action: str, state: dict[str, Any]) -> Any:
@@ -265,7 +283,7 @@ class WorkerClient:
     def get_file(self, key: str, dest: str | Path = ".") -> Path:
         """Fetch one stored object (``loras/...``, ``datasets/...``, ``outputs/...``) into ``dest``."""
         output = self.run({"action": "get_file", "key": key})
-        return self.save_output_file(output["file"], dest)
+        return self.save_output_file(_file_field(output, "file", "get_file"), dest)
 
     def save_output_file(self, file: Mapping[str, Any], dest: str | Path) -> Path:
         """Save an output file (base64 or redirect) to ``dest``: a path or an existing directory."""
@@ -279,12 +297,15 @@ class WorkerClient:
 
     # --- dataset upload -------------------------------------------------------------------------
 
-    def upload_dataset(self, folder: str | Path, dataset: str) -> UploadReport:
+    def upload_dataset(
+        self, folder: str | Path, dataset: str, *, on_progress: FilesCallback | None = None
+    ) -> UploadReport:
         """Upload the images and ``.txt`` captions of ``folder`` into ``datasets/<dataset>/``.
 
         Files go inline in batches packed under ``inline_budget`` JSON bytes, or, when one
         alone would not fit, straight to storage through ``presign_uploads``. Never raises for
-        a file: check ``report.failed`` (``report.ok``).
+        a file: check ``report.failed`` (``report.ok``). ``on_progress(done, total)`` follows
+        the files sent, after each batch and each presigned PUT.
         """
         files, ignored = scan_folder(Path(folder))
         report = UploadReport(dataset=dataset, ignored=ignored)
@@ -297,13 +318,23 @@ class WorkerClient:
                 sendable.append(item)
         plan = plan_upload(sendable, dataset, budget=self.inline_budget, max_files_per_batch=self.max_files_per_batch)
         report.batches = len(plan.batches)
+        done = 0
+
+        def advance(count: int) -> None:
+            nonlocal done
+            done += count
+            if on_progress:
+                on_progress(done, len(sendable))
+
+        advance(0)
         for number, batch in enumerate(plan.batches, 1):
-            log.info("batch %d/%d: %d files inline", number, len(plan.batches), len(batch))
+            log.debug("batch %d/%d: %d files inline", number, len(plan.batches), len(batch))
             self._upload_batch(dataset, batch, report)
+            advance(len(batch))
         if plan.presigned:
-            log.info("%d files too large for a request: sending them through presigned URLs", len(plan.presigned))
+            log.debug("%d files too large for a request: sending them through presigned URLs", len(plan.presigned))
         for start in range(0, len(plan.presigned), self.presign_chunk):
-            self._upload_presigned(dataset, plan.presigned[start : start + self.presign_chunk], report)
+            self._upload_presigned(dataset, plan.presigned[start : start + self.presign_chunk], report, advance)
         return report
 
     def _upload_batch(self, dataset: str, batch: list[LocalFile], report: UploadReport) -> None:
@@ -325,7 +356,14 @@ class WorkerClient:
 
     @staticmethod
     def _merge_batch(output: Mapping[str, Any], sent: list[str], error: str, report: UploadReport) -> None:
-        """Add a batch's result; a file the worker did not account for failed with ``error``."""
+        """Add a batch's result; a file the worker did not account for failed with ``error``.
+
+        A batch where some files failed completes with ``"partial": true`` and a ``summary``.
+        """
+        if output.get("partial"):
+            report.partial = True
+            if output.get("summary"):
+                report.summaries.append(str(output["summary"]))
         seen: set[str] = set()
         for item in output.get("uploaded", []):
             report.uploaded.append({**item, "via": "inline"})
@@ -340,10 +378,13 @@ class WorkerClient:
             if name not in seen:
                 report.failed.append({"name": name, "error": error or "the worker did not report this file"})
 
-    def _upload_presigned(self, dataset: str, chunk: list[LocalFile], report: UploadReport) -> None:
+    def _upload_presigned(
+        self, dataset: str, chunk: list[LocalFile], report: UploadReport, advance: Callable[[int], None]
+    ) -> None:
         too_large = [f for f in chunk if f.size > SINGLE_PUT_LIMIT]
         for item in too_large:
             report.failed.append({"name": item.name, "error": f"{item.size} bytes is over S3's 5 GiB single PUT"})
+        advance(len(too_large))
         chunk = [f for f in chunk if f.size <= SINGLE_PUT_LIMIT]
         if not chunk:
             return
@@ -356,11 +397,13 @@ class WorkerClient:
             output = self.run(request)
         except ClientError as exc:
             report.failed.extend({"name": f.name, "error": str(exc)} for f in chunk)
+            advance(len(chunk))
             return
         by_name = {f.name: f for f in chunk}
         uploads = [u for u in output.get("uploads", []) if u.get("name") in by_name]
         missing = set(by_name) - {u["name"] for u in uploads}
         report.failed.extend({"name": n, "error": "the worker sent no upload URL for it"} for n in sorted(missing))
+        advance(len(missing))
 
         def send(upload: dict[str, Any]) -> dict[str, Any]:
             item = by_name[upload["name"]]
@@ -381,6 +424,7 @@ class WorkerClient:
             for result in pool.map(send, uploads):
                 (report.failed if "error" in result else report.uploaded).append(result)
                 report.presigned += "error" not in result
+                advance(1)
 
     # --- GPU actions ----------------------------------------------------------------------------
 
@@ -392,18 +436,54 @@ class WorkerClient:
         dest: str | Path | None = None,
         on_progress: ProgressCallback | None = None,
         timeout: float | None = None,
+        auto_resume: bool = True,
+        max_resumes: int = DEFAULT_MAX_RESUMES,
+        on_resume: ResumeCallback | None = None,
         **params: Any,
     ) -> TrainResult:
         """Train a LoRA (``train_lora``; ``params`` are its other fields) and download it.
 
         ``dest``: a file path, or a directory (default: the current one) for
         ``<output_name>.safetensors``; a Kohya export and samples are saved beside it.
+
+        When the worker stops with a ``[resumable]`` error (a deadline, a cancel, SIGTERM: a
+        checkpoint was saved), the same input is sent again, at most ``max_resumes`` times,
+        and the worker resumes from its checkpoint; ``on_resume(number, failure)`` hears of
+        each. ``auto_resume=False`` raises the failure instead. (The worker's own ``resume``
+        field, ``resume=False`` in ``params``, is another thing: it forces a fresh start.)
+        ``timeout`` applies to each job.
         """
         job = {"action": "train_lora", "dataset": dataset, "output_name": output_name, **_drop_none(params)}
-        output = self.run(job, timeout=timeout, on_progress=on_progress)
+        resubmissions = 0
+        while True:
+            try:
+                output = self.run(job, timeout=timeout, on_progress=on_progress)
+                break
+            except JobFailed as failure:
+                if not (auto_resume and failure.resumable):
+                    raise
+                if resubmissions >= max_resumes:
+                    raise JobFailed(
+                        f"{failure} (gave up after {resubmissions} resubmissions; raise the limit or run again)",
+                        job_id=failure.job_id,
+                        status=failure.status,
+                        output=failure.output,
+                    ) from failure
+                resubmissions += 1
+                log.info("train_lora: resubmitting (%d of at most %d): %s", resubmissions, max_resumes, failure)
+                if on_resume:
+                    on_resume(resubmissions, failure)
         target = dest if dest is not None else Path.cwd()
-        lora = self.save_output_file(output["lora"], target)
-        result = TrainResult(lora=lora, metrics=output.get("metrics") or {}, key=output["lora"].get("key"))
+        lora_file = _file_field(output, "lora", "train_lora")
+        lora = self.save_output_file(lora_file, target)
+        resumed = output.get("resumed_from_step")
+        result = TrainResult(
+            lora=lora,
+            metrics=output.get("metrics") or {},
+            key=lora_file.get("key"),
+            resumed_from_step=resumed if isinstance(resumed, int) else None,
+            resubmissions=resubmissions,
+        )
         if output.get("kohya_lora"):
             result.kohya_lora = self.save_output_file(output["kohya_lora"], lora.parent)
         for sample in output.get("samples") or []:
@@ -412,14 +492,22 @@ class WorkerClient:
         return result
 
     def generate(
-        self, prompt: str, *, out_dir: str | Path = ".", timeout: float | None = None, **params: Any
+        self,
+        prompt: str,
+        *,
+        out_dir: str | Path = ".",
+        timeout: float | None = None,
+        on_progress: ProgressCallback | None = None,
+        **params: Any,
     ) -> GenerateResult:
         """Generate images (``generate``; ``params`` are its other fields) into ``out_dir``.
 
         Files are named ``<seed>-<name>`` (``7-image-0.png``), so runs do not overwrite each other.
         """
         job = {"action": "generate", "prompt": prompt, **_drop_none(params)}
-        output = self.run(job, timeout=timeout)
+        output = self.run(job, timeout=timeout, on_progress=on_progress)
+        if not isinstance(output, dict):
+            raise JobFailed(f"generate: the worker's result is not an object: {str(output)[:200]}")
         folder = Path(out_dir)
         folder.mkdir(parents=True, exist_ok=True)
         seed = output.get("seed")

@@ -1,15 +1,16 @@
-"""``python -m client``: the worker from the command line.
+"""``lora-worker`` (or ``python -m client``): the worker from the command line.
 
     export RUNPOD_API_KEY=...  RUNPOD_ENDPOINT_ID=...      # or: --local http://localhost:8000
-    python -m client health
-    python -m client upload ./photos --dataset cats
-    python -m client ls --dataset cats
-    python -m client train --dataset cats --output-name cat-lora --steps 800 --param trigger_word=sks
-    python -m client generate --prompt "a photo of sks cat" --lora cat-lora --num-images 2 --out out/
-    python -m client get loras/cat-lora/cat-lora.safetensors --out .
+    lora-worker health
+    lora-worker upload ./photos --dataset cats
+    lora-worker ls --dataset cats
+    lora-worker train --dataset cats --output-name cat-lora --steps 800 --param trigger_word=sks
+    lora-worker generate --prompt "a photo of sks cat" --lora cat-lora --num-images 2 --out out/
+    lora-worker get loras/cat-lora/cat-lora.safetensors --out .
 
-Progress goes to stderr, results to stdout (``--json`` for machine-readable output). Exit
-status: 0 done, 1 a job or a file failed, 2 bad usage or configuration, 130 interrupted.
+Progress bars go to stderr, results to stdout (``--json`` for machine-readable output). Ctrl-C
+cancels the running job on the endpoint. Exit status: 0 done, 1 a job or a file failed, 2 bad
+usage or configuration, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -22,13 +23,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from client.api import WorkerClient
-from client.errors import ClientError
+from client.api import DEFAULT_MAX_RESUMES, WorkerClient
+from client.errors import ClientError, JobFailed, JobInterrupted
+from client.progress import FileBar, StepBar
 from client.uploads import DEFAULT_INLINE_BUDGET, DEFAULT_MAX_FILES_PER_BATCH, REQUEST_LIMIT_BYTES
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+PROG = "lora-worker"
+EXIT_TEXT = (
+    "Exit status: 0 done, 1 a job or a file failed, 2 bad usage or configuration, 130 interrupted "
+    "(Ctrl-C cancels the running job on the endpoint)."
+)
 
 
 def parse_param(text: str) -> tuple[str, Any]:
@@ -57,20 +64,23 @@ def _connection_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
     add("--timeout", type=float, metavar="S", default=3600.0, help="seconds to wait for a job (default 3600)")
     add("--request-timeout", type=float, metavar="S", default=60.0, help="seconds per HTTP request (default 60)")
     add("--poll-interval", type=float, metavar="S", default=2.0, help="seconds between status polls (default 2)")
-    add("--json", action="store_true", default=False, help="print results as JSON")
-    add("-q", "--quiet", action="store_true", default=False, help="no progress messages on stderr")
+    add("--json", action="store_true", default=False, help="print results as JSON on stdout")
+    add("-q", "--quiet", action="store_true", default=False, help="no progress bars or messages on stderr")
+    add("-v", "--verbose", action="store_true", default=False, help="log each request and batch on stderr")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m client",
-        description="Client of the RunPod LoRA worker: upload datasets, train, generate, fetch files.",
+        prog=PROG,
+        description="Client of the RunPod LoRA worker: upload datasets, train, generate, fetch files "
+        "(also runs as 'python -m client').",
+        epilog=f"{EXIT_TEXT} Run '%(prog)s COMMAND --help' for a command's options.",
     )
     _connection_options(parser, top=True)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=text, description=text)
+        sub = commands.add_parser(name, help=text, description=text, epilog=EXIT_TEXT)
         _connection_options(sub, top=False)
         return sub
 
@@ -87,12 +97,18 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"JSON bytes per inline batch (default {DEFAULT_INLINE_BUDGET}, at most {REQUEST_LIMIT_BYTES}); "
         "larger files go through presigned URLs",
     )
-    upload.add_argument("--batch-files", type=int, default=DEFAULT_MAX_FILES_PER_BATCH, metavar="N")
+    upload.add_argument(
+        "--batch-files",
+        type=int,
+        default=DEFAULT_MAX_FILES_PER_BATCH,
+        metavar="N",
+        help=f"at most N files per inline batch (default {DEFAULT_MAX_FILES_PER_BATCH})",
+    )
 
     listing = command("ls", "list the files of a dataset or under a prefix")
     where = listing.add_mutually_exclusive_group(required=True)
-    where.add_argument("--dataset")
-    where.add_argument("--prefix", help="e.g. loras/ or outputs/")
+    where.add_argument("--dataset", help="list datasets/<name>/")
+    where.add_argument("--prefix", help="list every key under this prefix, e.g. loras/ or outputs/")
 
     get = command("get", "download one stored file")
     get.add_argument("key", help="e.g. loras/my-lora/my-lora.safetensors")
@@ -102,28 +118,45 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("keys", nargs="*", help="keys to delete")
     remove.add_argument("--dataset", help="delete every file of this dataset")
 
-    train = command("train", "train a LoRA and download it")
-    train.add_argument("--dataset", required=True)
+    train = command(
+        "train",
+        "train a LoRA and download it; resubmits the job while the worker stops with a resumable error",
+    )
+    train.add_argument("--dataset", required=True, help="the dataset to train on (see 'upload')")
     train.add_argument("--output-name", required=True, help="LoRA name; stored under loras/<name>/")
-    train.add_argument("--steps", type=int)
+    train.add_argument("--steps", type=int, help="optimizer steps (default: the worker's)")
     train.add_argument("--base-model", help="builtin:tiny-sd, a cached Hugging Face repo id, ... (default: MODEL_ID)")
-    train.add_argument("--trigger-word")
-    train.add_argument("--rank", type=int)
-    train.add_argument("--resolution", type=int)
+    train.add_argument("--trigger-word", help="prepended to every caption that lacks it")
+    train.add_argument("--rank", type=int, help="LoRA rank (default: the worker's)")
+    train.add_argument("--resolution", type=int, help="training resolution in pixels (default: the worker's)")
     train.add_argument("--out", help="file or folder for the .safetensors (default: .)")
+    train.add_argument(
+        "--no-resume",
+        dest="auto_resume",
+        action="store_false",
+        help="do not resubmit when the worker stops with a [resumable] error (deadline, cancel, "
+        "shutdown: a checkpoint was saved); fail instead. To start over rather than resume: --param resume=false",
+    )
+    train.add_argument(
+        "--max-resumes",
+        type=int,
+        default=DEFAULT_MAX_RESUMES,
+        metavar="N",
+        help=f"resubmit at most N times (default {DEFAULT_MAX_RESUMES}); --timeout applies to each job",
+    )
     _param_option(train, "train_lora")
 
     generate = command("generate", "generate images and save them")
-    generate.add_argument("--prompt", required=True)
-    generate.add_argument("--negative-prompt")
+    generate.add_argument("--prompt", required=True, help="what to generate")
+    generate.add_argument("--negative-prompt", help="what to steer away from")
     generate.add_argument("--lora", help="a train_lora output_name or a loras/... key")
-    generate.add_argument("--num-images", type=int)
-    generate.add_argument("--steps", type=int)
-    generate.add_argument("--width", type=int)
-    generate.add_argument("--height", type=int)
-    generate.add_argument("--seed", type=int)
-    generate.add_argument("--base-model")
-    generate.add_argument("--format", choices=("png", "jpeg", "webp"))
+    generate.add_argument("--num-images", type=int, help="images in one job (default: the worker's)")
+    generate.add_argument("--steps", type=int, help="denoising steps (default: the worker's)")
+    generate.add_argument("--width", type=int, help="image width in pixels")
+    generate.add_argument("--height", type=int, help="image height in pixels")
+    generate.add_argument("--seed", type=int, help="image i uses seed + i (default: random, printed)")
+    generate.add_argument("--base-model", help="the model to generate with (default: MODEL_ID)")
+    generate.add_argument("--format", choices=("png", "jpeg", "webp"), help="image format (default: png)")
     generate.add_argument("--out", default=".", help="folder to save the images into (default: .)")
     _param_option(generate, "generate")
     return parser
@@ -146,6 +179,10 @@ def make_client(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Wo
     if args.command == "upload":
         if not 0 < args.inline_budget <= REQUEST_LIMIT_BYTES:
             parser.error(f"--inline-budget must be between 1 and {REQUEST_LIMIT_BYTES}")
+        if not args.folder.is_dir():
+            parser.error(f"{args.folder} is not a folder")
+    if args.command == "train" and args.max_resumes < 0:
+        parser.error("--max-resumes must be 0 or more")
         options |= {"inline_budget": args.inline_budget, "max_files_per_batch": max(1, args.batch_files)}
     if args.local and args.endpoint:
         parser.error("give --endpoint or --local, not both")
@@ -171,7 +208,8 @@ def cmd_health(worker: WorkerClient, args: argparse.Namespace) -> int:
 
 
 def cmd_upload(worker: WorkerClient, args: argparse.Namespace) -> int:
-    report = worker.upload_dataset(args.folder, args.dataset)
+    with FileBar(f"upload {args.dataset}", disable=args.quiet) as bar:
+        report = worker.upload_dataset(args.folder, args.dataset, on_progress=bar)
     lines = [
         f"dataset {report.dataset}: {len(report.uploaded)} uploaded ({report.presigned} through presigned URLs, "
         f"{report.batches} inline batches), {len(report.skipped)} skipped, {len(report.failed)} failed, "
@@ -180,8 +218,13 @@ def cmd_upload(worker: WorkerClient, args: argparse.Namespace) -> int:
     lines += [f"  skipped {item.get('name')}: {item.get('reason', '')}" for item in report.skipped]
     lines += [f"  ignored {item['name']}: {item['reason']}" for item in report.ignored]
     lines += [f"  FAILED {item.get('name')}: {item.get('error', '')}" for item in report.failed]
+    lines += [f"  worker: {summary}" for summary in report.summaries]
     _emit(args, report.to_dict(), lines)
-    return 0 if report.ok else EXIT_FAILED
+    if not report.ok:
+        names = ", ".join(str(item.get("name")) for item in report.failed)
+        print(f"error: upload to dataset {report.dataset}: {len(report.failed)} files failed: {names}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
 
 
 def cmd_ls(worker: WorkerClient, args: argparse.Namespace) -> int:
@@ -208,17 +251,9 @@ def cmd_rm(worker: WorkerClient, args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_progress(update: Any) -> None:
-    if isinstance(update, dict) and "step" in update:
-        parts = [f"step {update.get('step')}/{update.get('total_steps', '?')}"]
-        loss = update.get("loss")
-        if loss is not None:
-            parts.append(f"loss {loss:.4f}" if isinstance(loss, float) else f"loss {loss}")
-        if update.get("eta_seconds") is not None:
-            parts.append(f"eta {update['eta_seconds']:.0f}s")
-        print("  ".join(parts), file=sys.stderr)
-    else:
-        print(f"progress: {json.dumps(update, default=str)}", file=sys.stderr)
+def _local_note(worker: WorkerClient, bar: StepBar) -> None:
+    if worker.transport.blocking_status:
+        bar.note("the local server runs the job inside one status call: no step progress until it ends")
 
 
 def cmd_train(worker: WorkerClient, args: argparse.Namespace) -> int:
@@ -230,23 +265,45 @@ def cmd_train(worker: WorkerClient, args: argparse.Namespace) -> int:
         "resolution": args.resolution,
         **dict(args.param),
     }
-    if not args.quiet:
-        print(f"training {args.output_name} on dataset {args.dataset}...", file=sys.stderr)
-    result = worker.train(
-        args.dataset,
-        args.output_name,
-        dest=args.out,
-        on_progress=None if args.quiet else _print_progress,
-        **params,
-    )
+    with StepBar(f"train {args.output_name}", disable=args.quiet) as bar:
+        _local_note(worker, bar)
+
+        def resumed(number: int, failure: JobFailed) -> None:
+            bar.note(f"{failure}")
+            bar.note(f"resubmitting the same input to resume ({number} of at most {args.max_resumes})")
+
+        try:
+            result = worker.train(
+                args.dataset,
+                args.output_name,
+                dest=args.out,
+                on_progress=bar,
+                auto_resume=args.auto_resume,
+                max_resumes=args.max_resumes,
+                on_resume=resumed,
+                **params,
+            )
+        except JobFailed as failure:
+            if failure.resumable and not args.auto_resume:
+                raise JobFailed(f"{failure} (--no-resume: run the same command again to resume)") from failure
+            raise
     data = {
         "lora": str(result.lora),
         "key": result.key,
         "kohya_lora": str(result.kohya_lora) if result.kohya_lora else None,
         "samples": [str(p) for p in result.samples],
         "metrics": result.metrics,
+        "resumed_from_step": result.resumed_from_step,
+        "resubmissions": result.resubmissions,
     }
     lines = [f"LoRA saved to {result.lora}" + (f" (stored as {result.key})" if result.key else "")]
+    if result.resumed_from_step:
+        lines.append(
+            f"resumed from step {result.resumed_from_step} (after {result.resubmissions} resubmission"
+            + ("s)" if result.resubmissions > 1 else ")")
+            if result.resubmissions
+            else f"resumed from step {result.resumed_from_step} (a checkpoint of an earlier run)"
+        )
     if result.kohya_lora:
         lines.append(f"Kohya LoRA saved to {result.kohya_lora}")
     lines += [f"sample saved to {p}" for p in result.samples]
@@ -269,7 +326,9 @@ def cmd_generate(worker: WorkerClient, args: argparse.Namespace) -> int:
         "format": args.format,
         **dict(args.param),
     }
-    result = worker.generate(args.prompt, out_dir=args.out, **params)
+    with StepBar("generate", disable=args.quiet) as bar:
+        _local_note(worker, bar)
+        result = worker.generate(args.prompt, out_dir=args.out, on_progress=bar, **params)
     _emit(
         args,
         {"images": [str(p) for p in result.images], "seed": result.seed},
@@ -294,17 +353,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     worker = make_client(args, parser)  # a usage or configuration error exits here (status 2)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
-    logging.getLogger("urllib3").setLevel(logging.WARNING)
+    level = logging.DEBUG if args.verbose else logging.ERROR if args.quiet else logging.WARNING
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("urllib3").setLevel(max(level, logging.INFO))
     try:
         with worker:
             return COMMANDS[args.command](worker, args)
-    except ClientError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except OSError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+    except JobInterrupted as stop:
+        print(f"interrupted: {stop.action}: {stop.cancel}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except (ClientError, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+#: A worker error holding this marker stopped with a checkpoint saved: the same input resumes it.
+RESUMABLE_MARKER = "[resumable]"
+
 
 class ClientError(Exception):
     """Base class of every error the client raises."""
@@ -25,6 +28,24 @@ class JobFailed(ClientError):
         self.job_id = job_id
         self.status = status
         self.output = output
+
+    @property
+    def resumable(self) -> bool:
+        """True when the worker saved a checkpoint and asks for the same input again."""
+        return RESUMABLE_MARKER in str(self)
+
+
+class JobInterrupted(KeyboardInterrupt):
+    """Ctrl-C while a job ran. ``cancel`` says what became of the remote job.
+
+    A :class:`KeyboardInterrupt`, so code that stops on Ctrl-C still does.
+    """
+
+    def __init__(self, job_id: str, action: str, cancel: str) -> None:
+        super().__init__(f"{action}: interrupted; {cancel}")
+        self.job_id = job_id
+        self.action = action
+        self.cancel = cancel
 
 
 class JobTimeout(ClientError):

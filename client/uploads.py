@@ -54,7 +54,8 @@ class UploadReport:
 
     ``uploaded`` and ``skipped`` (already stored with the same sha256) and ``failed`` come from
     the worker or the storage PUT; ``ignored`` lists what was not sent (not an image or caption,
-    a folder, a hidden file).
+    a folder, a hidden file). ``partial`` is set when the worker completed a batch with some
+    files failed, and ``summaries`` holds its summaries.
     """
 
     dataset: str
@@ -64,11 +65,13 @@ class UploadReport:
     ignored: list[dict[str, Any]] = field(default_factory=list)
     batches: int = 0
     presigned: int = 0
+    partial: bool = False
+    summaries: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         """True when no file failed."""
-        return not self.failed
+        return not self.failed and not self.partial
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

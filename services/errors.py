@@ -73,3 +73,15 @@ class JobStopped(WorkerError):
         super().__init__(message)
         self.reason = reason
         self.resumable = resumable
+
+
+class CheckpointError(WorkerError):
+    """A training checkpoint could not be saved, found or used."""
+
+
+class CheckpointUploadFailed(CheckpointError):
+    """Saving a checkpoint failed; the previous checkpoint (if any) is still the one referenced."""
+
+
+class CheckpointCorrupt(CheckpointError):
+    """A stored checkpoint is missing a file, has a partial one, or does not fit the model."""

@@ -8,6 +8,10 @@ request is sent, and redirects are followed by hand (at most :data:`MAX_REDIRECT
 same checks on every hop. The body is streamed to a temporary file beside ``dest`` under a
 byte cap and renamed into place only when complete and valid.
 
+Host names are checked for DNS syntax before any lookup (:func:`check_url_syntax`) and
+resolved on the resolver's own threads (:mod:`services.resolver`), never on the event
+loop's default executor, so a lookup that never answers cannot stall other work.
+
 Query strings (presigned URLs carry their signature there) never appear in an error or a log
 line: messages name the URL through :func:`redact_url`.
 
@@ -26,7 +30,6 @@ import logging
 import os
 import secrets
 import socket
-import struct
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,18 +38,18 @@ from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
-from PIL import Image, UnidentifiedImageError
 from yarl import URL
 
 from config.settings import Settings
 from services.errors import InputError
+from services.images import check_image_file
+from services.resolver import BoundedResolver
 from services.urls import check_url_syntax
 
 logger = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 5
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
-IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 
 # Cloud metadata endpoints stay refused even with ``allow_private_urls``: they hand out
 # credentials, and no test needs them.
@@ -123,10 +126,8 @@ def address_problem(ip: IPAddress, *, allow_private: bool = False) -> str | None
     return next((why for hit, why in checks if hit), None)
 
 
-async def system_resolver(host: str, port: int) -> list[str]:
-    """Resolve ``host`` with the system resolver; addresses in answer order, deduplicated."""
-    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+system_resolver: Resolver = BoundedResolver()
+"""The default lookup: the system resolver on threads of its own (:mod:`services.resolver`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,9 +239,10 @@ async def _validate(url: str, original: str, settings: Settings, resolver: Resol
                 answer = await resolver(host, port)
         except TimeoutError:
             raise InputError(
-                f"could not download {where}: DNS lookup timed out after {settings.download_connect_timeout:g} s"
+                f"could not download {where}: DNS lookup of {host} timed out after "
+                f"{settings.download_connect_timeout:g} s (DOWNLOAD_CONNECT_TIMEOUT)"
             ) from None
-        except OSError as exc:  # socket.gaierror and friends
+        except (OSError, UnicodeError) as exc:  # socket.gaierror; UnicodeError from the IDNA codec
             logger.warning("DNS lookup failed for %s: %s", redact_url(url), type(exc).__name__)
             raise InputError(f"could not download {where}: host not found") from None
         found = [_ip_or_none(str(a)) for a in answer]
@@ -354,38 +356,6 @@ async def _fetch(
     raise InputError(f"url {redact_url(url)}: more than {MAX_REDIRECTS} redirects")
 
 
-def _check_image(path: Path, max_pixels: int, where: str) -> None:
-    """Magic bytes of an accepted format, a pixel count within the cap, and a clean decode."""
-    with path.open("rb") as f:
-        head = f.read(16)
-    known = (
-        head.startswith(b"\x89PNG\r\n\x1a\n")
-        or head.startswith(b"\xff\xd8\xff")
-        or head[:6] in (b"GIF87a", b"GIF89a")
-        or head.startswith(b"BM")
-        or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
-    )
-    if not known:
-        raise InputError(f"url {where}: not an image (accepted: {', '.join(IMAGE_FORMATS)})")
-    try:
-        with Image.open(path, formats=IMAGE_FORMATS) as im:
-            width, height = im.size
-            if width * height > max_pixels:
-                raise InputError(
-                    f"url {where}: image is {width}x{height} ({width * height} pixels), "
-                    f"over the {max_pixels}-pixel limit"
-                )
-            im.verify()
-        with Image.open(path, formats=IMAGE_FORMATS) as im:  # verify() leaves it unusable
-            im.load()
-    except Image.DecompressionBombError:
-        raise InputError(f"url {where}: image dimensions are too large") from None
-    except UnidentifiedImageError:
-        raise InputError(f"url {where}: image could not be decoded") from None
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
-        raise InputError(f"url {where}: image could not be decoded ({exc})") from exc
-
-
 def _check_zip(path: Path, where: str) -> None:
     with path.open("rb") as f:
         if f.read(4) != b"PK\x03\x04":
@@ -404,9 +374,10 @@ async def download(
     """Download ``url`` to ``dest`` with the SSRF checks in the module docstring.
 
     ``max_bytes`` overrides ``settings.max_download_bytes``. ``expect="image"`` accepts
-    PNG, JPEG, WEBP, GIF and BMP that Pillow decodes within ``settings.max_image_pixels``;
-    ``expect="zip"`` checks the zip signature (extract with :mod:`services.zipsafe`).
-    ``resolver`` replaces the system DNS lookup (tests simulate DNS answers with it).
+    PNG, JPEG, WEBP, GIF and BMP that decode within ``settings.max_image_pixels``
+    (:mod:`services.images`); ``expect="zip"`` checks the zip signature (extract with
+    :mod:`services.zipsafe`). ``resolver`` replaces :data:`system_resolver` (tests simulate
+    DNS answers with it); each lookup is bounded by ``settings.download_connect_timeout``.
     Every refusal or failure raises :class:`InputError`; nothing is left at ``dest`` or
     beside it unless the download completed and passed its checks, even on cancellation.
     """
@@ -427,7 +398,7 @@ async def download(
             ) from None
         where = _where(url, final)
         if expect == "image":
-            await asyncio.to_thread(_check_image, tmp, settings.max_image_pixels, where)
+            await asyncio.to_thread(check_image_file, tmp, settings.max_image_pixels, f"url {where}")
         elif expect == "zip":
             _check_zip(tmp, where)
         os.replace(tmp, dest)

@@ -5,7 +5,11 @@ It refuses, naming the entry: absolute paths, drive letters, ``..`` components, 
 and NUL bytes in names, links and other special files, encrypted entries, duplicate names
 and file/folder clashes; and it caps the entry count, the total uncompressed size (from the
 headers first, then counted while decompressing, since headers can lie) and the compression
-ratio (zip bombs). On any failure whatever it extracted is removed again.
+ratio (zip bombs). Members named as images (the dataset's image extensions) must be images
+whose header is within ``MAX_IMAGE_PIXELS`` (:mod:`services.images`; nothing is decoded
+here, the dataset scan decodes them). A member whose data does not decompress (corrupt
+deflate, bzip2 or lzma data) is refused by name. On any failure whatever it extracted is
+removed again.
 
 It is blocking (decompression is CPU work): call it through ``asyncio.to_thread`` from async code.
 """
@@ -13,6 +17,7 @@ It is blocking (decompression is CPU work): call it through ``asyncio.to_thread`
 from __future__ import annotations
 
 import logging
+import lzma
 import re
 import stat
 import zipfile
@@ -22,6 +27,8 @@ from typing import IO
 
 from config.settings import Settings
 from services.errors import InputError
+from services.gpu.catalog import IMAGE_EXTENSIONS
+from services.images import check_image_file
 
 logger = logging.getLogger(__name__)
 
@@ -172,11 +179,18 @@ def extract_zip(path: Path, dest: Path, settings: Settings) -> list[Path]:
                 target = root.joinpath(*rel.parts)
                 with _open_target(root, target, created, name) as out, zf.open(info) as src:
                     budget -= _copy_entry(src, out, info, budget, settings)
+                if target.suffix.lower() in IMAGE_EXTENSIONS:  # the pixel cap, before anything decodes it
+                    check_image_file(target, settings.max_image_pixels, f"zip entry {name!r}", decode=False)
                 extracted.append(target)
-    except (zipfile.BadZipFile, EOFError, zlib.error) as exc:
+    except (zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError) as exc:
         _remove(created)
         where = f"zip entry {name!r}" if name else "zip file"
         raise InputError(f"{where}: corrupt or not a zip ({exc})") from exc
+    except OSError as exc:  # bz2 reports corrupt data as an OSError without an errno
+        _remove(created)
+        if exc.errno is not None:  # a failed write (disk full...): not the caller's input
+            raise
+        raise InputError(f"zip entry {name!r}: corrupt or not a zip ({exc})") from exc
     except NotImplementedError as exc:  # e.g. an unsupported compression method
         _remove(created)
         raise InputError(f"zip entry {name!r}: {exc}") from exc

@@ -159,6 +159,9 @@ class FaultProxy:
         ) as upstream:
             payload = await upstream.read()
             out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
+            if request.method == "HEAD" and "Content-Length" in upstream.headers:
+                # No body to measure: pass the object's size on, or every HEAD reads as 0 bytes.
+                out_headers["Content-Length"] = upstream.headers["Content-Length"]
             return web.Response(status=upstream.status, headers=out_headers, body=payload)
 
     @staticmethod

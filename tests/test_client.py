@@ -5,6 +5,7 @@ planner; and the RunPod Hub files (``.runpod/hub.json``, ``.runpod/tests.json``)
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -58,10 +59,9 @@ def server_env(storage: Path) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="module")
-def local_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+@contextlib.contextmanager
+def serve_local_api(home: Path) -> Iterator[tuple[str, Path]]:
     """``python rp_handler.py --rp_serve_api`` on a free port: ``(base URL, STORAGE_DIR)``."""
-    home = tmp_path_factory.mktemp("client-server")
     storage = home / "storage"
     port = free_port()
     log_path = home / "server.log"
@@ -88,6 +88,12 @@ def local_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def local_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    with serve_local_api(tmp_path_factory.mktemp("client-server")) as served:
+        yield served
 
 
 @pytest.fixture

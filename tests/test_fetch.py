@@ -8,6 +8,7 @@ the ``fake_public`` fixture and host names are answered by an injected resolver 
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime
 import hashlib
 import io
@@ -17,6 +18,8 @@ import re
 import socket
 import ssl
 import struct
+import threading
+import time
 import traceback
 import zipfile
 import zlib
@@ -35,6 +38,7 @@ from services import fetch
 from services.errors import InputError
 from services.fetch import Downloaded, download, redact_url
 from services.urls import check_url_syntax
+from tests.conftest import use_settings_env
 
 PUBLIC_STAND_IN = ipaddress.ip_address("127.0.0.2")
 SECRET = "X-Amz-Signature=c0ffee5ecret"  # pragma: allowlist secret (a test fake)
@@ -201,7 +205,16 @@ def fetch_error(make_url: Callable[[Server], str], settings: Settings, tmp_path:
 
 @pytest.mark.parametrize(
     "url",
-    ["https://x.example/a.zip?sig=1", "http://127.0.0.1:8080/", "http://[::1]/a", "https://bücher.example/"],
+    [
+        "https://x.example/a.zip?sig=1",
+        "http://127.0.0.1:8080/",
+        "http://[::1]/a",
+        "https://bücher.example/",
+        "https://xn--bcher-kva.example/",
+        "http://under_score.example/",
+        "http://fqdn.example./",
+        "http://" + "a" * 63 + ".example/",
+    ],
 )
 def test_check_url_syntax_accepts(url: str) -> None:
     assert check_url_syntax(url) == url
@@ -228,11 +241,38 @@ def test_check_url_syntax_accepts(url: str) -> None:
         ("http://0177.0.0.1/", "dotted-quad"),
         ("http://x.example\\.evil/", "backslash"),
         ("https://x.example/" + "a" * 9000, "over the 8192-character limit"),
+        # host names DNS cannot carry (the IDNA codec raised UnicodeError for these)
+        ("http://a..b/x", "'a..b' has an empty label"),
+        ("http://.a.example/", "has an empty label"),
+        ("http://-a.com/", "label '-a' must be letters, digits"),
+        ("http://a-.com/", "label 'a-' must be letters, digits"),
+        ("http://" + "a" * 64 + ".com/", "has a label over 63 characters"),
+        ("http://" + "abcdefghi." * 26 + "com/", "over the 253-character limit"),
+        ("http://xn--zz.example/", "label 'xn--zz' is not valid punycode"),
+        ("http://\u2488.example/", "has an empty label"),  # NFKC: '1.' then '.example'
+        ("http://a%2e.example/", "must be letters, digits"),
     ],
 )
 def test_check_url_syntax_refuses(url: str, why: str) -> None:
     with pytest.raises(ValueError, match=why):
         check_url_syntax(url)
+
+
+@pytest.mark.parametrize(
+    "url", ["http://a..b/x", "http://-a.com/", "http://" + "a" * 64 + ".com/", "http://xn--zz.ex/"]
+)
+def test_invalid_host_is_an_input_error_without_a_lookup(tmp_path: Path, url: str) -> None:
+    """An InputError naming the URL before any lookup; never a UnicodeError from the IDNA codec."""
+    looked_up: list[str] = []
+
+    async def counting(host: str, port: int) -> list[str]:
+        looked_up.append(host)
+        return await fetch.system_resolver(host, port)
+
+    with pytest.raises(InputError, match=rf"^url {re.escape(url)}: host ") as err:
+        run(download(url, tmp_path / "x", strict(), resolver=counting))
+    assert looked_up == []
+    assert "UnicodeError" not in "".join(traceback.format_exception(err.value))
 
 
 def test_redact_url_drops_query_fragment_and_credentials() -> None:
@@ -553,8 +593,85 @@ def test_dns_timeout(tmp_path: Path) -> None:
         await asyncio.sleep(30)
         return []
 
-    with pytest.raises(InputError, match=re.escape("DNS lookup timed out after 0.3 s")):
+    with pytest.raises(InputError, match=re.escape("DNS lookup of slow.example timed out after 0.3 s")):
         run(download("https://slow.example/a", tmp_path / "x", strict(download_connect_timeout=0.3), resolver=stuck))
+
+
+class HungDNS:
+    """``socket.getaddrinfo`` where names under ``.hang.test`` block their thread, as a lookup
+    that never answers does, until :attr:`release` is set; other names go to the real one."""
+
+    def __init__(self) -> None:
+        self.real = socket.getaddrinfo
+        self.release = threading.Event()
+        self.lock = threading.Lock()
+        self.blocked = 0
+        self.peak = 0
+
+    def __call__(self, host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if not (isinstance(host, str) and host.endswith(".hang.test")):
+            return self.real(host, port, *args, **kwargs)
+        with self.lock:
+            self.blocked += 1
+            self.peak = max(self.peak, self.blocked)
+        try:
+            self.release.wait(120)
+        finally:
+            with self.lock:
+                self.blocked -= 1
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+
+def test_hung_dns_cannot_starve_other_jobs(
+    tmp_path: Path, local_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 11, finding 2: 256 URLs whose lookups never answer, while a 50-file upload runs
+    through the handler on the local backend (which writes through the default executor)."""
+    from rp_handler import handler
+    from services.resolver import DNS_THREADS
+    from services.storage import close_storages
+
+    use_settings_env(monkeypatch, local_settings)
+    hung = HungDNS()
+    monkeypatch.setattr(socket, "getaddrinfo", hung)
+    settings = strict(download_connect_timeout=1)
+    files = [{"name": f"{i}.txt", "data": base64.b64encode(f"file {i}".encode()).decode()} for i in range(50)]
+
+    async def upload(dataset: str) -> float:
+        started = time.perf_counter()
+        result = await handler(
+            {"id": dataset, "input": {"action": "upload_training_files", "dataset": dataset, "files": files}}
+        )
+        assert "error" not in result and len(result["uploaded"]) == 50, result
+        return time.perf_counter() - started
+
+    async def main() -> tuple[float, float, int, list[BaseException | Downloaded]]:
+        try:
+            await upload("warm")  # imports and storage set-up out of the way
+            unloaded = await upload("calm")
+            attack = asyncio.gather(
+                *(download(f"http://h{i}.hang.test/a", tmp_path / f"x{i}", settings) for i in range(256)),
+                return_exceptions=True,
+            )
+            for _ in range(500):  # until the resolver's threads are all stuck
+                if hung.blocked >= DNS_THREADS:
+                    break
+                await asyncio.sleep(0.01)
+            async with asyncio.timeout(max(60.0, 50 * unloaded)):  # today's code never finishes
+                loaded = await upload("victim")
+            still_hung = hung.blocked
+            return unloaded, loaded, still_hung, await attack
+        finally:
+            hung.release.set()
+            await close_storages()
+
+    unloaded, loaded, still_hung, outcomes = asyncio.run(main())
+    assert still_hung == DNS_THREADS, "the victim finished while every resolver thread was stuck"
+    assert hung.peak == DNS_THREADS, "lookups never ran on more threads than the resolver has"
+    assert loaded < 20 * unloaded, f"the upload took {loaded:.2f} s under attack, {unloaded:.2f} s without"
+    for i, outcome in enumerate(outcomes):
+        assert isinstance(outcome, InputError)
+        assert f"DNS lookup of h{i}.hang.test timed out after 1 s" in str(outcome)
 
 
 def test_connection_refused(tmp_path: Path) -> None:
@@ -645,10 +762,10 @@ def test_image_accepted(tmp_path: Path) -> None:
     ("name", "why"),
     [
         ("text.png", "not an image"),
-        ("huge.png", r"image is 100x100 \(10000 pixels\), over the 4096-pixel limit"),
-        ("forged.png", r"image is 3000x3000 \(9000000 pixels\)"),
-        ("bomb.png", "image dimensions are too large"),
-        ("truncated.png", "image could not be decoded"),
+        ("huge.png", r"100x100 is over 4096 pixels \(MAX_IMAGE_PIXELS\)$"),
+        ("forged.png", r"3000x3000 is over 4096 pixels \(MAX_IMAGE_PIXELS\)$"),
+        ("bomb.png", r"60000x60000 is over 4096 pixels \(MAX_IMAGE_PIXELS\)$"),
+        ("truncated.png", "not a decodable PNG image"),
         ("zip", "not an image"),
     ],
 )
@@ -656,6 +773,7 @@ def test_bad_images_refused(tmp_path: Path, name: str, why: str) -> None:
     error = fetch_error(lambda s: f"{s.base}/{name}", lenient(), tmp_path, expect="image")
     assert re.match(rf"url http://127\.0\.0\.1:\d+/{re.escape(name)}: ", str(error))
     assert re.search(why, str(error))
+    assert str(tmp_path) not in str(error) and ".part" not in str(error), "no local path in a message"
 
 
 def test_zip_expected(tmp_path: Path) -> None:

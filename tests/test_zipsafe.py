@@ -229,3 +229,60 @@ def test_link_already_in_dest_is_not_followed(tmp_path: Path, settings: Settings
     with pytest.raises(InputError, match=re.escape("'link/x.txt': path leaves the extraction folder")):
         extract_zip(archive, dest, settings)
     assert list(outside.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("compression", "cause"),
+    [(zipfile.ZIP_DEFLATED, "zlib.error"), (zipfile.ZIP_BZIP2, "OSError"), (zipfile.ZIP_LZMA, "LZMAError")],
+)
+def test_corrupt_member_data_is_an_input_error_naming_the_member(
+    tmp_path: Path, settings: Settings, compression: int, cause: str
+) -> None:
+    """Issue 11, finding 10: bzip2 and lzma decoders raise OSError and LZMAError, not zlib.error."""
+    data = bytes(range(256)) * 40
+    archive = make_zip(tmp_path / "z.zip", [("ok.txt", b"fine"), ("bad.bin", data)], compression)
+    raw = bytearray(archive.read_bytes())
+    start = raw.index(b"bad.bin") + len("bad.bin") + 8  # into the member's compressed data
+    raw[start : start + 32] = bytes(b ^ 0x5A for b in raw[start : start + 32])
+    archive.write_bytes(bytes(raw))
+    with pytest.raises(InputError, match=r"^zip entry 'bad\.bin': corrupt or not a zip \(") as err:
+        extract_zip(archive, tmp_path / "out", settings)
+    assert type(err.value.__cause__).__name__ == {"zlib.error": "error"}.get(cause, cause)
+    assert files_under(tmp_path / "out") == []
+
+
+def test_image_members_over_the_pixel_cap_are_refused_before_any_decode(
+    tmp_path: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from PIL import ImageFile
+
+    from tests.test_images import pixel_bomb_png
+
+    loads: list[object] = []
+
+    def spy(self: ImageFile.ImageFile) -> None:
+        loads.append(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", spy)
+    big = build_settings(max_zip_uncompressed_bytes=8 * 1024 * 1024, max_zip_ratio=100, max_image_pixels=2048 * 2048)
+    archive = make_zip(tmp_path / "d.zip", [("a.txt", b"a caption"), ("imgs/Bomb.PNG", pixel_bomb_png())])
+    with pytest.raises(InputError) as err:
+        extract_zip(archive, tmp_path / "out", big)
+    assert str(err.value) == "zip entry 'imgs/Bomb.PNG': 14900x12000 is over 4194304 pixels (MAX_IMAGE_PIXELS)"
+    assert loads == []
+    assert files_under(tmp_path / "out") == []
+
+
+def test_image_members_must_be_images_and_other_members_are_not_read(tmp_path: Path, settings: Settings) -> None:
+    import io as _io
+
+    from PIL import Image
+
+    buf = _io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="JPEG")
+    good = make_zip(tmp_path / "g.zip", [("a.jpg", buf.getvalue()), ("a.txt", b"BM not a bitmap"), ("b.bin", b"x")])
+    assert len(extract_zip(good, tmp_path / "g", settings)) == 3
+    bad = make_zip(tmp_path / "b.zip", [("a.txt", b"caption"), ("a.png", b"a caption in disguise")])
+    with pytest.raises(InputError, match=r"^zip entry 'a\.png': not an image \(accepted: PNG, JPEG"):
+        extract_zip(bad, tmp_path / "b", settings)
+    assert files_under(tmp_path / "b") == []
