@@ -85,6 +85,8 @@ class Settings(BaseSettings):
     max_files_per_batch: int = Field(1000, ge=1, le=100_000)
     max_file_bytes: int = Field(50 * 1024 * 1024, ge=1)
     max_batch_bytes: int = Field(200 * 1024 * 1024, ge=1)
+    max_dataset_files: int = Field(10_000, ge=1, le=1_000_000, description="Most objects in a stored dataset.")
+    max_dataset_bytes: int = Field(2 * 1024**3, ge=1, description="Most bytes a stored dataset may download.")
     max_download_bytes: int = Field(100 * 1024 * 1024, ge=1)
     download_connect_timeout: float = Field(5.0, gt=0, le=120)
     download_read_timeout: float = Field(30.0, gt=0, le=600)
