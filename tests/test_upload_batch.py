@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import os
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from config.settings import Settings
 from services.batch_upload import upload_batch
+from services.fetch import download
 from services.keys import file_name_problem
 from services.storage import Storage
 from tests.conftest import run_with_storage, s3_client
@@ -146,3 +153,108 @@ def test_storage_stopped_mid_batch_split_is_exact_and_rerun_completes(s3_setting
     for obj in listing["Contents"]:
         body = direct.get_object(Bucket=s3_settings.s3_bucket, Key=obj["Key"])["Body"].read()
         assert body == expected[obj["Key"].rsplit("/", 1)[1]]
+
+
+# --- slow-drip URLs hold only their own job (issue 11, finding 1) -----------------------------
+
+
+class TrickleServer:
+    """Answers every GET with a 200 whose body arrives at one byte a second; counts connections."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self.active = 0
+        self.most_active = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def __enter__(self) -> TrickleServer:
+        self._listener.settimeout(0.1)
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._listener.close()
+        for thread in self._threads:
+            thread.join(5)
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            thread = threading.Thread(target=self._drip, args=(conn,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _drip(self, conn: socket.socket) -> None:
+        with self._lock:
+            self.active += 1
+            self.most_active = max(self.most_active, self.active)
+        try:
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\nContent-Type: image/png\r\n\r\n")
+                while not self._stop.wait(1.0):
+                    conn.sendall(b"\x89")
+        except OSError:
+            return  # the client hung up: how the test ends the attack
+        finally:
+            with self._lock:
+                self.active -= 1
+
+
+def test_trickling_urls_do_not_hold_a_concurrent_small_upload(local_settings: Settings, tmp_path: Path) -> None:
+    """32 URLs at 1 byte/s in one job: they download under that job's DOWNLOAD_CONCURRENCY and
+    hold none of the worker-wide upload slots, so another job's small upload goes straight through."""
+    settings = local_settings.model_copy(update={"allow_private_urls": True})
+    downloads = tmp_path / "downloads"
+
+    async def fetch(url: str, name: str) -> Path:
+        return (await download(url, downloads / uuid.uuid4().hex, settings, max_bytes=10_000)).path
+
+    victim = [{"name": "victim.png", "data": b64(b"v" * 77)}]
+
+    async def timed(storage: Storage, dataset: str) -> tuple[dict[str, Any], float]:
+        started = time.monotonic()
+        return await upload_report(storage, victim, dataset), time.monotonic() - started
+
+    with TrickleServer() as server:
+        attack = [{"name": f"slow_{i:02d}.bin", "url": f"http://127.0.0.1:{server.port}/{i}"} for i in range(32)]
+
+        async def scenario(storage: Storage) -> tuple[float, float, dict[str, Any]]:
+            _, unloaded = await timed(storage, "warm")
+            attacker = asyncio.create_task(
+                upload_batch(
+                    storage,
+                    attack,
+                    "attack",
+                    concurrency=settings.upload_concurrency,
+                    fetch=fetch,
+                    download_concurrency=settings.download_concurrency,
+                )
+            )
+            try:
+                async with asyncio.timeout(30):
+                    while server.active < settings.download_concurrency:
+                        await asyncio.sleep(0.05)
+                bound = max(20 * unloaded, 2.0)
+                async with asyncio.timeout(bound):  # old code: the slots were held for DOWNLOAD_TOTAL_TIMEOUT
+                    report, loaded = await timed(storage, "victim")
+                assert not attacker.done()
+            finally:
+                attacker.cancel()
+                await asyncio.gather(attacker, return_exceptions=True)
+            return unloaded, loaded, report
+
+        unloaded, loaded, report = run_with_storage(settings, scenario)
+        most_active = server.most_active
+    assert [u["name"] for u in report["uploaded"]] == ["victim.png"]
+    assert loaded < max(20 * unloaded, 2.0)
+    assert most_active == settings.download_concurrency  # the job's own bound, not the worker's slots
