@@ -29,13 +29,26 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from services.errors import CircuitOpen, StorageTimeout, StorageUnavailable, WorkerError
+from services.errors import CircuitOpen, InputError, StorageTimeout, StorageUnavailable, WorkerError
+from services.images import check_image_bytes, sniff_format
 from services.keys import dataset_prefix, file_name_problem
 from services.storage.base import ObjectInfo, Storage
 
 log = logging.getLogger(__name__)
 _SLOTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, asyncio.Semaphore]] = weakref.WeakKeyDictionary()
 
+# Files named as images are checked (signature, pixel cap, full decode) before they are stored,
+# as the README promises; the format the name claims is the one a failure names.
+IMAGE_SUFFIX_FORMATS = {
+    ".png": "PNG",
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".webp": "WEBP",
+    ".gif": "GIF",
+    ".bmp": "BMP",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+}
 FILE_RETRIES = 2  # per file, on top of botocore's own retries of each request
 RETRY_BASE_SECONDS = 0.2
 
@@ -124,7 +137,9 @@ class _Batch:
         max_file_bytes: int | None,
         max_batch_bytes: int | None = None,
         download_concurrency: int = 4,
+        max_image_pixels: int | None = None,
     ):
+        self.max_image_pixels = max_image_pixels
         self.storage = storage
         self.slots = slots
         self.downloads = asyncio.Semaphore(download_concurrency)  # this batch's own
@@ -199,6 +214,15 @@ class _Batch:
                 )
             self.batch_bytes += len(data)
 
+    async def _check_image(self, index: int, name: str, data: bytes) -> None:
+        """Refuse a file named as an image that is not one (``files[i]: not a decodable PNG image``)."""
+        claimed = IMAGE_SUFFIX_FORMATS.get(Path(name).suffix.lower())
+        if claimed is None or self.max_image_pixels is None:
+            return
+        if sniff_format(data[:16]) is None:
+            raise InputError(f"files[{index}]: not a decodable {claimed} image (no image signature)")
+        await asyncio.to_thread(check_image_bytes, data, self.max_image_pixels, f"files[{index}]")
+
     async def upload_one(self, index: int, source: FileSource) -> None:
         key = self.result.prefix + source.name
         content_type = source.content_type or mimetypes.guess_type(source.name)[0] or "application/octet-stream"
@@ -212,10 +236,14 @@ class _Batch:
                 else:
                     data = _decode(source.data or "")
                 self._check_size(data)
+                await self._check_image(index, source.name, data)
                 digest = hashlib.sha256(data).hexdigest()
                 info = await self._store(key, data, digest, content_type)
         except ValueError as exc:
             self.fail(source.name, f"files[{index}]: {exc}")
+            return
+        except InputError as exc:  # already names files[i]
+            self.fail(source.name, str(exc))
             return
         except WorkerError as exc:
             log.warning("upload of %s failed: %s", key, exc)
@@ -262,6 +290,7 @@ async def upload_batch(
     max_file_bytes: int | None = None,
     max_batch_bytes: int | None = None,
     download_concurrency: int = 4,
+    max_image_pixels: int | None = None,
 ) -> BatchResult:
     """Upload ``files`` into ``datasets/<dataset>/``, at most ``concurrency`` files at once
     across every batch of this worker (``UPLOAD_CONCURRENCY``; see :func:`upload_slots`).
@@ -269,9 +298,17 @@ async def upload_batch(
     ``max_batch_bytes`` caps the bytes of the whole batch as files are read, which is where
     URL sources get their size (inline data can be checked before the upload starts).
     ``download_concurrency`` bounds this batch's URL downloads (``DOWNLOAD_CONCURRENCY``).
+    With ``max_image_pixels``, files named as images must decode within that many pixels.
     """
     batch = _Batch(
-        storage, dataset, upload_slots(concurrency), fetch, max_file_bytes, max_batch_bytes, download_concurrency
+        storage,
+        dataset,
+        upload_slots(concurrency),
+        fetch,
+        max_file_bytes,
+        max_batch_bytes,
+        download_concurrency,
+        max_image_pixels,
     )
     seen: set[str] = set()
     sources: list[tuple[int, FileSource]] = []

@@ -12,7 +12,8 @@ Rules (each raises ``ValueError`` with a message fit for the caller, or returns 
 * :func:`safe_name`: dataset names and LoRA output names;
 * :func:`file_name_problem`: a file name inside a dataset (checked, never rewritten);
 * :func:`validate_key`: any object key, as both storage backends accept it;
-* :func:`managed_key`: a key the caller may list, read or delete (inside the roots above);
+* :func:`managed_key`: a key the caller may read or delete (inside the roots above);
+* :func:`managed_prefix`: a prefix the caller may list (the same roots);
 * :func:`lora_reference`: the ``lora`` input of ``generate`` (a key or an output name).
 
 Imports nothing from the project: storage, schemas and actions all build on it.
@@ -114,6 +115,14 @@ def managed_key(key: str) -> str:
     if not key.startswith(MANAGED_ROOTS):
         raise ValueError(f"must start with one of {', '.join(MANAGED_ROOTS)}")
     return key
+
+
+def managed_prefix(prefix: str) -> str:
+    """A listing prefix inside the worker's own roots (a trailing ``/`` is allowed here)."""
+    validate_prefix(prefix)
+    if not prefix.startswith(MANAGED_ROOTS):
+        raise ValueError(f"must start with one of {', '.join(MANAGED_ROOTS)}")
+    return prefix
 
 
 def lora_reference(value: str) -> str:

@@ -258,3 +258,72 @@ def test_trickling_urls_do_not_hold_a_concurrent_small_upload(local_settings: Se
     assert [u["name"] for u in report["uploaded"]] == ["victim.png"]
     assert loaded < max(20 * unloaded, 2.0)
     assert most_active == settings.download_concurrency  # the job's own bound, not the worker's slots
+
+
+# --- files named as images are images (issue 10; README security section) ---------------------
+
+PNG_1X1 = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
+)
+
+
+def _png(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` with no pixels behind it (a pixel bomb's shape)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def test_files_named_as_images_are_decoded_before_they_are_stored(local_settings: Settings) -> None:
+    files = [
+        {"name": "good.png", "data": b64(PNG_1X1)},
+        {"name": "bad.png", "data": b64(b"hi")},  # two bytes of text
+        {"name": "cut.png", "data": b64(PNG_1X1[:40])},  # a PNG signature, then nothing decodable
+        {"name": "bomb.png", "data": b64(_png(14900, 12000))},
+        {"name": "notes.txt", "data": b64(b"hi")},  # not named as an image: stored as it is
+    ]
+
+    async def scenario(storage: Storage) -> dict[str, Any]:
+        return (
+            await upload_batch(storage, files, "img", concurrency=4, max_image_pixels=local_settings.max_image_pixels)
+        ).model_dump()
+
+    report = run_with_storage(local_settings, scenario)
+    assert sorted(u["name"] for u in report["uploaded"]) == ["good.png", "notes.txt"]
+    errors = {f["name"]: f["error"] for f in report["failed"]}
+    assert errors["bad.png"].startswith("files[1]: not a decodable PNG image")
+    assert errors["cut.png"].startswith("files[2]: not a decodable PNG image")
+    assert errors["bomb.png"] == "files[3]: 14900x12000 is over 4194304 pixels (MAX_IMAGE_PIXELS)"
+    assert not (local_settings.storage_dir / "datasets" / "img" / "bad.png").exists()
+    assert all(str(local_settings.storage_dir) not in e and "/tmp" not in e for e in errors.values())
+
+
+def test_a_bad_image_upload_through_test_input_names_the_file(tmp_path: Path) -> None:
+    """The README's promise as a user meets it: ``python rp_handler.py --test_input``."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    job = {"action": "upload_training_files", "dataset": "d", "files": [{"name": "bad.png", "data": b64(b"hi")}]}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("S3_", "AWS_", "BUCKET_", "RUNPOD_"))}
+    env.update({"STORAGE_DIR": str(tmp_path / "storage"), "PYTHONPATH": str(root)})
+    completed = subprocess.run(
+        [sys.executable, str(root / "rp_handler.py"), "--test_input", json.dumps({"input": job})],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    output = completed.stdout + completed.stderr
+    assert "input.files[0]: not a decodable PNG image" in output
+    assert "Traceback" not in output
+    assert str(tmp_path / "storage") not in output.split("not a decodable", 1)[1].splitlines()[0]
+    assert not (tmp_path / "storage" / "datasets" / "d" / "bad.png").exists()

@@ -50,6 +50,7 @@ async def upload_training_files(request: UploadTrainingFilesInput, ctx: JobConte
         max_file_bytes=ctx.settings.max_file_bytes,
         max_batch_bytes=ctx.settings.max_batch_bytes,
         download_concurrency=ctx.settings.download_concurrency,
+        max_image_pixels=ctx.settings.max_image_pixels,
     )
     if result.failed:
         details = "; ".join(f"input.{f.error}" for f in result.failed[:10])
