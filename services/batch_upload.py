@@ -127,6 +127,10 @@ def _decode(data: str) -> bytes:
         raise ValueError(f"data is not valid base64 ({exc})") from exc
 
 
+class _NotAnImage(Exception):
+    """A file named as an image failed the image check; the message names ``files[i]``."""
+
+
 class _Batch:
     def __init__(
         self,
@@ -220,8 +224,11 @@ class _Batch:
         if claimed is None or self.max_image_pixels is None:
             return
         if sniff_format(data[:16]) is None:
-            raise InputError(f"files[{index}]: not a decodable {claimed} image (no image signature)")
-        await asyncio.to_thread(check_image_bytes, data, self.max_image_pixels, f"files[{index}]")
+            raise _NotAnImage(f"files[{index}]: not a decodable {claimed} image (no image signature)")
+        try:
+            await asyncio.to_thread(check_image_bytes, data, self.max_image_pixels, f"files[{index}]")
+        except InputError as exc:
+            raise _NotAnImage(str(exc)) from exc
 
     async def upload_one(self, index: int, source: FileSource) -> None:
         key = self.result.prefix + source.name
@@ -242,7 +249,7 @@ class _Batch:
         except ValueError as exc:
             self.fail(source.name, f"files[{index}]: {exc}")
             return
-        except InputError as exc:  # already names files[i]
+        except _NotAnImage as exc:  # already names files[i]
             self.fail(source.name, str(exc))
             return
         except WorkerError as exc:
