@@ -108,6 +108,14 @@ def png_bytes(color: str, size: int = 32) -> bytes:
     return buffer.getvalue()
 
 
+def noise_png(approx_bytes: int) -> bytes:
+    """A real PNG of random pixels, about ``approx_bytes`` long (noise does not compress)."""
+    side = int((approx_bytes / 3) ** 0.5) + 1
+    buffer = io.BytesIO()
+    Image.frombytes("RGB", (side, side), os.urandom(side * side * 3)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
 def make_dataset(folder: Path, colors: tuple[str, ...] = ("red", "blue")) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for color in colors:
@@ -171,8 +179,8 @@ def test_upload_packs_small_files_inline_and_presigns_large_ones(
 ) -> None:
     folder = make_dataset(tmp_path / "photos", ("red", "green", "blue"))
     for index in range(3):  # 60 KB each: 80 KB of base64, so two per 200 KB batch
-        (folder / f"mid-{index}.png").write_bytes(os.urandom(60_000))
-    (folder / "huge.png").write_bytes(os.urandom(300_000))  # alone over the budget: presigned PUT
+        (folder / f"mid-{index}.png").write_bytes(noise_png(60_000))
+    (folder / "huge.png").write_bytes(noise_png(300_000))  # alone over the budget: presigned PUT
     (folder / "notes.md").write_text("not part of the dataset")
     (folder / "nested").mkdir()
     sent = sorted(p.name for p in folder.iterdir() if p.suffix in (".png", ".txt"))
@@ -217,7 +225,7 @@ def test_get_file_follows_redirects_and_decodes_base64(
 ) -> None:
     folder = tmp_path / "files"
     folder.mkdir()
-    (folder / "large.png").write_bytes(os.urandom(SERVER_INLINE_MAX * 3))
+    (folder / "large.png").write_bytes(noise_png(SERVER_INLINE_MAX * 3))
     (folder / "small.txt").write_text("a tiny caption")
     assert worker.upload_dataset(folder, "get").ok
 
