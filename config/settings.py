@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     max_concurrency: int = Field(4, ge=1, le=64)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     work_dir: Path | None = Field(None, description="Parent of per-job workspaces (default: system temp).")
+    job_timeout: float = Field(
+        3300.0, ge=0, le=7 * 24 * 3600, description="Deadline of every job in seconds; 0 means none."
+    )
     runpod_webhook_post_output: str | None = Field(
         None, repr=False, description="Set by RunPod on its workers; progress updates are sent only there."
     )

@@ -34,6 +34,7 @@ NAMED_IN_WARNINGS = 20  # skipped keys named in one warning line
 
 async def fetch_dataset(request: TrainLoraInput, ctx: JobContext) -> Path:
     """The job's dataset as a folder in its workspace (from ``dataset_url`` or storage)."""
+    ctx.stage = "downloading the dataset"
     target = ctx.workspace / "dataset"
     target.mkdir()
     if request.dataset_url:

@@ -160,4 +160,37 @@ class OutputPolicy:
             plan = new
             await self._carry_out(files, plan)
             response = result.model_dump()
+        if response_size(response) > self.settings.response_max_bytes:
+            return await self._truncated(response)
         return response
+
+    async def _truncated(self, response: dict[str, Any]) -> dict[str, Any]:
+        """An over-size response (long lists) stored whole as ``outputs/<job id>/result.json``.
+
+        What is returned keeps every field, each top-level list cut to its first items (as many
+        as fit), plus ``truncated: true``, ``counts`` (each list's full length) and
+        ``result_file`` (a redirect to the whole result; ``get_file`` returns it too).
+        """
+        data = json.dumps(response, separators=(",", ":")).encode()
+        stored = await self._redirect(OutputFile.from_bytes("result.json", data, "application/json"))
+        lists = [name for name, value in response.items() if isinstance(value, list)]
+        keep = max((len(response[name]) for name in lists), default=0)
+        while True:
+            keep //= 2
+            summary = {name: value[:keep] if name in lists else value for name, value in response.items()}
+            summary |= {
+                "truncated": True,
+                "counts": {name: len(response[name]) for name in lists},
+                "result_file": stored.model_dump(),
+            }
+            if keep == 0 or response_size(summary) <= self.settings.response_max_bytes:
+                break
+        log.info(
+            "job %s: response of %d bytes over %d; stored whole as %s, lists cut to %d items",
+            self.job_id,
+            len(data),
+            self.settings.response_max_bytes,
+            stored.key,
+            keep,
+        )
+        return summary

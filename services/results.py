@@ -24,6 +24,7 @@ __all__ = [
     "PresignResult",
     "PresignedUploadOut",
     "TrainLoraResult",
+    "UploadResult",
 ]
 
 
@@ -41,8 +42,20 @@ class ListFilesResult(BaseModel):
 
 
 class DeleteFilesResult(BaseModel):
+    """``missing``: requested keys that did not exist (nothing to delete)."""
+
     deleted: list[str]
-    failed: list[dict[str, str]]
+    missing: list[str] = Field(default_factory=list)
+    failed: list[dict[str, str]] = Field(default_factory=list)
+    partial: bool = False
+    summary: str = ""
+
+
+class UploadResult(BatchResult):
+    """A batch where some files failed still completes: ``partial`` is true and ``summary`` names the failures."""
+
+    partial: bool = False
+    summary: str = ""
 
 
 class GetFileResult(BaseModel):

@@ -41,9 +41,15 @@ def result_of(completed: subprocess.CompletedProcess) -> str:
     return completed.stdout + completed.stderr
 
 
+def printed_result(completed: subprocess.CompletedProcess) -> dict[str, Any]:
+    """The JSON result a local run prints on stdout (after the SDK's own lines)."""
+    start = completed.stdout.index("\n{") + 1
+    result, _ = json.JSONDecoder().raw_decode(completed.stdout[start:])
+    return result
+
+
 STORAGE_JOBS = [
     {"action": "upload_training_files", "dataset": "smoke", "files": [{"name": "a.txt", "data": "aGk="}]},
-    {"action": "presign_uploads", "dataset": "smoke", "files": [{"name": "b.png"}]},
     {"action": "list_files", "prefix": "datasets/"},
     {"action": "delete_files", "keys": ["datasets/smoke/nothing.txt"]},
     {"action": "health"},
@@ -55,8 +61,9 @@ def test_test_input_runs_storage_actions(tmp_path: Path, job_input: dict[str, An
     completed = run_worker(tmp_path, job_input)
     output = result_of(completed)
     assert completed.returncode == 0, output
-    assert "completed successfully" in output
+    assert "error" not in printed_result(completed)
     assert "Traceback" not in output
+    assert " ERROR " not in output and "ERROR |" not in output
 
 
 def test_test_input_get_file_and_error_exit(tmp_path: Path) -> None:
@@ -64,10 +71,13 @@ def test_test_input_get_file_and_error_exit(tmp_path: Path) -> None:
     assert run_worker(tmp_path, upload).returncode == 0
     completed = run_worker(tmp_path, {"action": "get_file", "key": "datasets/g/a.txt"})
     assert completed.returncode == 0, result_of(completed)
-    assert "'data': 'aGk='" in result_of(completed)
+    printed = printed_result(completed)
+    assert printed["file"]["file"] == "outputs/local_test/a.txt"
+    assert (tmp_path / "outputs" / "local_test" / "a.txt").read_bytes() == b"hi"
+    assert "saved outputs/local_test/a.txt" in completed.stdout
     failed = run_worker(tmp_path, {"action": "get_file", "key": "datasets/g/missing.txt"})
     assert failed.returncode == 1
-    assert "does not exist" in result_of(failed)
+    assert "does not exist" in printed_result(failed)["error"]
     assert "Traceback" not in result_of(failed)
 
 
@@ -183,13 +193,15 @@ def test_test_input_trains_then_generates_on_the_tiny_model(tmp_path: Path) -> N
     train = {"action": "train_lora", "dataset": "tiny", "output_name": "tiny-lora", "steps": 3, "rank": 2}
     trained = run_worker(tmp_path, train)
     assert trained.returncode == 0, result_of(trained)
-    assert "'key': 'loras/tiny-lora/tiny-lora.safetensors'" in result_of(trained)
+    assert printed_result(trained)["lora"]["key"] == "loras/tiny-lora/tiny-lora.safetensors"
     assert (tmp_path / "storage" / "loras" / "tiny-lora" / "tiny-lora.safetensors").is_file()
     generate = {"action": "generate", "prompt": "a red square", "lora": "tiny-lora", "steps": 2, "seed": 1}
     generated = run_worker(tmp_path, generate)
     assert generated.returncode == 0, result_of(generated)
-    assert "'seed': 1" in result_of(generated)
-    assert "'type': 'base64', 'name': 'image-0.png'" in result_of(generated)
+    printed = printed_result(generated)
+    assert printed["seed"] == 1
+    assert printed["images"][0]["file"] == "outputs/local_test/image-0.png"
+    assert (tmp_path / "outputs" / "local_test" / "image-0.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_hub_handler_shim_runs_the_worker(tmp_path: Path) -> None:
@@ -208,4 +220,4 @@ def test_hub_handler_shim_runs_the_worker(tmp_path: Path) -> None:
         check=False,
     )
     assert completed.returncode == 0, completed.stdout + completed.stderr
-    assert "'status': 'ok'" in completed.stdout
+    assert printed_result(completed)["status"] == "ok"

@@ -129,17 +129,45 @@ def test_upload_list_get_delete_round_trip(backend: Settings) -> None:
     assert "does not exist" in missing["error"]
 
 
-def test_partial_upload_failure_keeps_the_report_next_to_the_error(backend: Settings) -> None:
+def test_partial_upload_completes_with_the_report_and_a_summary(backend: Settings) -> None:
     files = [
         {"name": "good.png", "data": b64(PNG_1X1)},
         {"name": "bad/name.png", "data": b64(b"x")},
         {"name": "worse.png", "data": "%%%"},
     ]
     [result] = run_jobs(job({"action": "upload_training_files", "dataset": "part", "files": files}))
-    assert result["error"].startswith("2 of 3 files failed: input.files[1].name: path separators are not allowed")
-    assert "input.files[2]: data is not valid base64" in result["error"]
+    assert "error" not in result
+    assert result["partial"] is True
+    assert result["summary"].startswith("1 uploaded, 0 skipped, 2 failed: input.files[1].name: path separators")
+    assert "input.files[2]: data is not valid base64" in result["summary"]
     assert [u["name"] for u in result["uploaded"]] == ["good.png"]
     assert sorted(f["name"] for f in result["failed"]) == ["bad/name.png", "worse.png"]
+
+
+def test_upload_where_every_file_failed_is_an_error_naming_the_reasons(backend: Settings) -> None:
+    files = [{"name": "bad/name.png", "data": b64(b"x")}, {"name": "worse.png", "data": "%%%"}]
+    [result] = run_jobs(job({"action": "upload_training_files", "dataset": "none", "files": files}))
+    assert set(result) == {"error"}
+    assert result["error"].startswith("no file was stored: 0 uploaded, 0 skipped, 2 failed: input.files[0].name")
+    assert "input.files[1]: data is not valid base64" in result["error"]
+
+
+def test_delete_reports_missing_keys_apart_from_deleted(backend: Settings) -> None:
+    run_jobs(job({"action": "upload_training_files", "dataset": "dm", "files": [{"name": "a.txt", "data": b64(b"a")}]}))
+    keys = ["datasets/dm/a.txt", "datasets/dm/never.txt"]
+    [result] = run_jobs(job({"action": "delete_files", "keys": keys}, "j2"))
+    assert result["deleted"] == ["datasets/dm/a.txt"]
+    assert result["missing"] == ["datasets/dm/never.txt"]
+    assert result["failed"] == [] and result["partial"] is False
+    assert result["summary"] == "1 deleted, 1 missing, 0 failed"
+
+
+def test_presign_on_the_local_backend_is_a_clear_error(
+    local_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    use_settings_env(monkeypatch, local_settings)
+    [result] = run_jobs(job({"action": "presign_uploads", "dataset": "p", "files": [{"name": "a.png"}]}))
+    assert result == {"error": "presigned uploads need an S3 bucket; send the file inline"}
 
 
 def test_list_files_pages(backend: Settings) -> None:
@@ -169,8 +197,7 @@ def test_presign_uploads_then_put_over_http(s3_env: Settings) -> None:
     assert listed["files"][0]["size"] == 2048
 
 
-def test_presign_refuses_bad_names(local_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
-    use_settings_env(monkeypatch, local_settings)
+def test_presign_refuses_bad_names(s3_env: Settings) -> None:
     [result] = run_jobs(job({"action": "presign_uploads", "files": [{"name": "a/b"}, {"name": "x"}, {"name": "x"}]}))
     assert result["error"] == (
         "invalid input: input.files[0].name: path separators are not allowed; input.files[2].name: duplicate"
@@ -437,3 +464,180 @@ def test_gpu_jobs_are_serialized_while_storage_jobs_keep_running(
     assert "error" not in listed
     assert max(overlap) == 1  # one GPU job at a time
     assert events.index("storage done") < events.index("end 1")  # the loop was never blocked
+
+
+# --- job control: setup failures, deadline, stop signal, progress, result size ---------------
+
+
+def test_setup_failures_are_error_strings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    for name in ("STORAGE_DIR", "WORK_DIR"):
+        monkeypatch.setenv("STORAGE_DIR", str(tmp_path / "storage"))
+        monkeypatch.delenv("WORK_DIR", raising=False)
+        monkeypatch.setenv(name, str(blocker / "below"))
+        from config.settings import load_settings
+
+        load_settings.cache_clear()
+        [result] = run_jobs(job({"action": "list_files", "prefix": "datasets/"}))
+        assert set(result) == {"error"}, result
+        assert result["error"].startswith("job setup failed: "), result
+        assert "Not a directory" in result["error"]
+        assert "Traceback" not in result["error"]
+
+
+def test_deadline_names_the_step_that_ran_out_of_time(
+    local_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    use_settings_env(monkeypatch, local_settings)
+    monkeypatch.setenv("JOB_TIMEOUT", "0.5")
+    monkeypatch.setenv("ALLOW_PRIVATE_URLS", "true")
+    from config.settings import load_settings
+
+    load_settings.cache_clear()
+    with socket.socket() as silent:  # accepts connections (kernel backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/a.png"
+        files = [{"name": "a.png", "url": url}]
+        [result] = run_jobs(job({"action": "upload_training_files", "dataset": "slow", "files": files}))
+    assert result == {"error": "job timed out after 0.5 s while running upload_training_files"}
+
+
+def _stoppable_runner(stop: Any, total: int, started: Any) -> str:
+    import threading
+
+    from services.stop import StopSignal
+
+    assert isinstance(stop, StopSignal)
+    pause = threading.Event()
+    for step in range(total):
+        started.set()
+        stop.check(f"generate at step {step} of {total}")
+        pause.wait(0.01)
+    return "finished"
+
+
+def _context(settings: Settings, tmp_path: Path) -> Any:
+    from services.context import JobContext
+    from services.storage import LocalStorageService
+
+    return JobContext(
+        job={"id": "t"}, job_id="t", settings=settings, storage=LocalStorageService(settings), workspace=tmp_path
+    )
+
+
+def test_cancel_stops_the_worker_thread_before_the_lock_is_released(local_settings: Settings, tmp_path: Path) -> None:
+    import threading
+
+    from services.context import gpu_lock
+
+    started = threading.Event()
+    ctx = _context(local_settings, tmp_path)
+
+    async def scenario() -> tuple[bool, bool]:
+        async def gpu_job() -> str:
+            async with gpu_lock():
+                return await ctx.in_thread("generating", _stoppable_runner, ctx.stop, 100_000, started)
+
+        task = asyncio.ensure_future(gpu_job())
+        await asyncio.to_thread(started.wait, 30)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return gpu_lock().locked(), task.cancelled()
+
+    import asyncio
+
+    locked, cancelled = asyncio.run(scenario())
+    assert cancelled and not locked
+    assert ctx.stop.reason == "cancelled"
+    assert ctx.stopped is not None and str(ctx.stopped).startswith("generate at step ")
+    assert threading.active_count() >= 1
+
+
+def test_deadline_in_the_gpu_thread_names_the_step(local_settings: Settings, tmp_path: Path) -> None:
+    import asyncio
+    import threading
+
+    from rp_handler import _run
+
+    started = threading.Event()
+    ctx = _context(local_settings.model_copy(update={"job_timeout": 0.3}), tmp_path)
+
+    async def slow(request: Any, context: Any) -> Any:
+        return await context.in_thread("generating", _stoppable_runner, context.stop, 100_000, started)
+
+    class Request:
+        action = "generate"
+
+    from services import actions
+
+    original = actions.ACTIONS["generate"]
+    actions.ACTIONS["generate"] = slow
+    try:
+        result = asyncio.run(_run(Request(), ctx))
+    finally:
+        actions.ACTIONS["generate"] = original
+    assert result["error"].startswith("job timed out after 0.3 s in generate at step ")
+    assert result["error"].endswith(" of 100000")
+
+
+def test_resumable_stop_is_prefixed_for_the_client() -> None:
+    from rp_handler import _stopped_message
+    from services.errors import JobStopped
+
+    assert _stopped_message(JobStopped("train_lora at step 3 of 9: stopped (shutdown)", reason="shutdown")) == (
+        "train_lora at step 3 of 9: stopped (shutdown)"
+    )
+    resumable = JobStopped("train_lora at step 3 of 9: stopped (shutdown)", reason="shutdown", resumable=True)
+    assert _stopped_message(resumable).startswith("[resumable] train_lora at step 3")
+
+
+def test_signal_sets_the_stop_of_every_running_job(local_settings: Settings) -> None:
+    import asyncio
+
+    from services.context import job_context, stop_running_jobs
+
+    async def scenario() -> list[str]:
+        async with job_context({"id": "a"}, local_settings) as a, job_context({"id": "b"}, local_settings) as b:
+            assert stop_running_jobs("shutdown") == 2
+            return [a.stop.reason, b.stop.reason]
+
+    assert asyncio.run(scenario()) == ["shutdown", "shutdown"]
+
+
+def test_progress_is_throttled_but_the_final_update_always_goes_out(
+    local_settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ctx = _context(local_settings, tmp_path)
+    with caplog.at_level(logging.INFO, logger="services.context"):
+        for step in range(50):
+            ctx.progress({"step": step, "total_steps": 50}, final=step == 49)
+    lines = [r.getMessage() for r in caplog.records if "progress" in r.getMessage()]
+    assert lines[0].endswith("{'step': 0, 'total_steps': 50}")
+    assert lines[-1].endswith("{'step': 49, 'total_steps': 50}")
+    assert len(lines) < 50
+
+
+def test_delete_of_a_40k_object_dataset_stays_under_the_response_limit(
+    local_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = local_settings.model_copy(update={"response_max_bytes": 1024 * 1024})  # 40k keys: 2.4 MB
+    monkeypatch.setenv("RESPONSE_MAX_BYTES", str(settings.response_max_bytes))
+    use_settings_env(monkeypatch, settings)
+    root = local_settings.storage_dir / "datasets" / "big"
+    root.mkdir(parents=True)
+    for i in range(40_000):
+        (root / f"image-with-a-long-descriptive-name-{i:06d}.png").write_bytes(b"x")
+    [result] = run_jobs(job({"action": "delete_files", "dataset": "big"}))
+    assert "error" not in result
+    assert result["truncated"] is True
+    assert result["counts"] == {"deleted": 40_000, "missing": 0, "failed": 0}
+    assert 0 < len(result["deleted"]) < 40_000
+    assert len(json.dumps(result)) < settings.response_max_bytes
+    stored = local_settings.storage_dir / result["result_file"]["key"]
+    assert len(json.loads(stored.read_bytes())["deleted"]) == 40_000
+    assert not any(root.iterdir())

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from services.context import JobContext
-from services.errors import ObjectNotFound, PartialFailure
+from services.errors import ObjectNotFound, StorageError
 from services.keys import dataset_prefix
 from services.outputs import OutputFile
 from services.results import DeleteFilesResult, GetFileResult, ListedFile, ListFilesResult
@@ -27,16 +29,38 @@ async def list_files(request: ListFilesInput, ctx: JobContext) -> ListFilesResul
 
 
 async def delete_files(request: DeleteFilesInput, ctx: JobContext) -> DeleteFilesResult:
-    """Delete keys (or a whole dataset); failures are listed next to what was deleted."""
+    """Delete keys (or a whole dataset): ``deleted``, ``missing`` (did not exist) and ``failed``.
+
+    Some keys failed: the job completes with ``partial`` and a summary; all failed: an error.
+    """
+    missing: list[str] = []
     if request.dataset:
         keys = [o.key async for o in ctx.storage.iter_objects(dataset_prefix(request.dataset))]
     else:
-        keys = list(dict.fromkeys(request.keys or []))
-    result = await ctx.storage.delete_many(keys)
-    report = DeleteFilesResult(deleted=result.deleted, failed=result.errors)
-    if result.errors:
-        raise PartialFailure(f"{len(result.errors)} of {len(keys)} keys could not be deleted", report)
-    return report
+        requested = list(dict.fromkeys(request.keys or []))
+        exists = await _exist(ctx, requested)
+        keys = [k for k, e in zip(requested, exists, strict=True) if e]
+        missing = [k for k, e in zip(requested, exists, strict=True) if not e]
+    result = await ctx.storage.delete_many(keys) if keys else None
+    deleted, failed = (result.deleted, result.errors) if result else ([], [])
+    summary = f"{len(deleted)} deleted, {len(missing)} missing, {len(failed)} failed"
+    if failed:
+        named = "; ".join(f"{f.get('key')}: {f.get('error')}" for f in failed[:10])
+        summary += f": {named}" + (f" (and {len(failed) - 10} more)" if len(failed) > 10 else "")
+        if not deleted:
+            raise StorageError(f"no key was deleted: {summary}")
+    return DeleteFilesResult(deleted=deleted, missing=missing, failed=failed, partial=bool(failed), summary=summary)
+
+
+async def _exist(ctx: JobContext, keys: list[str]) -> list[bool]:
+    """Whether each key exists (HEAD requests, ``UPLOAD_CONCURRENCY`` at a time)."""
+    slots = asyncio.Semaphore(ctx.settings.upload_concurrency)
+
+    async def exists(key: str) -> bool:
+        async with slots:
+            return await ctx.storage.head(key) is not None
+
+    return list(await asyncio.gather(*(exists(k) for k in keys)))
 
 
 async def get_file(request: GetFileInput, ctx: JobContext) -> GetFileResult:

@@ -6,7 +6,6 @@ thread under the GPU lock, so the event loop keeps serving storage jobs meanwhil
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 from services.context import JobContext, gpu_lock
@@ -26,7 +25,10 @@ async def train_lora(request: TrainLoraInput, ctx: JobContext) -> TrainLoraResul
     out_dir = ctx.workspace / "train"
     out_dir.mkdir()
     async with gpu_lock():
-        result = await asyncio.to_thread(run_training, request, dataset_dir, out_dir, ctx.settings, ctx.progress)
+        result = await ctx.in_thread(
+            "training", run_training, request, dataset_dir, out_dir, ctx.settings, ctx.progress
+        )
+    ctx.stage = "storing the LoRA"
     key = lora_key(request.output_name)
     await ctx.storage.put_file(key, result.lora_path, content_type="application/octet-stream")
     response = TrainLoraResult(
@@ -67,9 +69,10 @@ async def generate(request: GenerateInput, ctx: JobContext) -> GenerateResult:
     """Generate images (with the job's LoRA, if any); images go through the output policy."""
     from services.gpu.generate import generate_images
 
+    ctx.stage = "downloading the LoRA"
     lora_path = await _fetch_lora(request, ctx)
     async with gpu_lock():
-        result = await asyncio.to_thread(generate_images, request, lora_path, ctx.settings)
+        result = await ctx.in_thread("generating", generate_images, request, lora_path, ctx.settings)
     return GenerateResult(
         images=[OutputFile.from_bytes(i.name, i.data, i.mime) for i in result.images],
         seed=result.seed,

@@ -9,9 +9,9 @@ from typing import Any
 
 from services.batch_upload import BatchResult, upload_batch
 from services.context import JobContext
-from services.errors import InputError, PartialFailure
+from services.errors import InputError, StorageError
 from services.keys import dataset_prefix, file_name_problem
-from services.results import PresignedUploadOut, PresignResult
+from services.results import PresignedUploadOut, PresignResult, UploadResult
 from services.schemas import PresignUploadsInput, UploadTrainingFilesInput
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp"}
@@ -38,8 +38,21 @@ def _url_fetcher(ctx: JobContext) -> Any:
     return fetch
 
 
-async def upload_training_files(request: UploadTrainingFilesInput, ctx: JobContext) -> BatchResult:
-    """Upload the batch; any failed file makes the job an error that keeps the full report."""
+MAX_NAMED_FAILURES = 10
+
+
+def batch_summary(result: BatchResult) -> str:
+    """``2 uploaded, 0 skipped, 1 failed: input.files[3].name: ...`` (at most 10 failures named)."""
+    counts = f"{len(result.uploaded)} uploaded, {len(result.skipped)} skipped, {len(result.failed)} failed"
+    if not result.failed:
+        return counts
+    named = "; ".join(f"input.{f.error}" for f in result.failed[:MAX_NAMED_FAILURES])
+    more = len(result.failed) - MAX_NAMED_FAILURES
+    return f"{counts}: {named}" + (f" (and {more} more)" if more > 0 else "")
+
+
+async def upload_training_files(request: UploadTrainingFilesInput, ctx: JobContext) -> UploadResult:
+    """Upload the batch. Some files failed: the job completes with ``partial`` and a summary; all failed: an error."""
     files = request.files  # validated FileSources: the batch uses them without a copy
     result = await upload_batch(
         ctx.storage,
@@ -52,15 +65,16 @@ async def upload_training_files(request: UploadTrainingFilesInput, ctx: JobConte
         download_concurrency=ctx.settings.download_concurrency,
         max_image_pixels=ctx.settings.max_image_pixels,
     )
-    if result.failed:
-        details = "; ".join(f"input.{f.error}" for f in result.failed[:10])
-        more = f" (and {len(result.failed) - 10} more)" if len(result.failed) > 10 else ""
-        raise PartialFailure(f"{len(result.failed)} of {len(files)} files failed: {details}{more}", result)
-    return result
+    summary = batch_summary(result)
+    if result.failed and not result.uploaded and not result.skipped:
+        raise StorageError(f"no file was stored: {summary}")
+    return UploadResult(**dict(result), partial=bool(result.failed), summary=summary)
 
 
 async def presign_uploads(request: PresignUploadsInput, ctx: JobContext) -> PresignResult:
     """Presigned PUT URLs into ``datasets/<dataset>/`` for files sent straight to storage."""
+    if ctx.settings.backend == "local":
+        raise InputError("presigned uploads need an S3 bucket; send the file inline")
     prefix = dataset_prefix(request.dataset)
     problems = [
         f"input.files[{i}].name: {problem}"

@@ -1,0 +1,140 @@
+"""The local HTTP API (``--rp_serve_api``) in a subprocess: partial failure as the caller sees it
+through the real SDK, and a long ``generate`` stopped by SIGTERM between steps."""
+
+from __future__ import annotations
+
+import base64
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.faultproxy import free_port
+from tests.test_entrypoint import ROOT, worker_env
+
+
+def _post(url: str, body: dict[str, Any], timeout: float = 120) -> dict[str, Any]:
+    request = urllib.request.Request(  # noqa: S310 - loopback
+        url, data=json.dumps(body).encode(), method="POST", headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+        return json.loads(response.read())
+
+
+class Server:
+    def __init__(self, process: subprocess.Popen[str], base: str, log: Path) -> None:
+        self.process = process
+        self.base = base
+        self.log = log
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    port = free_port()
+    log = tmp_path / "server.log"
+    (tmp_path / "work").mkdir()
+    with log.open("w") as sink:
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / "rp_handler.py"), "--rp_serve_api", "--rp_api_port", str(port)],
+            cwd=tmp_path,
+            env=worker_env(tmp_path, WORK_DIR=str(tmp_path / "work")),
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(200):
+            try:
+                urllib.request.urlopen(f"{base}/docs", timeout=2).close()  # noqa: S310
+                break
+            except (urllib.error.URLError, ConnectionError):
+                if process.poll() is not None:
+                    pytest.fail(f"the local API did not start:\n{log.read_text()}")
+                time.sleep(0.3)
+        yield Server(process, base, log)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=30)
+
+
+PARTIAL = {
+    "action": "upload_training_files",
+    "dataset": "api",
+    "files": [
+        {"name": "ok.txt", "data": base64.b64encode(b"kept").decode()},
+        {"name": "bad/name.txt", "data": base64.b64encode(b"x").decode()},
+    ],
+}
+
+
+def _check_partial(output: dict[str, Any], dataset: str) -> None:
+    assert output["partial"] is True
+    assert [u["key"] for u in output["uploaded"]] == [f"datasets/{dataset}/ok.txt"]
+    assert [f["name"] for f in output["failed"]] == ["bad/name.txt"]
+    assert output["summary"].startswith("1 uploaded, 0 skipped, 1 failed: input.files[1].name: path separators")
+
+
+def test_partial_failure_reaches_the_caller_through_runsync_and_run_status(server: Server) -> None:
+    response = _post(f"{server.base}/runsync", {"input": PARTIAL})
+    assert response["status"] == "COMPLETED", response
+    _check_partial(response["output"], "api")
+
+    submitted = _post(f"{server.base}/run", {"input": {**PARTIAL, "dataset": "api2"}})
+    assert submitted["status"] == "IN_PROGRESS"
+    status = _post(f"{server.base}/status/{submitted['id']}", {})
+    assert status["status"] == "COMPLETED", status
+    _check_partial(status["output"], "api2")
+    again = _post(f"{server.base}/status/{submitted['id']}", {})  # the SDK answers once
+    assert again == {"id": submitted["id"], "status": "FAILED", "error": "Job ID not found"}
+
+    everything_failed = {**PARTIAL, "files": PARTIAL["files"][1:]}
+    failed = _post(f"{server.base}/runsync", {"input": everything_failed})
+    assert failed["status"] == "FAILED"
+    assert failed["error"].startswith("no file was stored: 0 uploaded, 0 skipped, 1 failed: input.files[0].name")
+
+
+def _runner_checks_the_stop_signal() -> bool:
+    """The GPU runner's generate takes ``progress`` and ``stop`` (the GPU branch adds them)."""
+    source = (ROOT / "services" / "gpu" / "generate.py").read_text()
+    return "stop.check(" in source
+
+
+@pytest.mark.gpu
+def test_sigterm_stops_a_long_generate_between_steps(server: Server, tmp_path: Path) -> None:
+    if not _runner_checks_the_stop_signal():
+        pytest.skip("the GPU runner does not check the stop signal yet (GPU branch)")
+    steps = 150
+    long_job = {"action": "generate", "prompt": "noise", "steps": steps, "width": 512, "height": 512, "seed": 1}
+    answer: dict[str, Any] = {}
+
+    def submit() -> None:
+        answer.update(_post(f"{server.base}/runsync", {"input": long_job}, timeout=600))
+
+    caller = threading.Thread(target=submit)
+    caller.start()
+    for _ in range(6000):  # until the runner has reported a step
+        if "progress: {'step'" in server.log.read_text() or not caller.is_alive():
+            break
+        time.sleep(0.1)
+    assert caller.is_alive(), answer
+    server.process.send_signal(signal.SIGTERM)
+    caller.join(timeout=60)
+    assert not caller.is_alive(), "the job did not stop"
+    assert answer["status"] == "FAILED", answer
+    assert "stopped (shutdown)" in answer["error"]
+    stopped_at = int(answer["error"].split(" at step ")[1].split(" of ")[0])
+    assert stopped_at < steps
+    assert server.process.wait(timeout=60) is not None
+    assert list((tmp_path / "work").iterdir()) == []  # workspace removed
+    assert "Traceback" not in server.log.read_text()
