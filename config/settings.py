@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     s3_breaker_reset_timeout: float = Field(30.0, gt=0, le=3600)
     s3_connect_timeout: float = Field(5.0, gt=0, le=300)
     s3_read_timeout: float = Field(60.0, gt=0, le=3600)
+    s3_operation_timeout: float = Field(
+        15.0, gt=0, le=3600, description="Deadline in seconds for one S3 call, botocore's retries included."
+    )
     multipart_threshold: int = Field(8 * 1024 * 1024, ge=5 * 1024 * 1024, le=5 * 1024**3)
     multipart_chunk_size: int = Field(8 * 1024 * 1024, ge=5 * 1024 * 1024, le=5 * 1024**3)
     upload_concurrency: int = Field(16, ge=1, le=256)
@@ -85,9 +88,12 @@ class Settings(BaseSettings):
     max_files_per_batch: int = Field(1000, ge=1, le=100_000)
     max_file_bytes: int = Field(50 * 1024 * 1024, ge=1)
     max_batch_bytes: int = Field(200 * 1024 * 1024, ge=1)
+    max_dataset_files: int = Field(10_000, ge=1, le=1_000_000, description="Most objects in a stored dataset.")
+    max_dataset_bytes: int = Field(2 * 1024**3, ge=1, description="Most bytes a stored dataset may download.")
     max_download_bytes: int = Field(100 * 1024 * 1024, ge=1)
     download_connect_timeout: float = Field(5.0, gt=0, le=120)
     download_read_timeout: float = Field(30.0, gt=0, le=600)
+    download_concurrency: int = Field(4, ge=1, le=64, description="URL downloads one upload job runs at once.")
     download_total_timeout: float = Field(300.0, gt=0, le=3600, description="Whole-download deadline in seconds.")
     allow_private_urls: bool = Field(False, description="Allow URL inputs to private hosts (tests only).")
     max_zip_entries: int = Field(10_000, ge=1)

@@ -4,6 +4,12 @@ Each file is ``{"name": ..., "data": <base64>}`` or ``{"name": ..., "url": "http
 Every input file ends up in exactly one of ``uploaded``, ``skipped`` (already there with
 the same sha256) and ``failed`` (with the reason); one failed file never stops the others,
 and a file is reported uploaded only after the store acknowledged it.
+
+Two bounds, on purpose apart: URL sources download under the job's own
+``download_concurrency`` (a job's slow URLs hold only that job), and only the store step
+takes one of the worker-wide upload slots (:func:`upload_slots`). When the listing that
+starts a batch fails because the store is unavailable, no file is sent: every file fails
+with that reason at once instead of each retrying against a dead store.
 """
 
 from __future__ import annotations
@@ -23,13 +29,26 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from services.errors import CircuitOpen, StorageUnavailable, WorkerError
+from services.errors import CircuitOpen, InputError, StorageTimeout, StorageUnavailable, WorkerError
+from services.images import check_image_bytes, sniff_format
 from services.keys import dataset_prefix, file_name_problem
 from services.storage.base import ObjectInfo, Storage
 
 log = logging.getLogger(__name__)
 _SLOTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, asyncio.Semaphore]] = weakref.WeakKeyDictionary()
 
+# Files named as images are checked (signature, pixel cap, full decode) before they are stored,
+# as the README promises; the format the name claims is the one a failure names.
+IMAGE_SUFFIX_FORMATS = {
+    ".png": "PNG",
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".webp": "WEBP",
+    ".gif": "GIF",
+    ".bmp": "BMP",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+}
 FILE_RETRIES = 2  # per file, on top of botocore's own retries of each request
 RETRY_BASE_SECONDS = 0.2
 
@@ -108,6 +127,10 @@ def _decode(data: str) -> bytes:
         raise ValueError(f"data is not valid base64 ({exc})") from exc
 
 
+class _NotAnImage(Exception):
+    """A file named as an image failed the image check; the message names ``files[i]``."""
+
+
 class _Batch:
     def __init__(
         self,
@@ -117,9 +140,13 @@ class _Batch:
         fetch: UrlFetcher | None,
         max_file_bytes: int | None,
         max_batch_bytes: int | None = None,
+        download_concurrency: int = 4,
+        max_image_pixels: int | None = None,
     ):
+        self.max_image_pixels = max_image_pixels
         self.storage = storage
         self.slots = slots
+        self.downloads = asyncio.Semaphore(download_concurrency)  # this batch's own
         self.fetch = fetch
         self.max_file_bytes = max_file_bytes
         self.max_batch_bytes = max_batch_bytes
@@ -128,13 +155,22 @@ class _Batch:
         # Sizes of the objects already in the dataset (None: unknown, HEAD every file).
         self.existing: dict[str, int] | None = None
 
-    async def list_existing(self) -> None:
+    async def list_existing(self) -> StorageUnavailable | None:
         """One LIST per 1000 keys instead of a HEAD per file: a fresh upload then costs one
-        request per file, not two (HEADs of missing keys halved the benchmark's throughput)."""
+        request per file, not two (HEADs of missing keys halved the benchmark's throughput).
+
+        Returns the error when the store is unavailable (the batch then sends nothing);
+        any other listing failure (a key allowed to write but not to list) falls back to a
+        HEAD per file.
+        """
         try:
             self.existing = {obj.key: obj.size async for obj in self.storage.iter_objects(self.result.prefix)}
+        except StorageUnavailable as exc:
+            log.warning("listing %s failed, the store is unavailable; sending nothing: %s", self.result.prefix, exc)
+            return exc
         except WorkerError as exc:
             log.warning("listing %s failed, checking each file instead: %s", self.result.prefix, exc)
+        return None
 
     def fail(self, name: str, error: str) -> None:
         self.result.failed.append(FailedFile(name=name, error=error))
@@ -154,8 +190,8 @@ class _Batch:
                 if existing is not None and existing.sha256 == digest:
                     return None
                 return await self.storage.put_bytes(key, data, content_type=content_type, sha256=digest)
-            except CircuitOpen:
-                raise
+            except (CircuitOpen, StorageTimeout):
+                raise  # storage is down, or had its whole deadline: waiting here would not help
             except StorageUnavailable as exc:
                 if attempt == FILE_RETRIES:
                     raise
@@ -164,44 +200,70 @@ class _Batch:
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
+    async def _download(self, source: FileSource) -> Path:
+        """Fetch a URL source into the workspace under this batch's own bound (not the worker's)."""
+        if self.fetch is None:
+            raise ValueError("url sources are not enabled here")
+        async with self.downloads:
+            return await self.fetch(source.url or "", source.name)
+
+    def _check_size(self, data: bytes) -> None:
+        if self.max_file_bytes is not None and len(data) > self.max_file_bytes:
+            raise ValueError(f"{len(data)} bytes is over the {self.max_file_bytes}-byte limit (MAX_FILE_BYTES)")
+        if self.max_batch_bytes is not None:
+            if self.batch_bytes + len(data) > self.max_batch_bytes:
+                raise ValueError(
+                    f"{len(data)} more bytes would take the batch over its {self.max_batch_bytes}-byte "
+                    "limit (MAX_BATCH_BYTES)"
+                )
+            self.batch_bytes += len(data)
+
+    async def _check_image(self, index: int, name: str, data: bytes) -> None:
+        """Refuse a file named as an image that is not one (``files[i]: not a decodable PNG image``)."""
+        claimed = IMAGE_SUFFIX_FORMATS.get(Path(name).suffix.lower())
+        if claimed is None or self.max_image_pixels is None:
+            return
+        if sniff_format(data[:16]) is None:
+            raise _NotAnImage(f"files[{index}]: not a decodable {claimed} image (no image signature)")
+        try:
+            await asyncio.to_thread(check_image_bytes, data, self.max_image_pixels, f"files[{index}]")
+        except InputError as exc:
+            raise _NotAnImage(str(exc)) from exc
+
     async def upload_one(self, index: int, source: FileSource) -> None:
         key = self.result.prefix + source.name
         content_type = source.content_type or mimetypes.guess_type(source.name)[0] or "application/octet-stream"
-        async with self.slots:
-            try:
-                if source.data is not None:
-                    data = _decode(source.data)
+        path: Path | None = None
+        try:
+            if source.url is not None:
+                path = await self._download(source)  # a slow URL holds no worker-wide slot
+            async with self.slots:  # bytes in memory follow the slots, whatever the jobs
+                if path is not None:
+                    data = await asyncio.to_thread(path.read_bytes)
                 else:
-                    if self.fetch is None:
-                        raise ValueError("url sources are not enabled here")
-                    path = await self.fetch(source.url or "", source.name)
-                    try:
-                        data = await asyncio.to_thread(path.read_bytes)
-                    finally:
-                        await asyncio.to_thread(path.unlink, missing_ok=True)
-                if self.max_file_bytes is not None and len(data) > self.max_file_bytes:
-                    raise ValueError(f"{len(data)} bytes is over the {self.max_file_bytes}-byte limit (MAX_FILE_BYTES)")
-                if self.max_batch_bytes is not None:
-                    if self.batch_bytes + len(data) > self.max_batch_bytes:
-                        raise ValueError(
-                            f"{len(data)} more bytes would take the batch over its {self.max_batch_bytes}-byte "
-                            "limit (MAX_BATCH_BYTES)"
-                        )
-                    self.batch_bytes += len(data)
+                    data = _decode(source.data or "")
+                self._check_size(data)
+                await self._check_image(index, source.name, data)
                 digest = hashlib.sha256(data).hexdigest()
                 info = await self._store(key, data, digest, content_type)
-                if info is None:
-                    self.result.skipped.append(
-                        SkippedFile(name=source.name, key=key, reason="already stored with the same sha256")
-                    )
-                    return
-            except ValueError as exc:
-                self.fail(source.name, f"files[{index}]: {exc}")
-                return
-            except WorkerError as exc:
-                log.warning("upload of %s failed: %s", key, exc)
-                self.fail(source.name, f"files[{index}]: {exc}")
-                return
+        except ValueError as exc:
+            self.fail(source.name, f"files[{index}]: {exc}")
+            return
+        except _NotAnImage as exc:  # already names files[i]
+            self.fail(source.name, str(exc))
+            return
+        except WorkerError as exc:
+            log.warning("upload of %s failed: %s", key, exc)
+            self.fail(source.name, f"files[{index}]: {exc}")
+            return
+        finally:
+            if path is not None:
+                await asyncio.to_thread(path.unlink, missing_ok=True)
+        if info is None:
+            self.result.skipped.append(
+                SkippedFile(name=source.name, key=key, reason="already stored with the same sha256")
+            )
+            return
         self.result.uploaded.append(UploadedFile(name=source.name, key=key, size=info.size, sha256=digest))
 
 
@@ -234,14 +296,27 @@ async def upload_batch(
     fetch: UrlFetcher | None = None,
     max_file_bytes: int | None = None,
     max_batch_bytes: int | None = None,
+    download_concurrency: int = 4,
+    max_image_pixels: int | None = None,
 ) -> BatchResult:
     """Upload ``files`` into ``datasets/<dataset>/``, at most ``concurrency`` files at once
     across every batch of this worker (``UPLOAD_CONCURRENCY``; see :func:`upload_slots`).
 
     ``max_batch_bytes`` caps the bytes of the whole batch as files are read, which is where
     URL sources get their size (inline data can be checked before the upload starts).
+    ``download_concurrency`` bounds this batch's URL downloads (``DOWNLOAD_CONCURRENCY``).
+    With ``max_image_pixels``, files named as images must decode within that many pixels.
     """
-    batch = _Batch(storage, dataset, upload_slots(concurrency), fetch, max_file_bytes, max_batch_bytes)
+    batch = _Batch(
+        storage,
+        dataset,
+        upload_slots(concurrency),
+        fetch,
+        max_file_bytes,
+        max_batch_bytes,
+        download_concurrency,
+        max_image_pixels,
+    )
     seen: set[str] = set()
     sources: list[tuple[int, FileSource]] = []
     for index, item in enumerate(files):
@@ -250,8 +325,10 @@ async def upload_batch(
             batch.result.failed.append(failure)
         elif source is not None:
             sources.append((index, source))
-    if sources:
-        await batch.list_existing()
+    if sources and (down := await batch.list_existing()) is not None:
+        for index, source in sources:
+            batch.fail(source.name, f"files[{index}]: {down} (nothing was sent; run the batch again later)")
+        return batch.result
     pending = iter(sources)
 
     async def worker() -> None:

@@ -39,6 +39,10 @@ class StorageUnavailable(StorageError):
     """The storage backend is unreachable or the circuit breaker is open."""
 
 
+class StorageTimeout(StorageUnavailable):
+    """A storage call got no answer within its whole deadline (``S3_OPERATION_TIMEOUT``)."""
+
+
 class CircuitOpen(StorageUnavailable):
     """The circuit breaker refused the call without sending it."""
 

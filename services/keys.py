@@ -12,7 +12,8 @@ Rules (each raises ``ValueError`` with a message fit for the caller, or returns 
 * :func:`safe_name`: dataset names and LoRA output names;
 * :func:`file_name_problem`: a file name inside a dataset (checked, never rewritten);
 * :func:`validate_key`: any object key, as both storage backends accept it;
-* :func:`managed_key`: a key the caller may list, read or delete (inside the roots above);
+* :func:`managed_key`: a key the caller may read or delete (inside the roots above);
+* :func:`managed_prefix`: a prefix the caller may list (the same roots);
 * :func:`lora_reference`: the ``lora`` input of ``generate`` (a key or an output name).
 
 Imports nothing from the project: storage, schemas and actions all build on it.
@@ -21,6 +22,7 @@ Imports nothing from the project: storage, schemas and actions all build on it.
 from __future__ import annotations
 
 import re
+import unicodedata
 
 DATASET_ROOT = "datasets"
 LORA_ROOT = "loras"
@@ -30,6 +32,10 @@ MANAGED_ROOTS = (f"{DATASET_ROOT}/", f"{LORA_ROOT}/", f"{OUTPUT_ROOT}/")
 MAX_KEY_BYTES = 1024  # S3's limit
 MAX_FILE_NAME_BYTES = 255  # a file name on every common file system (the local backend)
 
+# Control (Cc), format (Cf: bidi overrides such as U+202E, zero-width characters), line and
+# paragraph separators (Zl, Zp) and lone surrogates (Cs): a name holding one displays as
+# something else (``x<U+202E>gnp.exe`` shows as ``xexe.png``) or breaks headers and logs.
+REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 _LORA_REFERENCE = re.compile(r"^[A-Za-z0-9_.\-/]{1,512}$")
 
@@ -39,6 +45,15 @@ def safe_name(value: str, field: str) -> str:
     if not _SAFE_NAME.fullmatch(value) or ".." in value or value == ".":
         raise ValueError(f"{field} must be 1-128 letters, digits, '-', '_' or '.', without '..' or separators")
     return value
+
+
+def _character_problem(text: str) -> str | None:
+    for ch in text:
+        category = unicodedata.category(ch)
+        if category in REFUSED_CATEGORIES:
+            kind = {"Cc": "control", "Cs": "lone surrogate"}.get(category, "invisible or format")
+            return f"must not contain {kind} characters (U+{ord(ch):04X})"
+    return None
 
 
 def file_name_problem(name: str) -> str | None:
@@ -52,36 +67,45 @@ def file_name_problem(name: str) -> str | None:
         return "path separators are not allowed"
     if name in (".", "..") or ".." in name:
         return "'..' is not allowed"
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
-        return "control characters are not allowed"
+    if problem := _character_problem(name):
+        return problem
     if len(name.encode()) > MAX_FILE_NAME_BYTES:
         return f"longer than {MAX_FILE_NAME_BYTES} bytes"
+    return None
+
+
+def _key_problem(key: str) -> str | None:
+    if not key:
+        return "must not be empty"
+    if problem := _character_problem(key):  # before encoding: a lone surrogate cannot be encoded
+        return problem
+    if len(key.encode()) > MAX_KEY_BYTES:
+        return f"is longer than {MAX_KEY_BYTES} bytes"
+    if key.startswith("/") or "\\" in key:
+        return "must be relative and use '/' separators"
+    if any(part in ("", ".", "..") for part in key.removesuffix("/").split("/")):
+        return "must not contain empty, '.' or '..' segments"
     return None
 
 
 def validate_key(key: str) -> str:
     """Return ``key`` if it is a safe relative object key, else raise ``ValueError``.
 
-    No leading ``/``, no empty, ``.`` or ``..`` segments, no backslashes or control
-    characters, at most 1024 bytes.
+    No leading or trailing ``/`` (a key ending in ``/`` names a folder on S3 consoles and
+    a directory on disk, so it is a file on neither backend), no empty, ``.`` or ``..``
+    segments, no backslashes, no characters of :data:`REFUSED_CATEGORIES`, at most 1024 bytes.
     """
-    if not key:
-        raise ValueError("key must not be empty")
-    if len(key.encode()) > MAX_KEY_BYTES:
-        raise ValueError(f"key is longer than {MAX_KEY_BYTES} bytes")
-    if key.startswith("/") or "\\" in key:
-        raise ValueError("key must be relative and use '/' separators")
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in key):
-        raise ValueError("key must not contain control characters")
-    if any(part in ("", ".", "..") for part in key.rstrip("/").split("/")):
-        raise ValueError("key must not contain empty, '.' or '..' segments")
+    if problem := _key_problem(key):
+        raise ValueError(f"key {problem}")
+    if key.endswith("/"):
+        raise ValueError("key must not end with '/': that names a folder, not a file")
     return key
 
 
 def validate_prefix(prefix: str) -> str:
-    """Validate a listing prefix (empty means everything)."""
-    if prefix:
-        validate_key(prefix)
+    """Validate a listing prefix (empty means everything; a trailing ``/`` is allowed)."""
+    if prefix and (problem := _key_problem(prefix)):
+        raise ValueError(f"prefix {problem}")
     return prefix
 
 
@@ -91,6 +115,14 @@ def managed_key(key: str) -> str:
     if not key.startswith(MANAGED_ROOTS):
         raise ValueError(f"must start with one of {', '.join(MANAGED_ROOTS)}")
     return key
+
+
+def managed_prefix(prefix: str) -> str:
+    """A listing prefix inside the worker's own roots (a trailing ``/`` is allowed here)."""
+    validate_prefix(prefix)
+    if not prefix.startswith(MANAGED_ROOTS):
+        raise ValueError(f"must start with one of {', '.join(MANAGED_ROOTS)}")
+    return prefix
 
 
 def lora_reference(value: str) -> str:

@@ -29,7 +29,7 @@ from pydantic import (
 
 from services.batch_upload import FileSource, content_type_problem
 from services.errors import InputError
-from services.keys import managed_key, safe_name
+from services.keys import managed_key, managed_prefix, safe_name
 from services.urls import Url
 
 if TYPE_CHECKING:
@@ -134,7 +134,7 @@ class ListFilesInput(_Action):
     @field_validator("prefix")
     @classmethod
     def _prefix(cls, value: str | None) -> str | None:
-        return None if value is None else managed_key(value)
+        return None if value is None else managed_prefix(value)
 
     @model_validator(mode="after")
     def _one_of(self) -> ListFilesInput:

@@ -1,9 +1,11 @@
 """A small fault-injecting HTTP reverse proxy for tests and benchmarks.
 
-Sits between an S3 client and the moto server and adds latency, ``503 SlowDown``
-answers, connection resets, or a full outage (``down``), and counts the requests
-that reached it. Runs its own event loop in a background thread, so it serves
-synchronous and asynchronous clients alike.
+Sits between an S3 client and the moto server and adds latency, error answers
+(``503 SlowDown`` unless told otherwise, optionally only for the requests ``error_when``
+picks), connection resets, or a full outage (``down``), and counts the requests that
+reached it. Runs its own event loop in a background thread, so it serves synchronous and
+asynchronous clients alike. :class:`StalledServer` is a store that accepts connections and
+never answers.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import random
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -25,6 +28,14 @@ SLOW_DOWN_BODY = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
     b"<Message>Please reduce your request rate.</Message></Error>"
 )
+
+
+def error_body(code: str) -> bytes:
+    return (
+        f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{code}</Message></Error>'.encode()
+    )
+
+
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "host"}
 
 
@@ -37,6 +48,9 @@ class Faults:
     reset_rate: float = 0.0
     down: bool = False
     fail_after: int | None = None  # go down after this many forwarded requests
+    error_status: int = 503
+    error_code: str = "SlowDown"
+    error_when: Callable[[str, str], bool] | None = None  # (method, path and query): inject here only
 
 
 def free_port() -> int:
@@ -106,31 +120,35 @@ class FaultProxy:
         if self._runner is not None:
             await self._runner.cleanup()
 
-    def _decide(self) -> str:
+    def _decide(self, method: str, path_qs: str) -> str:
         with self._lock:
             self.requests += 1
             faults = self.faults
             if faults.down or (faults.fail_after is not None and self.forwarded >= faults.fail_after):
                 return "down"
             roll = self._random.random()
-            if roll < faults.error_rate:
+            targeted = faults.error_when is None or faults.error_when(method, path_qs)
+            error_rate = faults.error_rate if targeted else 0.0
+            if roll < error_rate:
                 self.injected_errors += 1
                 return "error"
-            if roll < faults.error_rate + faults.reset_rate:
+            if roll < error_rate + faults.reset_rate:
                 self.injected_resets += 1
                 return "reset"
             self.forwarded += 1
             return "forward"
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        decision = self._decide()
+        decision = self._decide(request.method, request.path_qs)
         body = await request.read()
         if decision == "down":
             return self._reset(request)
         if self.faults.latency:
             await asyncio.sleep(self.faults.latency)
         if decision == "error":
-            return web.Response(status=503, body=SLOW_DOWN_BODY, content_type="application/xml")
+            faults = self.faults
+            body = SLOW_DOWN_BODY if faults.error_code == "SlowDown" else error_body(faults.error_code)
+            return web.Response(status=faults.error_status, body=body, content_type="application/xml")
         if decision == "reset":
             return self._reset(request)
         assert self._session is not None
@@ -156,3 +174,47 @@ class FaultProxy:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
             transport.abort()
         raise asyncio.CancelledError
+
+
+class StalledServer:
+    """Accepts TCP connections, reads what arrives and never answers (a hung store).
+
+    ``connections`` counts the connections accepted, so a test can tell that no request left.
+    """
+
+    def __init__(self) -> None:
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(128)
+        self.port = int(self._listener.getsockname()[1])
+        self.connections = 0
+        self._held: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, name="stalled-server", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> StalledServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._listener.close()
+        self._thread.join(5)
+        for conn in self._held:
+            conn.close()
+
+    def _accept(self) -> None:
+        self._listener.settimeout(0.1)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return  # the listener was closed
+            self.connections += 1
+            self._held.append(conn)  # kept open, never read from, never answered

@@ -34,9 +34,14 @@ def client_error(code: str, status: int) -> ClientError:
         (EndpointConnectionError(endpoint_url="http://x"), True),
         (TimeoutError(), True),
         (ConnectionResetError(), True),
+        (client_error("BadGateway", 502), True),
+        (client_error("GatewayTimeout", 504), True),
+        (client_error("RequestTimeout", 400), True),
         (client_error("NoSuchKey", 404), False),
         (client_error("AccessDenied", 403), False),
         (client_error("InvalidArgument", 400), False),
+        (client_error("NotImplemented", 501), False),
+        (client_error("HTTPVersionNotSupported", 505), False),
         (ValueError("bad parameter"), False),
     ],
 )
@@ -250,3 +255,65 @@ def test_each_storage_has_its_own_breaker(s3_settings: Settings) -> None:
         return first.breaker.state, second.breaker.state
 
     assert asyncio.run(main()) == ("open", "closed")
+
+
+# --- classification through a real HTTP round trip (issue 11, finding 12) ---------------------
+
+
+def _proxied(s3_settings: Settings, proxy: FaultProxy) -> Settings:
+    return s3_settings.model_copy(update={"s3_endpoint_url": proxy.url, "s3_breaker_fail_max": 2, "s3_max_attempts": 1})
+
+
+def test_not_implemented_answers_never_open_the_circuit(s3_settings: Settings) -> None:
+    """501 NotImplemented is an answer (the AWS SDKs do not retry it): it fails the call, not the store."""
+    faults = Faults(error_rate=1.0, error_status=501, error_code="NotImplemented")
+    with FaultProxy(s3_settings.s3_endpoint_url or "", faults) as proxy:
+
+        async def scenario(storage: Storage) -> str:
+            for _ in range(5):
+                with pytest.raises(StorageError, match="NotImplemented") as info:
+                    await storage.put_bytes("k", b"x")
+                assert not isinstance(info.value, StorageUnavailable)
+            return storage.breaker.state  # type: ignore[attr-defined]
+
+        assert run_with_storage(_proxied(s3_settings, proxy), scenario) == "closed"
+        assert proxy.injected_errors == 5
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504])
+def test_transient_statuses_open_the_circuit(s3_settings: Settings, status: int) -> None:
+    faults = Faults(error_rate=1.0, error_status=status, error_code="InternalError")
+    with FaultProxy(s3_settings.s3_endpoint_url or "", faults) as proxy:
+
+        async def scenario(storage: Storage) -> str:
+            for _ in range(2):
+                with pytest.raises(StorageUnavailable):
+                    await storage.put_bytes("k", b"x")
+            return storage.breaker.state  # type: ignore[attr-defined]
+
+        assert run_with_storage(_proxied(s3_settings, proxy), scenario) == "open"
+
+
+def test_a_bogus_list_token_answered_with_500_is_the_callers_error(s3_settings: Settings) -> None:
+    """MinIO and Ceph answer an undecodable continuation token with 500 InternalError.
+
+    A caller's token is the caller's input: the list fails with a clear error and the circuit
+    stays closed; the same 500 on a token-free call (first page, put) still counts.
+    """
+    faults = Faults(error_rate=1.0, error_status=500, error_code="InternalError")
+    faults.error_when = lambda method, path: "continuation-token" in path
+    with FaultProxy(s3_settings.s3_endpoint_url or "", faults) as proxy:
+
+        async def scenario(storage: Storage) -> tuple[str, str]:
+            for _ in range(5):
+                with pytest.raises(StorageError, match="continuation token") as info:
+                    await storage.list_page("datasets/", token="bogus-token")
+                assert not isinstance(info.value, StorageUnavailable)
+            closed = storage.breaker.state  # type: ignore[attr-defined]
+            faults.error_when = None  # now every request: an outage
+            for _ in range(2):
+                with pytest.raises(StorageUnavailable):
+                    await storage.list_page("datasets/")
+            return closed, storage.breaker.state  # type: ignore[attr-defined]
+
+        assert run_with_storage(_proxied(s3_settings, proxy), scenario) == ("closed", "open")

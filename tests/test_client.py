@@ -61,16 +61,6 @@ def server_env(storage: Path, extra: dict[str, str] | None = None) -> dict[str, 
     return env
 
 
-def noise_png(side: int, seed: int) -> bytes:
-    """A real PNG of random pixels (incompressible: about 3 x side**2 bytes)."""
-    import numpy as np
-
-    pixels = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 @contextlib.contextmanager
 def serve_local_api(home: Path, extra_env: dict[str, str] | None = None) -> Iterator[tuple[str, Path]]:
     """``python rp_handler.py --rp_serve_api`` on a free port: ``(base URL, STORAGE_DIR)``.
@@ -119,6 +109,14 @@ def worker(local_server: tuple[str, Path]) -> Iterator[WorkerClient]:
 def png_bytes(color: str, size: int = 32) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (size, size), color).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def noise_png(approx_bytes: int) -> bytes:
+    """A real PNG of random pixels, about ``approx_bytes`` long (noise does not compress)."""
+    side = int((approx_bytes / 3) ** 0.5) + 1
+    buffer = io.BytesIO()
+    Image.frombytes("RGB", (side, side), os.urandom(side * side * 3)).save(buffer, "PNG")
     return buffer.getvalue()
 
 
@@ -201,8 +199,8 @@ def test_upload_packs_small_files_inline_and_presigns_large_ones(s3_server: tupl
     worker = WorkerClient.for_local(base, timeout=120, request_timeout=30, inline_budget=SMALL_BUDGET)
     folder = make_dataset(tmp_path / "photos", ("red", "green", "blue"))
     for index in range(3):  # about 60 KB each: 80 KB of base64, so two per 200 KB batch
-        (folder / f"mid-{index}.png").write_bytes(noise_png(140, seed=index))
-    (folder / "huge.png").write_bytes(noise_png(320, seed=9))  # about 300 KB, alone over the budget: presigned PUT
+        (folder / f"mid-{index}.png").write_bytes(noise_png(60_000))
+    (folder / "huge.png").write_bytes(noise_png(300_000))  # about 300 KB, alone over the budget: presigned PUT
     (folder / "notes.md").write_text("not part of the dataset")
     (folder / "nested").mkdir()
     sent = sorted(p.name for p in folder.iterdir() if p.suffix in (".png", ".txt"))
@@ -248,7 +246,7 @@ def test_get_file_follows_redirects_and_decodes_base64(
 ) -> None:
     folder = tmp_path / "files"
     folder.mkdir()
-    (folder / "large.png").write_bytes(os.urandom(SERVER_INLINE_MAX * 3))
+    (folder / "large.png").write_bytes(noise_png(SERVER_INLINE_MAX * 3))
     (folder / "small.txt").write_text("a tiny caption")
     assert worker.upload_dataset(folder, "get").ok
 

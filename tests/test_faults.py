@@ -12,6 +12,7 @@ import asyncio
 import base64
 import hashlib
 import random
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -20,14 +21,14 @@ import pybreaker
 import pytest
 
 import services.storage.s3 as s3_module
-from config.settings import Settings
+from config.settings import Settings, build_settings
 from services.batch_upload import upload_batch
 from services.errors import StorageUnavailable
 from services.storage import LocalStorageService, Storage
 from services.storage.breaker import S3Breaker
-from tests.conftest import run_with_storage, s3_client
+from tests.conftest import TEST_KEY_ID, TEST_SECRET, run_with_storage, s3_client
 from tests.fakeclock import FakeClock
-from tests.faultproxy import FaultProxy, Faults
+from tests.faultproxy import FaultProxy, Faults, StalledServer
 
 MIB = 1024 * 1024
 MULTIPART = {"multipart_threshold": 5 * MIB, "multipart_chunk_size": 5 * MIB}
@@ -164,6 +165,67 @@ def test_outage_opens_breaker_fails_fast_without_io_and_recovers(s3_settings: Se
     assert rerun["failed"] == []
     assert len(rerun["uploaded"]) == len(files)
     assert_exact(stored(moto_server, settings.s3_bucket or "", "datasets/outage/"), files)
+
+
+# --- a store that accepts connections and never answers (issue 11, finding 3) ----------------
+
+
+def _stalled_settings(url: str, tmp_path: Path, **overrides: Any) -> Settings:
+    """Default settings except where the store is (and what a test overrides)."""
+    return build_settings(
+        s3_bucket="stalled",
+        s3_endpoint_url=url,
+        s3_region="us-east-1",
+        aws_access_key_id=TEST_KEY_ID,
+        aws_secret_access_key=TEST_SECRET,
+        storage_dir=tmp_path / "unused",
+        **overrides,
+    )
+
+
+def test_stalled_store_fails_a_small_upload_within_the_operation_deadline(tmp_path: Path) -> None:
+    """Defaults: the listing that starts the batch runs out of S3_OPERATION_TIMEOUT, and the
+    batch then sends nothing (no per-file HEAD/PUT retries against a dead store)."""
+    files = make_files(1, (77, 77), seed=5)
+    with StalledServer() as store:
+        settings = _stalled_settings(store.url, tmp_path)
+
+        async def scenario(storage: Storage) -> tuple[dict[str, Any], float, int]:
+            started = time.monotonic()
+            async with asyncio.timeout(10 * settings.s3_operation_timeout):  # old code: 730 s
+                report = await upload_report(storage, inline(files), "stalled")
+            return report, time.monotonic() - started, storage.breaker.fail_counter  # type: ignore[attr-defined]
+
+        report, elapsed, failures = run_with_storage(settings, scenario)
+    assert settings.s3_operation_timeout < 30  # "well under a minute" by default
+    assert elapsed < 2 * settings.s3_operation_timeout
+    assert report["uploaded"] == []
+    [failed] = report["failed"]
+    assert "S3_OPERATION_TIMEOUT" in failed["error"]
+    assert "nothing was sent" in failed["error"]
+    assert failures == 1  # the timeout counted toward the breaker
+
+
+def test_stalled_store_opens_the_breaker_then_jobs_fail_fast(tmp_path: Path) -> None:
+    """Timeouts count: after S3_BREAKER_FAIL_MAX stalled calls the circuit opens and the next
+    upload fails at once without opening a connection."""
+    files = make_files(3, (64, 128), seed=6)
+    with StalledServer() as store:
+        settings = _stalled_settings(store.url, tmp_path, s3_operation_timeout=0.3)
+
+        async def scenario(storage: Storage) -> tuple[list[dict[str, Any]], int, int]:
+            reports = [
+                await upload_report(storage, inline(files), f"s{i}") for i in range(settings.s3_breaker_fail_max)
+            ]
+            assert storage.breaker.state == pybreaker.STATE_OPEN  # type: ignore[attr-defined]
+            seen = store.connections
+            reports.append(await upload_report(storage, inline(files), "after"))
+            return reports, seen, store.connections
+
+        reports, seen, after = run_with_storage(settings, scenario)
+    assert after == seen  # the open circuit sent nothing
+    assert all(len(r["failed"]) == len(files) for r in reports)
+    assert all("circuit open" in f["error"] for f in reports[-1]["failed"])
 
 
 # --- cancellation -----------------------------------------------------------------------------

@@ -17,6 +17,11 @@ from config.settings import Settings
 from services.errors import GpuOutOfMemory
 from tests.conftest import TEST_SECRET, run_jobs, run_with_storage, use_settings_env
 
+# A real 1x1 PNG: uploads of files named as images are decoded before they are stored.
+PNG_1X1 = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
+)
+
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
@@ -101,7 +106,7 @@ def test_limits_are_checked_before_any_work(local_settings: Settings, monkeypatc
 
 
 def test_upload_list_get_delete_round_trip(backend: Settings) -> None:
-    files = [{"name": "a.png", "data": b64(b"png-bytes")}, {"name": "a.txt", "data": b64(b"a caption")}]
+    files = [{"name": "a.png", "data": b64(PNG_1X1)}, {"name": "a.txt", "data": b64(b"a caption")}]
     [uploaded] = run_jobs(job({"action": "upload_training_files", "dataset": "rt", "files": files}))
     assert "error" not in uploaded
     assert [u["name"] for u in sorted(uploaded["uploaded"], key=lambda u: u["name"])] == ["a.png", "a.txt"]
@@ -126,7 +131,7 @@ def test_upload_list_get_delete_round_trip(backend: Settings) -> None:
 
 def test_partial_upload_completes_with_the_report_and_a_summary(backend: Settings) -> None:
     files = [
-        {"name": "good.png", "data": b64(b"ok")},
+        {"name": "good.png", "data": b64(PNG_1X1)},
         {"name": "bad/name.png", "data": b64(b"x")},
         {"name": "worse.png", "data": "%%%"},
     ]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 import pytest
@@ -103,9 +105,19 @@ def test_delete_many_and_copy(any_settings: Settings) -> None:
 
 def test_invalid_keys_are_refused_the_same_way(any_settings: Settings) -> None:
     async def scenario(storage: Storage) -> None:
-        for key in ("/abs", "a/../b", "a//b", "a\\b", "", "a/\x01"):
+        for key in ("/abs", "a/../b", "a//b", "a\\b", "", "a/\x01", "a/x\u202egnp.exe", "a/\ud800", "a/b\u2029"):
             with pytest.raises(ValueError, match="key"):
                 await storage.put_bytes(key, b"x")
+        # A trailing '/' names a folder (an S3 console marker, a directory on disk): a file on neither.
+        await storage.put_bytes("folder/inside.txt", b"x")
+        for key in ("folder/", "empty/"):
+            with pytest.raises(ValueError, match="must not end with '/'"):
+                await storage.put_bytes(key, b"x")
+            with pytest.raises(ValueError, match="must not end with '/'"):
+                await storage.head(key)
+            with pytest.raises(ValueError, match="must not end with '/'"):
+                await storage.get_bytes(key)
+        assert [o.key for o in await storage.list_all("folder/")] == ["folder/inside.txt"]
 
     run_with_storage(any_settings, scenario)
     assert validate_key("datasets/x/y.png") == "datasets/x/y.png"
@@ -178,3 +190,79 @@ def test_runpod_bucket_aliases(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.aws_secret_access_key is not None
     assert settings.aws_secret_access_key.get_secret_value() == "s3cr3t-VALUE"
     assert "s3cr3t-VALUE" not in repr(settings)
+
+
+# --- local backend: bytes and sha256 commit as a pair; listing linear in the page (issue 11) ---
+
+
+def test_local_concurrent_writes_never_leave_a_stale_sha256(local_settings: Settings) -> None:
+    """Two writers of one key, 300 times: the sha256 that head reports is always that of the bytes.
+
+    Same-size payloads, so size alone cannot tell the writers apart (the old check compared
+    size and mtime and was fooled in 58 of 300 runs).
+    """
+
+    async def scenario(storage: Storage) -> list[int]:
+        wrong = []
+        for run in range(300):
+            first, second = os.urandom(64), os.urandom(64)
+            await asyncio.gather(storage.put_bytes("race/k.bin", first), storage.put_bytes("race/k.bin", second))
+            info = await storage.head("race/k.bin")
+            data = await storage.get_bytes("race/k.bin")
+            assert info is not None and data in (first, second)
+            if info.sha256 != hashlib.sha256(data).hexdigest():
+                wrong.append(run)
+        return wrong
+
+    assert run_with_storage(local_settings, scenario) == []
+
+
+def test_local_listing_stats_only_the_page(local_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A page of 10 from a 2,000-file dataset stats about 10 files, whichever page it is."""
+    folder = local_settings.storage_dir / "datasets" / "big"
+    folder.mkdir(parents=True)
+    for i in range(2000):
+        (folder / f"f{i:05d}.bin").write_bytes(b"x")
+    (folder.parent / "big-other").mkdir()
+    (folder.parent / "big-other" / "a.bin").write_bytes(b"y")  # sorts after "big/": not listed
+    stats = []
+    real_stat = os.stat
+
+    def counting_stat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        stats.append(str(path))
+        return real_stat(path, *args, **kwargs)
+
+    async def scenario(storage: Storage) -> list[tuple[list[str], str | None, int]]:
+        monkeypatch.setattr(os, "stat", counting_stat)
+        pages = []
+        for token in (None, "datasets/big/f00999.bin", "datasets/big/f01994.bin"):
+            stats.clear()
+            page = await storage.list_page("datasets/big/", page_size=10, token=token)
+            pages.append(([o.key.rsplit("/", 1)[1] for o in page.objects], page.next_token, len(stats)))
+        return pages
+
+    first, middle, last = run_with_storage(local_settings, scenario)
+    assert first[0] == [f"f{i:05d}.bin" for i in range(10)] and first[1] == "datasets/big/f00009.bin"
+    assert middle[0] == [f"f{i:05d}.bin" for i in range(1000, 1010)]
+    assert last[0] == [f"f{i:05d}.bin" for i in range(1995, 2000)] and last[1] is None
+    assert all(count <= 10 + 3 for _, _, count in (first, middle, last))
+
+
+def test_local_listing_is_in_s3_key_order(any_settings: Settings) -> None:
+    """Folders sort as "<name>/": the same order on both backends, across pages."""
+    keys = ["p/a.png", "p/a-b.png", "p/a/x.png", "p/a0.png", "p/a.b/y.png", "p/b", "p/\u00e9.png", "p/a/z/w.png"]
+
+    async def scenario(storage: Storage) -> tuple[list[str], list[str]]:
+        for key in keys:
+            await storage.put_bytes(key, b"x")
+        paged = []
+        token = None
+        while True:
+            page = await storage.list_page("p/", page_size=3, token=token)
+            paged += [o.key for o in page.objects]
+            if (token := page.next_token) is None:
+                return paged, [o.key for o in await storage.list_all("p/a")]
+
+    paged, prefixed = run_with_storage(any_settings, scenario)
+    assert paged == sorted(keys, key=lambda k: k.encode())
+    assert prefixed == sorted((k for k in keys if k.startswith("p/a")), key=lambda k: k.encode())

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import os
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from config.settings import Settings
 from services.batch_upload import upload_batch
+from services.fetch import download
 from services.keys import file_name_problem
 from services.storage import Storage
 from tests.conftest import run_with_storage, s3_client
@@ -63,7 +70,11 @@ def test_batch_uploads_every_file_with_sha256(any_settings: Settings) -> None:
         ("a\\b.png", "path separators are not allowed"),
         ("..", "'..' is not allowed"),
         ("x..png", "'..' is not allowed"),
-        ("bad\x07.png", "control characters are not allowed"),
+        ("bad\x07.png", "must not contain control characters (U+0007)"),
+        ("x\u202egnp.exe", "must not contain invisible or format characters (U+202E)"),
+        ("a\u2028b.png", "must not contain invisible or format characters (U+2028)"),
+        ("zw\u200bj.png", "must not contain invisible or format characters (U+200B)"),
+        ("s\ud800.png", "must not contain lone surrogate characters (U+D800)"),
         ("é" * 128 + ".png", "longer than 255 bytes"),
         ("", "must not be empty"),
     ],
@@ -142,3 +153,177 @@ def test_storage_stopped_mid_batch_split_is_exact_and_rerun_completes(s3_setting
     for obj in listing["Contents"]:
         body = direct.get_object(Bucket=s3_settings.s3_bucket, Key=obj["Key"])["Body"].read()
         assert body == expected[obj["Key"].rsplit("/", 1)[1]]
+
+
+# --- slow-drip URLs hold only their own job (issue 11, finding 1) -----------------------------
+
+
+class TrickleServer:
+    """Answers every GET with a 200 whose body arrives at one byte a second; counts connections."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self.active = 0
+        self.most_active = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def __enter__(self) -> TrickleServer:
+        self._listener.settimeout(0.1)
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._listener.close()
+        for thread in self._threads:
+            thread.join(5)
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            thread = threading.Thread(target=self._drip, args=(conn,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _drip(self, conn: socket.socket) -> None:
+        with self._lock:
+            self.active += 1
+            self.most_active = max(self.most_active, self.active)
+        try:
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\nContent-Type: image/png\r\n\r\n")
+                while not self._stop.wait(1.0):
+                    conn.sendall(b"\x89")
+        except OSError:
+            return  # the client hung up: how the test ends the attack
+        finally:
+            with self._lock:
+                self.active -= 1
+
+
+def test_trickling_urls_do_not_hold_a_concurrent_small_upload(local_settings: Settings, tmp_path: Path) -> None:
+    """32 URLs at 1 byte/s in one job: they download under that job's DOWNLOAD_CONCURRENCY and
+    hold none of the worker-wide upload slots, so another job's small upload goes straight through."""
+    settings = local_settings.model_copy(update={"allow_private_urls": True})
+    downloads = tmp_path / "downloads"
+
+    async def fetch(url: str, name: str) -> Path:
+        return (await download(url, downloads / uuid.uuid4().hex, settings, max_bytes=10_000)).path
+
+    victim = [{"name": "victim.png", "data": b64(b"v" * 77)}]
+
+    async def timed(storage: Storage, dataset: str) -> tuple[dict[str, Any], float]:
+        started = time.monotonic()
+        return await upload_report(storage, victim, dataset), time.monotonic() - started
+
+    with TrickleServer() as server:
+        attack = [{"name": f"slow_{i:02d}.bin", "url": f"http://127.0.0.1:{server.port}/{i}"} for i in range(32)]
+
+        async def scenario(storage: Storage) -> tuple[float, float, dict[str, Any]]:
+            _, unloaded = await timed(storage, "warm")
+            attacker = asyncio.create_task(
+                upload_batch(
+                    storage,
+                    attack,
+                    "attack",
+                    concurrency=settings.upload_concurrency,
+                    fetch=fetch,
+                    download_concurrency=settings.download_concurrency,
+                )
+            )
+            try:
+                async with asyncio.timeout(30):
+                    while server.active < settings.download_concurrency:
+                        await asyncio.sleep(0.05)
+                bound = max(20 * unloaded, 2.0)
+                async with asyncio.timeout(bound):  # old code: the slots were held for DOWNLOAD_TOTAL_TIMEOUT
+                    report, loaded = await timed(storage, "victim")
+                assert not attacker.done()
+            finally:
+                attacker.cancel()
+                await asyncio.gather(attacker, return_exceptions=True)
+            return unloaded, loaded, report
+
+        unloaded, loaded, report = run_with_storage(settings, scenario)
+        most_active = server.most_active
+    assert [u["name"] for u in report["uploaded"]] == ["victim.png"]
+    assert loaded < max(20 * unloaded, 2.0)
+    assert most_active == settings.download_concurrency  # the job's own bound, not the worker's slots
+
+
+# --- files named as images are images (issue 10; README security section) ---------------------
+
+PNG_1X1 = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
+)
+
+
+def _png(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` with no pixels behind it (a pixel bomb's shape)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def test_files_named_as_images_are_decoded_before_they_are_stored(local_settings: Settings) -> None:
+    files = [
+        {"name": "good.png", "data": b64(PNG_1X1)},
+        {"name": "bad.png", "data": b64(b"hi")},  # two bytes of text
+        {"name": "cut.png", "data": b64(PNG_1X1[:40])},  # a PNG signature, then nothing decodable
+        {"name": "bomb.png", "data": b64(_png(14900, 12000))},
+        {"name": "notes.txt", "data": b64(b"hi")},  # not named as an image: stored as it is
+    ]
+
+    async def scenario(storage: Storage) -> dict[str, Any]:
+        return (
+            await upload_batch(storage, files, "img", concurrency=4, max_image_pixels=local_settings.max_image_pixels)
+        ).model_dump()
+
+    report = run_with_storage(local_settings, scenario)
+    assert sorted(u["name"] for u in report["uploaded"]) == ["good.png", "notes.txt"]
+    errors = {f["name"]: f["error"] for f in report["failed"]}
+    assert errors["bad.png"].startswith("files[1]: not a decodable PNG image")
+    assert errors["cut.png"].startswith("files[2]: not a decodable PNG image")
+    assert errors["bomb.png"] == "files[3]: 14900x12000 is over 4194304 pixels (MAX_IMAGE_PIXELS)"
+    assert not (local_settings.storage_dir / "datasets" / "img" / "bad.png").exists()
+    assert all(str(local_settings.storage_dir) not in e and "/tmp" not in e for e in errors.values())
+
+
+def test_a_bad_image_upload_through_test_input_names_the_file(tmp_path: Path) -> None:
+    """The README's promise as a user meets it: ``python rp_handler.py --test_input``."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    job = {"action": "upload_training_files", "dataset": "d", "files": [{"name": "bad.png", "data": b64(b"hi")}]}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("S3_", "AWS_", "BUCKET_", "RUNPOD_"))}
+    env.update({"STORAGE_DIR": str(tmp_path / "storage"), "PYTHONPATH": str(root)})
+    completed = subprocess.run(
+        [sys.executable, str(root / "rp_handler.py"), "--test_input", json.dumps({"input": job})],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    output = completed.stdout + completed.stderr
+    assert "input.files[0]: not a decodable PNG image" in output
+    assert "Traceback" not in output
+    assert str(tmp_path / "storage") not in output.split("not a decodable", 1)[1].splitlines()[0]
+    assert not (tmp_path / "storage" / "datasets" / "d" / "bad.png").exists()

@@ -6,50 +6,22 @@ thread under the GPU lock, so the event loop keeps serving storage jobs meanwhil
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 from services.context import JobContext, gpu_lock
+from services.datasets import fetch_dataset
 from services.errors import InputError, ObjectNotFound
 from services.gpu.params import GenerateInput, TrainLoraInput
-from services.keys import dataset_prefix, lora_key, resolve_lora_key
+from services.keys import lora_key, resolve_lora_key
 from services.outputs import OutputFile
 from services.results import GenerateResult, TrainLoraResult
-
-
-async def _fetch_dataset(request: TrainLoraInput, ctx: JobContext) -> Path:
-    ctx.stage = "downloading the dataset"
-    target = ctx.workspace / "dataset"
-    target.mkdir()
-    if request.dataset_url:
-        from services.fetch import download
-        from services.zipsafe import extract_zip
-
-        archive = await download(request.dataset_url, ctx.workspace / "dataset.zip", ctx.settings, expect="zip")
-        await asyncio.to_thread(extract_zip, archive.path, target, ctx.settings)
-        return target
-    prefix = dataset_prefix(request.dataset or "")
-    objects = await ctx.storage.list_all(prefix, limit=ctx.settings.max_files_per_batch * 10)
-    if not objects:
-        raise InputError(f"input.dataset: no files under {prefix}; upload them with upload_training_files first")
-    slots = asyncio.Semaphore(ctx.settings.upload_concurrency)
-
-    async def fetch(key: str) -> None:
-        relative = key.removeprefix(prefix)
-        path = target / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        async with slots:
-            await ctx.storage.download_file(key, path)
-
-    await asyncio.gather(*(fetch(o.key) for o in objects))
-    return target
 
 
 async def train_lora(request: TrainLoraInput, ctx: JobContext) -> TrainLoraResult:
     """Train, store the LoRA under ``loras/<output_name>/``, return it with samples and metrics."""
     from services.gpu.train_job import train_lora as run_training
 
-    dataset_dir = await _fetch_dataset(request, ctx)
+    dataset_dir = await fetch_dataset(request, ctx)
     out_dir = ctx.workspace / "train"
     out_dir.mkdir()
     async with gpu_lock():

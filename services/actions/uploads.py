@@ -62,6 +62,8 @@ async def upload_training_files(request: UploadTrainingFilesInput, ctx: JobConte
         fetch=_url_fetcher(ctx),
         max_file_bytes=ctx.settings.max_file_bytes,
         max_batch_bytes=ctx.settings.max_batch_bytes,
+        download_concurrency=ctx.settings.download_concurrency,
+        max_image_pixels=ctx.settings.max_image_pixels,
     )
     summary = batch_summary(result)
     if result.failed and not result.uploaded and not result.skipped:

@@ -10,7 +10,9 @@ pybreaker's counting and state machine while letting us:
 * let exactly one trial call through once the reset timeout has passed (half-open);
 * leave ``asyncio.CancelledError`` uncounted (a cancelled job says nothing about S3);
 * count only backend-health errors (:func:`is_backend_failure`); 404, 403 and parameter
-  errors pass through without tripping anything.
+  errors pass through without tripping anything;
+* bound every call by a deadline (``S3_OPERATION_TIMEOUT``, botocore's retries included): a
+  store that accepts connections and never answers fails the call, and counts, in seconds.
 """
 
 from __future__ import annotations
@@ -35,25 +37,35 @@ from botocore.exceptions import (
     ConnectionError as BotoConnectionError,
 )
 
-from services.errors import CircuitOpen, ObjectNotFound, StorageError, StorageUnavailable
+from services.errors import CircuitOpen, ObjectNotFound, StorageError, StorageTimeout, StorageUnavailable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# What the AWS SDKs retry (botocore ``retries/standard.py``, the "standard" retry mode of
+# every SDK): throttling codes, transient codes, HTTP 500/502/503/504, connection errors and
+# timeouts. Exactly these are failures of the store. Everything else is an answer: 4xx,
+# 501 NotImplemented and the other 5xx are deterministic and would fail the same way again.
 THROTTLING_CODES = frozenset(
     {
-        "SlowDown",
         "Throttling",
         "ThrottlingException",
         "ThrottledException",
-        "RequestLimitExceeded",
+        "RequestThrottledException",
         "TooManyRequestsException",
+        "ProvisionedThroughputExceededException",
+        "TransactionInProgressException",
+        "RequestLimitExceeded",
+        "BandwidthLimitExceeded",
+        "LimitExceededException",
         "RequestThrottled",
-        "ServiceUnavailable",
-        "InternalError",
-        "RequestTimeout",
+        "SlowDown",
+        "EC2ThrottledException",
     }
 )
+TRANSIENT_CODES = frozenset({"RequestTimeout", "RequestTimeoutException", "PriorRequestNotComplete"})
+TRANSIENT_STATUSES = frozenset({500, 502, 503, 504})
+THROTTLING_STATUS = 429  # not in botocore's list, but every store that sends it means "slow down"
 NOT_FOUND_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "NoSuchUpload", "NotFound", "404"})
 ACCESS_CODES = frozenset({"AccessDenied", "Forbidden", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"})
 
@@ -67,12 +79,19 @@ def _client_error_status(exc: ClientError) -> tuple[str, int]:
 def is_backend_failure(exc: BaseException) -> bool:
     """Whether ``exc`` says the storage backend is unhealthy (counts towards tripping).
 
-    Connection errors, timeouts, HTTP 5xx, 429 and throttling codes count; missing keys,
-    access errors and bad parameters do not: they are the caller's business.
+    What the AWS SDKs retry counts (connection errors, timeouts, HTTP 500/502/503/504 and
+    429, throttling and transient codes); every other answer (404, 403, 400, 501
+    NotImplemented, 505 and so on) is deterministic, says nothing about the store's health,
+    and does not.
     """
     if isinstance(exc, ClientError):
         code, status = _client_error_status(exc)
-        return status >= 500 or status == 429 or code in THROTTLING_CODES
+        return (
+            status in TRANSIENT_STATUSES
+            or status == THROTTLING_STATUS
+            or code in THROTTLING_CODES
+            or code in TRANSIENT_CODES
+        )
     return isinstance(
         exc,
         EndpointConnectionError
@@ -191,6 +210,10 @@ class _StateLogger(pybreaker.CircuitBreakerListener):
         )
 
 
+class DeadlineExceeded(TimeoutError):
+    """The whole call, botocore's retries included, got no answer within its deadline."""
+
+
 def translate_error(exc: BaseException, operation: str, resource: str) -> StorageError:
     """The project's error for a failed S3 call, naming the operation and resource."""
     if isinstance(exc, StorageError):
@@ -204,10 +227,32 @@ def translate_error(exc: BaseException, operation: str, resource: str) -> Storag
         if is_backend_failure(exc):
             return StorageUnavailable(f"storage unavailable: {operation} {resource} failed with {code} ({status})")
         return StorageError(f"{operation} {resource} failed: {code} ({status})")
+    if isinstance(exc, DeadlineExceeded):
+        return StorageTimeout(f"storage unavailable: {operation} {resource}: {exc}")
     if is_backend_failure(exc):
         detail = type(exc).__name__
         return StorageUnavailable(f"storage unavailable: {operation} {resource} failed ({detail}: {exc})")
     return StorageError(f"{operation} {resource} failed: {type(exc).__name__}: {exc}")
+
+
+def _caller_caused(exc: Exception, operation: str, resource: str) -> StorageError | None:
+    """The error to report instead of ``exc`` when the caller's input, not the store, caused it.
+
+    Some stores (MinIO, Ceph) answer a continuation token they cannot decode with
+    ``500 InternalError`` instead of 400. On a call that carries such a caller-given value a
+    plain 500 is therefore not counted: a caller replaying bogus tokens must not open the
+    circuit for every job on the worker. A real outage still counts through every other call
+    (the first page of any listing carries no token), and throttling, 502-504, timeouts and
+    connection errors on this very call still count.
+    """
+    if isinstance(exc, ClientError):
+        code, status = _client_error_status(exc)
+        if status == 500 and code not in THROTTLING_CODES | TRANSIENT_CODES:
+            return StorageError(
+                f"{operation} {resource} failed: {code or 'error'} (500) for the continuation token given; "
+                "it may be invalid or expired: list again from the first page"
+            )
+    return None
 
 
 async def safe_s3_operation(
@@ -217,23 +262,34 @@ async def safe_s3_operation(
     /,
     *args: Any,
     resource: str = "",
+    deadline: float | None = None,
+    caller_input: bool = False,
     **kwargs: Any,
 ) -> T:
     """Await ``func(*args, **kwargs)`` under ``breaker`` (the storage instance's own).
 
     ``operation`` and ``resource`` (e.g. ``put_object``, ``s3://bucket/key``) name the call
-    in errors and logs; the request body is never logged. Raises ``StorageUnavailable``
-    while the circuit is open or when the backend failed, ``ObjectNotFound`` for a
-    missing key, and ``StorageError`` otherwise.
+    in errors and logs; the request body is never logged. ``deadline`` (seconds,
+    ``S3_OPERATION_TIMEOUT``) bounds the whole call; running out of it counts as a failure
+    of the store. ``caller_input`` marks a call whose parameters the caller chose (a list
+    token): see :func:`_caller_caused`. Raises ``StorageUnavailable`` while the circuit is
+    open or when the backend failed, ``ObjectNotFound`` for a missing key, and
+    ``StorageError`` otherwise.
     """
     trial = breaker.admit()
     try:
+        scope = asyncio.timeout(deadline)
         try:
-            result = await func(*args, **kwargs)
+            async with scope:
+                result = await func(*args, **kwargs)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - every error is counted and translated below
             outcome: Exception | None = exc
+            if isinstance(exc, TimeoutError) and scope.expired():
+                outcome = DeadlineExceeded(f"no answer within {deadline:g} s (S3_OPERATION_TIMEOUT)")
+            elif caller_input and (instead := _caller_caused(exc, operation, resource)) is not None:
+                outcome = instead
         else:
             outcome = None
         try:

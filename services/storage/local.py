@@ -4,6 +4,13 @@ Same semantics as S3: keys validated the same way, atomic writes (a temp file in
 ``.tmp/`` renamed into place), metadata (sha256, content type) in a sidecar under
 ``.meta/``, ``file://`` URLs where S3 gives presigned ones. Blocking file I/O runs in
 threads so the event loop stays free.
+
+Bytes and metadata commit as a pair: the sidecar names the file it describes by inode
+(with size and mtime), is written *before* the one rename that puts the bytes in place,
+and is trusted only while it names the file found there; concurrent writers of one key
+can therefore never leave a sha256 that does not match the bytes. Listing walks
+directories in key order, skipping what lies before the page's start-after token, and
+stats only the objects on the page.
 """
 
 from __future__ import annotations
@@ -11,12 +18,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
 import shutil
 import uuid
-from collections.abc import AsyncIterable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
@@ -88,10 +96,10 @@ class LocalStorageService(Storage):
                 raise StorageError(f"key {key!r}: a folder of that name exists")
             sidecar = self._meta_path(key)
             sidecar.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(temp, path)
-            stat = path.stat()
-            record = {"size": size, "mtime_ns": stat.st_mtime_ns, "content_type": content_type, "metadata": meta}
+            stat = temp.stat()  # a rename keeps the inode and mtime: this is the file the sidecar names
+            record = {**_identity(stat), "content_type": content_type, "metadata": meta}
             self._write_atomic(sidecar, json.dumps(record).encode())
+            os.replace(temp, path)  # the one step that commits bytes and sidecar together
         finally:
             with contextlib.suppress(FileNotFoundError):
                 temp.unlink()
@@ -233,8 +241,8 @@ class LocalStorageService(Storage):
         sidecar = self._meta_path(key)
         if sidecar.is_file():
             record = json.loads(sidecar.read_text())
-        if record.get("size") != stat.st_size or record.get("mtime_ns") != stat.st_mtime_ns:
-            # Written behind the worker's back: recompute what the sidecar would hold.
+        if any(record.get(name) != value for name, value in _identity(stat).items()):
+            # Another writer's sidecar, or a file written behind the worker's back: recompute.
             digest = hashlib.sha256()
             with path.open("rb") as handle:
                 while chunk := handle.read(READ_CHUNK):
@@ -251,34 +259,63 @@ class LocalStorageService(Storage):
     async def head(self, key: str) -> ObjectInfo | None:
         return await self._io(self._head_sync, key, key=key)
 
-    def _list_sync(self, prefix: str) -> list[ObjectInfo]:
-        base = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
-        start = self.root / base if base else self.root
-        found: list[ObjectInfo] = []
-        if not start.is_dir():
-            return found
-        for directory, dirnames, filenames in os.walk(start):
-            if Path(directory) == self.root:
-                dirnames[:] = [d for d in dirnames if d not in INTERNAL_DIRS]
-            for filename in filenames:
-                full = Path(directory) / filename
-                key = full.relative_to(self.root).as_posix()
-                if key.startswith(prefix):
-                    stat = full.stat()
-                    found.append(
-                        ObjectInfo(key=key, size=stat.st_size, last_modified=datetime.fromtimestamp(stat.st_mtime, UTC))
-                    )
-        found.sort(key=lambda o: o.key)
+    def _walk(self, prefix: str, after: str | None) -> Iterator[str]:
+        """Keys under ``prefix`` greater than ``after``, in key order, without a single stat."""
+        base = prefix.rsplit("/", 1)[0] + "/" if "/" in prefix else ""
+        yield from self._walk_dir(self.root / base, base, prefix, after)
+
+    def _walk_dir(self, directory: Path, rel: str, prefix: str, after: str | None) -> Iterator[str]:
+        try:
+            with os.scandir(directory) as scan:
+                # A folder sorts as "<name>/", so a depth-first walk yields keys in S3 order.
+                entries = sorted(
+                    (rel + entry.name + ("/" if is_dir else ""), is_dir, entry.name)
+                    for entry in scan
+                    if (rel or entry.name not in INTERNAL_DIRS)
+                    and ((is_dir := entry.is_dir(follow_symlinks=False)) or entry.is_file(follow_symlinks=False))
+                )
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        for name, is_dir, child in entries:
+            if not is_dir:
+                if name.startswith(prefix) and (after is None or name > after):
+                    yield name
+                continue
+            if not (name.startswith(prefix) or prefix.startswith(name)):
+                continue
+            if after is not None and name <= after and not after.startswith(name):
+                continue  # every key in there sorts before the token
+            yield from self._walk_dir(directory / child, name, prefix, after)
+
+    def _stat_keys(self, keys: list[str]) -> list[ObjectInfo]:
+        found = []
+        for key in keys:
+            try:
+                stat = os.stat(self.root / key)
+            except FileNotFoundError:
+                continue  # deleted since the walk saw it
+            found.append(
+                ObjectInfo(key=key, size=stat.st_size, last_modified=datetime.fromtimestamp(stat.st_mtime, UTC))
+            )
         return found
+
+    def _page_sync(self, prefix: str, page_size: int, token: str | None) -> ListPage:
+        keys = list(itertools.islice(self._walk(prefix, token), page_size + 1))
+        more = len(keys) > page_size
+        keys = keys[:page_size]
+        return ListPage(objects=self._stat_keys(keys), next_token=keys[-1] if more else None)
 
     async def list_page(self, prefix: str = "", *, page_size: int = 1000, token: str | None = None) -> ListPage:
         validate_prefix(prefix)
-        everything = await self._io(self._list_sync, prefix, key=prefix)
-        if token:
-            everything = [o for o in everything if o.key > token]
-        page = everything[:page_size]
-        next_token = page[-1].key if len(everything) > page_size else None
-        return ListPage(objects=page, next_token=next_token)
+        return await self._io(self._page_sync, prefix, page_size, token, key=prefix)
+
+    async def iter_objects(self, prefix: str = "", *, page_size: int = 1000) -> AsyncIterator[ObjectInfo]:
+        """One walk for the whole listing (not one per page), then a stat per object."""
+        validate_prefix(prefix)
+        keys: list[str] = await self._io(lambda: list(self._walk(prefix, None)), key=prefix)
+        for start in range(0, len(keys), page_size):
+            for info in await self._io(self._stat_keys, keys[start : start + page_size], key=prefix):
+                yield info
 
     # --- delete, copy, presign ----------------------------------------------------------
 
@@ -323,3 +360,8 @@ class LocalStorageService(Storage):
             headers=headers,
             expires_in=expires_in or self.settings.presign_expires,
         )
+
+
+def _identity(stat: os.stat_result) -> dict[str, int]:
+    """What names one file's bytes: a rename keeps all four, a rewrite changes at least one."""
+    return {"dev": stat.st_dev, "ino": stat.st_ino, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}

@@ -4,7 +4,8 @@ The only module that holds an S3 client. Every network call goes through
 :func:`~services.storage.breaker.safe_s3_operation` (a test walks this file's AST and
 fails on a direct call); ``generate_presigned_url`` only signs locally and needs none.
 One client per worker (per event loop), its connection pool sized to the upload
-concurrency, botocore retries in ``standard`` mode with ``S3_MAX_ATTEMPTS`` in all.
+concurrency, botocore retries in ``standard`` mode with ``S3_MAX_ATTEMPTS`` in all, and
+every call, retries included, bounded by ``S3_OPERATION_TIMEOUT``.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ class RealStorageService(Storage):
         self._client = client
         self._client_context = client_context
         self.breaker = breaker or S3Breaker(settings.s3_breaker_fail_max, settings.s3_breaker_reset_timeout)
+        self.deadline = settings.s3_operation_timeout  # per call, botocore's retries included
 
     @classmethod
     async def create(cls, settings: Settings, *, breaker: S3Breaker | None = None) -> RealStorageService:
@@ -146,7 +148,7 @@ class RealStorageService(Storage):
             args["ChecksumSHA256"] = base64.b64encode(bytes.fromhex(digest)).decode()
         response = await safe_s3_operation(
                 self.breaker,
-            "put_object", self._client.put_object, Body=data, resource=self._uri(key), **args
+            "put_object", self._client.put_object, Body=data, deadline=self.deadline, resource=self._uri(key), **args
         )
         return ObjectInfo(key=key, size=len(data), etag=response.get("ETag"), content_type=content_type, metadata=meta)
 
@@ -219,7 +221,7 @@ class RealStorageService(Storage):
                 self.breaker,
                 "create_multipart_upload",
                 self._client.create_multipart_upload,
-                resource=uri,
+                deadline=self.deadline, resource=uri,
                 **self._put_args(key, content_type, metadata),
             )
         )
@@ -252,7 +254,7 @@ class RealStorageService(Storage):
                     UploadId=upload_id,
                     PartNumber=number,
                     Body=body,
-                    resource=f"{uri} part {number}",
+                    deadline=self.deadline, resource=f"{uri} part {number}",
                 )
                 parts[number] = response["ETag"]
             finally:
@@ -276,7 +278,7 @@ class RealStorageService(Storage):
                 Key=key,
                 UploadId=upload_id,
                 MultipartUpload={"Parts": [{"PartNumber": n, "ETag": parts[n]} for n in sorted(parts)]},
-                resource=uri,
+                deadline=self.deadline, resource=uri,
             )
         except BaseException:
             for task in tasks:
@@ -297,7 +299,7 @@ class RealStorageService(Storage):
                 Bucket=self.bucket,
                 Key=key,
                 UploadId=upload_id,
-                resource=self._uri(key),
+                deadline=self.deadline, resource=self._uri(key),
             )
         except StorageError as exc:
             # The upload stays open until the bucket's lifecycle rule removes it.
@@ -312,13 +314,13 @@ class RealStorageService(Storage):
             self._client.get_object,
             Bucket=self.bucket,
             Key=validate_key(key),
-            resource=self._uri(key),
+            deadline=self.deadline, resource=self._uri(key),
         )
 
     async def get_bytes(self, key: str) -> bytes:
         response = await self._get_object(key)
         async with response["Body"] as body:
-            return await safe_s3_operation(self.breaker, "get_object.read", body.read, resource=self._uri(key))
+            return await safe_s3_operation(self.breaker, "get_object.read", body.read, deadline=self.deadline, resource=self._uri(key))
 
     async def download_file(self, key: str, path: Path) -> int:
         response = await self._get_object(key)
@@ -329,7 +331,7 @@ class RealStorageService(Storage):
                 with partial.open("wb") as handle:
                     while chunk := await safe_s3_operation(
                 self.breaker,
-                        "get_object.read", body.read, READ_CHUNK, resource=self._uri(key)
+                        "get_object.read", body.read, READ_CHUNK, deadline=self.deadline, resource=self._uri(key)
                     ):
                         size += len(chunk)
                         await asyncio.to_thread(handle.write, chunk)
@@ -347,7 +349,7 @@ class RealStorageService(Storage):
                 self._client.head_object,
                 Bucket=self.bucket,
                 Key=validate_key(key),
-                resource=self._uri(key),
+                deadline=self.deadline, resource=self._uri(key),
             )
         except ObjectNotFound:
             return None
@@ -366,7 +368,12 @@ class RealStorageService(Storage):
             args["ContinuationToken"] = token
         response = await safe_s3_operation(
                 self.breaker,
-            "list_objects_v2", self._client.list_objects_v2, resource=self._uri(prefix), **args
+            "list_objects_v2",
+            self._client.list_objects_v2,
+            deadline=self.deadline,
+            resource=self._uri(prefix),
+            caller_input=token is not None,  # a token may come from the caller (list_files)
+            **args,
         )
         objects = [
             ObjectInfo(key=o["Key"], size=int(o["Size"]), last_modified=o.get("LastModified"), etag=o.get("ETag"))
@@ -388,7 +395,7 @@ class RealStorageService(Storage):
                 self._client.delete_objects,
                 Bucket=self.bucket,
                 Delete={"Objects": [{"Key": k} for k in batch], "Quiet": False},
-                resource=self._uri(batch[0]),
+                deadline=self.deadline, resource=self._uri(batch[0]),
             )
             deleted += [d["Key"] for d in response.get("Deleted", [])]
             errors += [
@@ -415,7 +422,7 @@ class RealStorageService(Storage):
             args["MetadataDirective"] = "REPLACE"
             if content_type:
                 args["ContentType"] = content_type
-        return await safe_s3_operation(self.breaker, "copy_object", self._client.copy_object, resource=self._uri(dest_key), **args)
+        return await safe_s3_operation(self.breaker, "copy_object", self._client.copy_object, deadline=self.deadline, resource=self._uri(dest_key), **args)
 
     async def copy(self, source_key: str, dest_key: str) -> ObjectInfo:
         await self._copy(source_key, dest_key)
