@@ -413,7 +413,6 @@ class WorkerClient:
                     item.path,
                     upload,
                     session=self.session,
-                    allow_file_urls=self.transport.allow_file_urls,
                     timeout=max(self.request_timeout, 60.0),
                 )
             except ClientError as exc:

@@ -158,24 +158,16 @@ def put_file(
     upload: Mapping[str, Any],
     *,
     session: requests.Session | None = None,
-    allow_file_urls: bool = False,
     timeout: float = 60.0,
 ) -> int:
     """Send ``path`` to a presigned upload ``{"url", "method", "headers"}``; bytes sent.
 
-    ``file://`` targets (the local backend) are written as local files, local server only.
+    Presigned uploads need the S3 backend: the worker's local backend refuses ``presign_uploads``.
     """
     url = str(upload.get("url", ""))
     method = str(upload.get("method") or "PUT").upper()
     headers = {str(k): str(v) for k, v in (upload.get("headers") or {}).items()}
     scheme = urlsplit(url).scheme
-    if scheme == "file":
-        if not allow_file_urls:
-            raise UploadError(f"{path.name}: file:// upload URLs are only used with a local server (--local)")
-        try:
-            return write_atomic(file_url_path(url), _read_chunks(path))
-        except (OSError, ValueError) as exc:
-            raise UploadError(f"{path.name}: cannot write {safe_url(url)}: {exc}") from exc
     if scheme not in ("http", "https"):
         raise UploadError(f"{path.name}: unsupported upload URL scheme {scheme!r}")
     http = session or requests.Session()

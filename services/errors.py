@@ -6,21 +6,11 @@ RunPod to replace the worker after the job (a broken CUDA context, say).
 
 from __future__ import annotations
 
-from typing import Any
-
 
 class WorkerError(Exception):
     """Base of every error the worker reports to the caller."""
 
     refresh_worker: bool = False
-
-
-class PartialFailure(WorkerError):
-    """Some of the work failed; ``result`` (the action's result model) holds what succeeded and what did not."""
-
-    def __init__(self, message: str, result: Any) -> None:
-        super().__init__(message)
-        self.result = result
 
 
 class InputError(WorkerError):
