@@ -106,8 +106,10 @@ def test_partial_failure_reaches_the_caller_through_runsync_and_run_status(serve
 
 @pytest.mark.gpu
 def test_sigterm_stops_a_long_generate_between_steps(server: Server, tmp_path: Path) -> None:
+    # Many short steps (128 px: a fraction of a second each on the tiny model, even on a loaded
+    # 2-core machine), so the job is long but the next stop check comes within seconds.
     steps = 150
-    long_job = {"action": "generate", "prompt": "noise", "steps": steps, "width": 512, "height": 512, "seed": 1}
+    long_job = {"action": "generate", "prompt": "noise", "steps": steps, "width": 128, "height": 128, "seed": 1}
     answer: dict[str, Any] = {}
 
     def submit() -> None:
