@@ -154,3 +154,35 @@ def test_cancel_leaves_a_resumable_checkpoint_and_no_workspace(storage_dir: Path
     step = json.loads(first.read_bytes())["step"]
     assert 1 <= step < 400
     assert list((tmp_path / "work").iterdir()) == []
+
+
+def test_checkpoint_upload_faults_do_not_stop_training_nor_break_the_pointer(
+    s3_settings: Any, moto_server: str, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """503s and resets on some of the checkpoint uploads (no retries): training completes,
+    and the pointer left in storage names only whole files."""
+    from tests.conftest import s3_client, use_settings_env
+    from tests.faultproxy import FaultProxy, Faults
+    from tests.test_checkpoints_store import sha
+
+    client = s3_client(moto_server)
+    for path in write_dataset(tmp_path / "d", count=2).iterdir():
+        client.put_object(Bucket=bucket, Key=f"datasets/d/{path.name}", Body=path.read_bytes())
+    faults = Faults(
+        error_rate=0.2, reset_rate=0.1, error_when=lambda method, path: method == "PUT" and "/checkpoints/" in path
+    )
+    with FaultProxy(moto_server, faults, seed=7) as proxy:
+        use_settings_env(monkeypatch, s3_settings.model_copy(update={"s3_endpoint_url": proxy.url}))
+        monkeypatch.setenv("S3_MAX_ATTEMPTS", "1")
+        monkeypatch.setenv("S3_BREAKER_FAIL_MAX", "1000")
+        monkeypatch.setenv("MODEL_ID", "builtin:tiny-sd")
+        monkeypatch.setenv("COMPILE", "false")
+        (result,) = run_jobs(train_job("flaky", resolution=32, steps=16, checkpoint_every=1, keep_checkpoints=True))
+        injected = proxy.injected_errors + proxy.injected_resets
+    assert "error" not in result, result
+    assert injected >= 3
+    pointer = json.loads(client.get_object(Bucket=bucket, Key="loras/flaky/checkpoints/latest.json")["Body"].read())
+    folder = f"loras/flaky/checkpoints/step-{pointer['step']:08d}/"
+    for item in pointer["files"]:
+        body = client.get_object(Bucket=bucket, Key=folder + item["name"])["Body"].read()
+        assert (len(body), sha(body)) == (item["size"], item["sha256"])
