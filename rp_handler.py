@@ -75,6 +75,7 @@ async def _run(request: Any, ctx: Any) -> dict[str, Any]:
     timeout = asyncio.timeout(settings.job_timeout or None)
     try:
         async with timeout:
+            ctx.deadline = timeout.when()
             result = await dispatch(request, ctx)
         return await policy.render(result)
     except TimeoutError:

@@ -399,6 +399,43 @@ def ours_train(
         trainer.close()
 
 
+def checkpoint_overhead(clock: Clock, entry: Any, data: tuple, args: argparse.Namespace, precision: str) -> str:
+    """A report row: the step time, the time to capture one checkpoint (LoRA, optimizer, RNG,
+    batch plan; the upload runs in the background), and its share of the step time at the
+    default ``CHECKPOINT_EVERY``."""
+    import tempfile
+
+    from config.settings import Settings
+    from services.gpu.checkpoint_state import capture
+
+    every = Settings.model_fields["checkpoint_every"].default
+    cfg = TrainConfig(
+        steps=args.warmup_steps + args.train_steps + 3,
+        rank=args.rank,
+        alpha=float(args.rank),
+        batch_size=args.train_batch,
+        precision=precision,
+    )
+    trainer = LoraTrainer(entry, cfg)
+    try:
+        trainer.setup(*data)
+        step = time_calls(clock, trainer.step, args.train_steps, per=1, warmups=args.warmup_steps)
+        with tempfile.TemporaryDirectory() as folder:
+            saves = []
+            for i in range(3):
+                started = clock.now()
+                capture(trainer.parts(), trainer.loop_state(i, None), Path(folder) / str(i))
+                saves.append(clock.now() - started)
+        save = statistics.median(saves)
+    finally:
+        trainer.close()
+    share = save / (every * step.per_item) * 100
+    return (
+        f"{step.per_item:.4f} s/step without; +{save:.3f} s per checkpoint: {share:.2f} % of step time "
+        f"at checkpoint_every {every}"
+    )
+
+
 # --- the run --------------------------------------------------------------------------------
 
 
@@ -515,6 +552,11 @@ def eager_phase(family: str, args: argparse.Namespace, device: torch.device, rep
         if ours:
             note += f", setup {ours.setup:.1f} s"
         report.compare(f"train {label} b{args.train_batch}, eager", plain_train, ours, "s/step", note)
+        overhead = run_guarded(
+            report, f"train {label} checkpoints", lambda: checkpoint_overhead(clock, entry, data, args, precision)
+        )
+        if overhead:
+            report.line(f"| train {label} b{args.train_batch}, checkpoint overhead | | | | | {overhead} |")
     free(entry, pipe)
 
 

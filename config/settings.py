@@ -112,6 +112,15 @@ class Settings(BaseSettings):
     torchinductor_cache_dir: Path | None = Field(
         None, description="torch.compile cache folder; default: on the network volume when mounted."
     )
+    checkpoint_every: int = Field(
+        250, ge=1, le=100_000, description="Training checkpoint interval in steps (a job's checkpoint_every wins)."
+    )
+    checkpoint_minutes: float = Field(
+        10.0, gt=0, le=24 * 60, description="A checkpoint at least this often (minutes), whatever the step interval."
+    )
+    checkpoint_deadline_margin: float = Field(
+        60.0, ge=0, le=3600, description="Training stops this many seconds before JOB_TIMEOUT to save a checkpoint."
+    )
 
     @field_validator("s3_bucket", "s3_endpoint_url", "s3_region", mode="before")
     @classmethod

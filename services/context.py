@@ -61,6 +61,7 @@ class JobContext:
     stop: StopSignal = field(default_factory=StopSignal)
     stage: str = "starting"
     stopped: JobStopped | None = None
+    deadline: float | None = None  # the job deadline in event-loop time (time.monotonic()); None: none
     _last_progress: float = field(default=0.0, repr=False)
     _progress_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 

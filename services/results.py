@@ -87,10 +87,22 @@ class HealthResult(BaseModel):
     model_id: str
 
 
+class StoredSnapshot(BaseModel):
+    """An intermediate LoRA kept by ``save_every``: storage keys (load one with generate's ``lora``)."""
+
+    step: int
+    lora: str | None = Field(description="Key of the LoRA file of this step (absent when pruned meanwhile).")
+    samples: list[str] = Field(default_factory=list, description="Keys of its sample images.")
+
+
 class TrainLoraResult(BaseModel):
     lora: OutputFile
     samples: list[OutputFile] = Field(default_factory=list)
     metrics: dict[str, Any] = Field(default_factory=dict)
+    resumed_from_step: int = Field(0, description="The checkpoint step this job resumed from; 0: from the start.")
+    snapshots: list[StoredSnapshot] = Field(
+        default_factory=list, description="The snapshots in storage (save_every, keep_last), oldest first."
+    )
     kohya_lora: OutputFile | None = None
 
     @model_serializer(mode="wrap")

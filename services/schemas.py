@@ -144,11 +144,20 @@ class ListFilesInput(_Action):
 
 
 class DeleteFilesInput(_Action):
-    """Delete keys, or every object of a dataset."""
+    """Delete keys, every object of a dataset, or a LoRA with its checkpoints and snapshots."""
 
     action: Literal["delete_files"]
-    keys: list[str] | None = Field(None, min_length=1, max_length=10_000, description="Keys to delete.")
+    keys: list[str] | None = Field(
+        None,
+        min_length=1,
+        max_length=10_000,
+        description="Keys to delete; a trained LoRA's file (loras/<name>/<name>.safetensors) takes its "
+        "training checkpoints with it.",
+    )
     dataset: DatasetName | None = Field(None, description="Delete everything under datasets/<dataset>/.")
+    lora: DatasetName | None = Field(
+        None, description="Delete everything under loras/<lora>/: the LoRA, its checkpoints and snapshots."
+    )
 
     @field_validator("keys")
     @classmethod
@@ -157,8 +166,8 @@ class DeleteFilesInput(_Action):
 
     @model_validator(mode="after")
     def _one_of(self) -> DeleteFilesInput:
-        if (self.keys is None) == (self.dataset is None):
-            raise ValueError("give exactly one of keys or dataset")
+        if sum(value is not None for value in (self.keys, self.dataset, self.lora)) != 1:
+            raise ValueError("give exactly one of keys, dataset or lora")
         return self
 
 

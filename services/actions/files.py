@@ -6,7 +6,7 @@ import asyncio
 
 from services.context import JobContext
 from services.errors import ObjectNotFound, StorageError
-from services.keys import dataset_prefix
+from services.keys import dataset_prefix, lora_checkpoint_prefix, lora_key, lora_prefix
 from services.outputs import OutputFile
 from services.results import DeleteFilesResult, GetFileResult, ListedFile, ListFilesResult
 from services.schemas import DeleteFilesInput, GetFileInput, ListFilesInput
@@ -29,18 +29,23 @@ async def list_files(request: ListFilesInput, ctx: JobContext) -> ListFilesResul
 
 
 async def delete_files(request: DeleteFilesInput, ctx: JobContext) -> DeleteFilesResult:
-    """Delete keys (or a whole dataset): ``deleted``, ``missing`` (did not exist) and ``failed``.
+    """Delete keys (or a whole dataset or LoRA): ``deleted``, ``missing`` (did not exist) and ``failed``.
 
-    Some keys failed: the job completes with ``partial`` and a summary; all failed: an error.
+    Deleting a trained LoRA's file also deletes its training checkpoints (a later ``train_lora``
+    of that name would otherwise resume from them). Some keys failed: the job completes with
+    ``partial`` and a summary; all failed: an error.
     """
     missing: list[str] = []
-    if request.dataset:
-        keys = [o.key async for o in ctx.storage.iter_objects(dataset_prefix(request.dataset))]
+    if request.dataset or request.lora:
+        prefix = dataset_prefix(request.dataset) if request.dataset else lora_prefix(request.lora or "")
+        keys = [o.key async for o in ctx.storage.iter_objects(prefix)]
     else:
         requested = list(dict.fromkeys(request.keys or []))
         exists = await _exist(ctx, requested)
         keys = [k for k, e in zip(requested, exists, strict=True) if e]
         missing = [k for k, e in zip(requested, exists, strict=True) if not e]
+        for name in _trained_loras(keys):
+            keys += [o.key async for o in ctx.storage.iter_objects(lora_checkpoint_prefix(name)) if o.key not in keys]
     result = await ctx.storage.delete_many(keys) if keys else None
     deleted, failed = (result.deleted, result.errors) if result else ([], [])
     summary = f"{len(deleted)} deleted, {len(missing)} missing, {len(failed)} failed"
@@ -50,6 +55,12 @@ async def delete_files(request: DeleteFilesInput, ctx: JobContext) -> DeleteFile
         if not deleted:
             raise StorageError(f"no key was deleted: {summary}")
     return DeleteFilesResult(deleted=deleted, missing=missing, failed=failed, partial=bool(failed), summary=summary)
+
+
+def _trained_loras(keys: list[str]) -> list[str]:
+    """The output names whose LoRA file (``loras/<name>/<name>.safetensors``) is in ``keys``."""
+    names = {key.split("/")[1] for key in keys if key.count("/") == 2 and key.startswith("loras/")}
+    return sorted(name for name in names if lora_key(name) in keys)
 
 
 async def _exist(ctx: JobContext, keys: list[str]) -> list[bool]:

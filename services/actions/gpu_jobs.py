@@ -6,27 +6,48 @@ thread under the GPU lock, so the event loop keeps serving storage jobs meanwhil
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from services.checkpoints import CheckpointStore
 from services.context import JobContext, gpu_lock
 from services.datasets import fetch_dataset
-from services.errors import InputError, ObjectNotFound
+from services.errors import CheckpointCorrupt, InputError, ObjectNotFound, StorageError
 from services.gpu.params import GenerateInput, TrainLoraInput
 from services.keys import lora_key, resolve_lora_key
 from services.outputs import OutputFile
-from services.results import GenerateResult, TrainLoraResult
+from services.results import GenerateResult, StoredSnapshot, TrainLoraResult
+from services.snapshots import SnapshotStore
+from services.storage.base import DeleteResult
+from services.training_store import TrainingStorage
+
+if TYPE_CHECKING:
+    from services.gpu.train_job import Resume
+
+log = logging.getLogger(__name__)
 
 
 async def train_lora(request: TrainLoraInput, ctx: JobContext) -> TrainLoraResult:
-    """Train, store the LoRA under ``loras/<output_name>/``, return it with samples and metrics."""
+    """Train (resuming from a matching checkpoint), store the LoRA under ``loras/<output_name>/``,
+    return it with samples, snapshots and metrics; the checkpoints go unless ``keep_checkpoints``."""
+    from services.gpu.train_job import Durable
     from services.gpu.train_job import train_lora as run_training
 
+    checkpoints = CheckpointStore(ctx.storage, request.output_name)
+    snapshots = SnapshotStore(ctx.storage, request.output_name)
     dataset_dir = await fetch_dataset(request, ctx)
+    resume = await _prepare_resume(request, ctx, checkpoints, snapshots)
     out_dir = ctx.workspace / "train"
     out_dir.mkdir()
+    storage = TrainingStorage(
+        asyncio.get_running_loop(), checkpoints, snapshots, request.keep_last, resume.step if resume else 0
+    )
+    durable = Durable(storage, resume, ctx.deadline)
     async with gpu_lock():
         result = await ctx.in_thread(
-            "training", run_training, request, dataset_dir, out_dir, ctx.settings, ctx.progress, ctx.stop
+            "training", run_training, request, dataset_dir, out_dir, ctx.settings, ctx.progress, ctx.stop, durable
         )
     ctx.stage = "storing the LoRA"
     key = lora_key(request.output_name)
@@ -35,6 +56,7 @@ async def train_lora(request: TrainLoraInput, ctx: JobContext) -> TrainLoraResul
         lora=OutputFile.from_path(key.rsplit("/", 1)[1], result.lora_path, "application/octet-stream", key=key),
         samples=[OutputFile.from_bytes(s.name, s.data, s.mime) for s in result.samples],
         metrics=result.metrics,
+        resumed_from_step=result.resumed_from_step,
     )
     if result.kohya_path is not None:
         kohya = lora_key(request.output_name, kohya=True)
@@ -42,7 +64,46 @@ async def train_lora(request: TrainLoraInput, ctx: JobContext) -> TrainLoraResul
         response.kohya_lora = OutputFile.from_path(
             kohya.rsplit("/", 1)[1], result.kohya_path, "application/octet-stream", key=kohya
         )
+    if request.save_every:
+        response.snapshots = [
+            StoredSnapshot(step=s.step, lora=s.lora.key if s.lora else None, samples=[o.key for o in s.samples])
+            for s in await snapshots.list()
+        ]
+    if not request.keep_checkpoints:
+        ctx.stage = "removing the checkpoints"
+        removed = await checkpoints.delete_all()
+        if removed.errors:
+            log.warning("job %s: checkpoints of %s left: %s", ctx.key_id, request.output_name, removed.errors)
     return response
+
+
+async def _prepare_resume(
+    request: TrainLoraInput, ctx: JobContext, checkpoints: CheckpointStore, snapshots: SnapshotStore
+) -> Resume | None:
+    """Apply ``overwrite`` / ``resume`` and download the checkpoint to resume from, if any."""
+    from services.gpu.train_job import Resume
+
+    if request.overwrite or not request.resume:
+        ctx.stage = "removing old checkpoints"
+        removed = await checkpoints.delete_all()
+        if request.overwrite:
+            pruned = await snapshots.prune(0)
+            removed = DeleteResult(removed.deleted + pruned.deleted, removed.errors + pruned.errors)
+        if removed.errors:
+            raise StorageError(f"could not remove the old checkpoints of {request.output_name}: {removed.errors[:3]}")
+        return None
+    ctx.stage = "looking for a checkpoint"
+    try:
+        checkpoint = await checkpoints.latest()
+        if checkpoint is None:
+            return None
+        ctx.stage = f"downloading the checkpoint of step {checkpoint.step}"
+        folder = ctx.workspace / "resume"
+        await checkpoints.download(checkpoint, folder)
+    except CheckpointCorrupt as exc:
+        raise InputError(f"input.output_name: {exc}; send overwrite: true to start over") from exc
+    log.info("job %s: resuming %s from step %d", ctx.key_id, request.output_name, checkpoint.step)
+    return Resume(folder, checkpoint.step, checkpoint.config_hash)
 
 
 async def _fetch_lora(request: GenerateInput, ctx: JobContext) -> Path | None:

@@ -4,20 +4,20 @@ model is loaded, then resized to their aspect-ratio bucket (:mod:`services.gpu.b
 from __future__ import annotations
 
 import logging
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageOps
 
+from config.settings import Settings
 from services.errors import InputError
 from services.gpu.catalog import CAPTION_EXTENSION, IMAGE_EXTENSIONS
+from services.images import check_image_file
 
 log = logging.getLogger(__name__)
 
 _MAX_NAMED = 10
-# What Pillow raises for files it cannot decode (plugins raise SyntaxError for broken headers).
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
+DEFAULT_MAX_PIXELS: int = Settings.model_fields["max_image_pixels"].default
 
 
 @dataclass(frozen=True)
@@ -33,13 +33,12 @@ def _skipped(path: Path, root: Path) -> bool:
     return any(part.startswith(".") or part == "__MACOSX" for part in parts)
 
 
-def _decode_error(path: Path) -> str | None:
-    """None when Pillow decodes the whole image, else the reason."""
+def _image_problem(path: Path, root: Path, max_pixels: int) -> str | None:
+    """None when the image is within ``max_pixels`` (checked before decoding) and decodes whole."""
     try:
-        with Image.open(path) as image:
-            image.load()
-    except _DECODE_ERRORS as exc:
-        return str(exc) or type(exc).__name__
+        check_image_file(path, max_pixels, label=path.relative_to(root).as_posix())
+    except InputError as exc:
+        return str(exc)
     return None
 
 
@@ -61,9 +60,11 @@ def _caption(image: Path, root: Path, fallback: str) -> str:
         raise InputError(f"input.dataset: caption {text_file.relative_to(root)} is not UTF-8 text") from exc
 
 
-def scan_dataset(root: Path, caption: str = "", trigger_word: str | None = None) -> list[Example]:
+def scan_dataset(
+    root: Path, caption: str = "", trigger_word: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> list[Example]:
     """Every decodable image under ``root`` with its caption; :class:`InputError` naming the
-    files that do not decode, or saying that there is no image at all."""
+    files that do not decode or are over ``max_pixels``, or saying that there is no image at all."""
     if not root.is_dir():
         raise InputError(f"input.dataset: {root.name} is not a folder of images")
     images: list[Path] = []
@@ -80,9 +81,9 @@ def scan_dataset(root: Path, caption: str = "", trigger_word: str | None = None)
             len(ignored),
             ", ".join(ignored[:_MAX_NAMED]),
         )
-    bad = [(path, reason) for path in images if (reason := _decode_error(path)) is not None]
+    bad = [problem for path in images if (problem := _image_problem(path, root, max_pixels)) is not None]
     if bad:
-        named = ", ".join(f"{path.relative_to(root)} ({reason})" for path, reason in bad[:_MAX_NAMED])
+        named = "; ".join(bad[:_MAX_NAMED])
         more = f" and {len(bad) - _MAX_NAMED} more" if len(bad) > _MAX_NAMED else ""
         raise InputError(f"input.dataset: {len(bad)} files are not decodable images: {named}{more}")
     if not images:

@@ -128,7 +128,9 @@ class TrainLoraInput(BaseModel):
     cache_latents: bool = Field(True, description="Encode the images with the VAE once.")
     cache_text_embeddings: bool = Field(True, description="Encode the captions once.")
     sample_prompts: list[Prompt] = Field(
-        default_factory=list, max_length=8, description="Prompts rendered with the trained LoRA."
+        default_factory=list,
+        max_length=8,
+        description="Prompts rendered with the trained LoRA (and with each snapshot's, see save_every).",
     )
     sample_steps: int = Field(25, ge=1, le=500)
     export_formats: list[ExportFormat] = Field(
@@ -136,6 +138,31 @@ class TrainLoraInput(BaseModel):
         min_length=1,
         max_length=4,
         description="diffusers (always written) and optionally kohya (A1111/ComfyUI; SD and SDXL only).",
+    )
+
+    checkpoint_every: int | None = Field(
+        None,
+        ge=1,
+        le=100_000,
+        description="Save a resumable checkpoint to loras/<output_name>/checkpoints/ every N steps; "
+        "default CHECKPOINT_EVERY (also at least every CHECKPOINT_MINUTES).",
+    )
+    resume: bool = Field(
+        True, description="Resume from this output_name's checkpoint when its training config matches."
+    )
+    overwrite: bool = Field(
+        False, description="Delete this output_name's checkpoints and snapshots first and start over."
+    )
+    keep_checkpoints: bool = Field(False, description="Keep the checkpoints after the job completes.")
+    save_every: int | None = Field(
+        None,
+        ge=1,
+        le=100_000,
+        description="Keep the LoRA every N steps as loras/<output_name>/steps/<step>.safetensors, "
+        "with the sample_prompts rendered as <step>-sample-<i>.png.",
+    )
+    keep_last: int | None = Field(
+        None, ge=1, le=1000, description="Keep only the newest N snapshots (save_every); default: all."
     )
 
     @field_validator("dataset")

@@ -6,6 +6,11 @@ model family, put every image in its aspect-ratio bucket at each training resolu
 (:mod:`services.gpu.trainer`), save the diffusers LoRA and the optional kohya copy, render the
 sample prompts through the generation path with the saved file, and report.
 
+Durability (with a :class:`Durable`, which the ``train_lora`` action passes): the run resumes
+from a downloaded checkpoint when its training config hash (:func:`config_hash_of`) matches,
+saves checkpoints and snapshots along the way and stops before the job's deadline
+(:mod:`services.gpu.durable`).
+
 Compilation: with ``COMPILE`` unset, training compiles on a GPU only when the job is long
 enough to earn the warm-up back (``TRAIN_COMPILE_MIN_STEPS``; fewer when an earlier worker
 left the inductor cache warm on the network volume); ``COMPILE=true`` always compiles and
@@ -18,14 +23,18 @@ import hashlib
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from services.checkpoints import dataset_digest, file_sha256, training_config_hash
+from services.context import remove_workspace
 from services.errors import InputError
 from services.gpu import SOFTWARE_NAME, SOFTWARE_VERSION, models
 from services.gpu.buckets import bucket_sizes, nearest_bucket
 from services.gpu.catalog import BUILTIN_MODELS, DEFAULT_TINY_TRAIN_STEPS, check_pixels
-from services.gpu.dataset import fit, load_rgb, scan_dataset
+from services.gpu.dataset import Example, fit, load_rgb, scan_dataset
+from services.gpu.durable import Durability
 from services.gpu.encode import encode_image
 from services.gpu.families import ModelFamily, trainable
 from services.gpu.generate import GenerationRequest, render
@@ -51,6 +60,7 @@ if TYPE_CHECKING:
     from services.gpu.models import LoadedPipeline
     from services.gpu.params import TrainLoraInput
     from services.stop import StopSignal
+    from services.training_store import TrainingStorage
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +171,46 @@ def bucketed_images(
     return images, sources
 
 
+@dataclass(frozen=True)
+class Resume:
+    """A checkpoint downloaded into ``folder``: its step and training config hash."""
+
+    folder: Path
+    step: int
+    config_hash: str
+
+
+@dataclass(frozen=True)
+class Durable:
+    """Where checkpoints and snapshots go, what to resume from, and when the job must end."""
+
+    storage: TrainingStorage
+    resume: Resume | None = None
+    deadline: float | None = None  # time.monotonic() seconds; the run stops a margin before it
+
+
+def config_hash_of(cfg: TrainConfig, model: str, examples: list[Example], root: Path) -> str:
+    """The hash a checkpoint must match to be resumed (see ``TRAINING_HASH_FIELDS``)."""
+    digest = dataset_digest((e.path.relative_to(root).as_posix(), file_sha256(e.path), e.caption) for e in examples)
+    return training_config_hash(
+        {
+            "base_model": model,
+            "dataset": digest,
+            "steps": cfg.steps,
+            "rank": cfg.rank,
+            "alpha": cfg.alpha,
+            "learning_rate": cfg.learning_rate,
+            "resolution": list(cfg.resolutions),
+            "batch_size": cfg.batch_size,
+            "gradient_accumulation": cfg.gradient_accumulation,
+            "seed": cfg.seed,
+            "precision": cfg.precision,
+            "cache_latents": cfg.cache_latents,
+            "cache_text_embeddings": cfg.cache_text_embeddings,
+        }
+    )
+
+
 def train_lora(
     params: TrainLoraInput,
     dataset_dir: Path,
@@ -168,6 +218,7 @@ def train_lora(
     settings: Settings,
     progress: Progress | None = None,
     stop: StopSignal | None = None,
+    durable: Durable | None = None,
 ) -> TrainResult:
     """Train a LoRA on the images in ``dataset_dir``; files go to ``work_dir``. Sync.
 
@@ -175,7 +226,7 @@ def train_lora(
     ``stop`` is checked between optimizer steps and sample images (:class:`JobStopped`).
     """
     started = time.perf_counter()
-    examples = scan_dataset(dataset_dir, params.caption, params.trigger_word)
+    examples = scan_dataset(dataset_dir, params.caption, params.trigger_word, settings.max_image_pixels)
     model = params.base_model or settings.model_id
     with gpu_errors("train_lora"):
         device = models.runtime_device()
@@ -198,19 +249,48 @@ def train_lora(
             import torch
 
             torch.cuda.reset_peak_memory_stats(device)
+        config_hash = config_hash_of(cfg, model, examples, dataset_dir)
+        resume = durable.resume if durable is not None else None
+        if resume is not None and resume.config_hash != config_hash:
+            raise InputError(
+                f"input.output_name: {params.output_name} has a checkpoint at step {resume.step} of another "
+                "training config; send overwrite: true to start over (or resume: false)"
+            )
+        lora_dtype = torch_dtype("fp32" if precision == "fp32" else "fp16")
         trainer = LoraTrainer(entry, cfg)
         try:
             trainer.setup(images, captions)
+            start, ema = trainer.resume(resume.folder) if resume is not None else (0, None)
             buckets = trainer.plan.counts
             setup_seconds = time.perf_counter() - setup_started
-            stats = run_steps(trainer, ProgressReporter(progress, cfg.steps), stop)
+            reporter = ProgressReporter(progress, cfg.steps, start_step=start)
+
+            def snapshot(step: int) -> None:
+                assert durable is not None
+                _snapshot(entry, trainer, params, resolutions[0], work_dir, step, metadata, lora_dtype, durable)
+
+            hook = Durability(
+                trainer,
+                durable.storage if durable is not None else None,
+                config_hash,
+                work_dir,
+                every=params.checkpoint_every or settings.checkpoint_every,
+                minutes=settings.checkpoint_minutes,
+                start_step=start,
+                save_every=params.save_every,
+                snapshot=snapshot if durable is not None else None,
+                stop=stop,
+                deadline=durable.deadline if durable is not None else None,
+                margin=settings.checkpoint_deadline_margin,
+                reporter=reporter,
+            )
+            try:
+                stats = run_steps(trainer, reporter, stop, start_step=start, ema=ema, before_step=hook)
+            finally:
+                if durable is not None:
+                    durable.storage.wait()
             save_diffusers_lora(
-                entry,
-                trainer.lora_state_dict(),
-                trainer.adapter_config(),
-                lora_path,
-                metadata,
-                torch_dtype("fp32" if precision == "fp32" else "fp16"),
+                entry, trainer.lora_state_dict(), trainer.adapter_config(), lora_path, metadata, lora_dtype
             )
         finally:
             trainer.close()
@@ -223,7 +303,40 @@ def train_lora(
         RUNNER_STATE.record_warmup(f"train {model} {resolutions[0]}px b{cfg.batch_size}", stats.first_step_seconds)
         _remember_warm(cfg.compile_key, stats.first_step_seconds, cache)
     log.info("trained %s: %s", params.output_name, metrics)
-    return TrainResult(lora_path=lora_path, kohya_path=kohya_path, samples=samples, metrics=metrics)
+    return TrainResult(
+        lora_path=lora_path, kohya_path=kohya_path, samples=samples, metrics=metrics, resumed_from_step=start
+    )
+
+
+def _snapshot(
+    entry: LoadedPipeline,
+    trainer: LoraTrainer,
+    params: TrainLoraInput,
+    resolution: int,
+    work_dir: Path,
+    step: int,
+    metadata: dict[str, str],
+    dtype: torch.dtype,
+    durable: Durable,
+) -> None:
+    """Write the LoRA of ``step`` and its sample images (rendered with the training adapter, on
+    their own RNG: training's stays untouched) and hand them to storage."""
+    folder = work_dir / f"snapshot-{step}"
+    folder.mkdir()
+    try:
+        lora = save_diffusers_lora(
+            entry, trainer.lora_state_dict(), trainer.adapter_config(), folder / "lora.safetensors", metadata, dtype
+        )
+        paths = []
+        if params.sample_prompts:
+            with trainer.sampling():
+                for image in _samples(entry, params, resolution, None, None):
+                    path = folder / image.name
+                    path.write_bytes(image.data)
+                    paths.append(path)
+        durable.storage.save_snapshot(step, lora, paths)
+    finally:
+        remove_workspace(folder)
 
 
 def _train_config(
@@ -287,7 +400,8 @@ def _metrics(
     quantized: str,
 ) -> dict[str, Any]:
     metrics: dict[str, Any] = {
-        "steps": stats.steps,
+        "steps": cfg.steps,
+        "resumed_from_step": stats.start_step,
         "final_loss": round(stats.final_loss, 6),
         "seconds": round(time.perf_counter() - started, 3),
         "train_seconds": round(stats.seconds, 3),

@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from services.errors import ModelStateError
+from services.errors import CheckpointCorrupt, ModelStateError
 from services.gpu.adapters import tuner_layers
 from services.gpu.buckets import BatchPlan
+from services.gpu.checkpoint_state import LoopState, TrainerParts, restore
 from services.gpu.families import trainable
 from services.gpu.models import PIPELINES, LoadedPipeline
 
@@ -154,7 +157,8 @@ class LoraTrainer:
             torch.manual_seed(cfg.seed)
             self._attached = True
             denoiser.add_adapter(config, adapter_name=TRAIN_ADAPTER)
-        self.params = [p for p in denoiser.parameters() if p.requires_grad]
+        self.named_params = {name: p for name, p in denoiser.named_parameters() if p.requires_grad}
+        self.params = list(self.named_params.values())
         for param in self.params:
             param.data = param.data.float()  # LoRA weights train in fp32 over a bf16/fp16 base
         if cfg.gradient_checkpointing:
@@ -246,6 +250,46 @@ class LoraTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         return total
 
+    # checkpoint state
+
+    def parts(self) -> TrainerParts:
+        """The live state a checkpoint saves and restores in place."""
+        states: dict[str, Any] = {"optimizer": self.optimizer}
+        if self.scaler is not None:
+            states["scaler"] = self.scaler
+        return TrainerParts(params=self.named_params, states=states, generators={"noise": self.noise_generator})
+
+    def loop_state(self, step: int, ema: torch.Tensor | None) -> LoopState:
+        return LoopState(step, {"batches": self.plan.batches, "cursor": self.plan.cursor}, ema)
+
+    def resume(self, folder: Path) -> tuple[int, torch.Tensor | None]:
+        """Load a checkpoint written by :func:`~services.gpu.checkpoint_state.capture` after
+        :meth:`setup`; returns the step it was taken at and the loss EMA (on the device)."""
+        loop = restore(folder, self.parts())
+        order = loop.data_order
+        if order.get("batches") != self.plan.batches or not 0 <= order.get("cursor", -1) <= len(self.plan.batches):
+            raise CheckpointCorrupt(f"checkpoint in {folder}: its batch plan is not this run's")
+        self.plan.cursor = order["cursor"]
+        ema = None if loop.loss_ema is None else loop.loss_ema.to(self.device)
+        return loop.step, ema
+
+    @contextmanager
+    def sampling(self) -> Iterator[None]:
+        """For rendering samples mid-run with the training adapter: the encoders on the device,
+        training's precision, and every torch RNG forked (sampling draws none of training's)."""
+        import torch
+
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            for name in self._offloaded:
+                getattr(self.pipe, name).to(self.device)
+            try:
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                    yield
+            finally:
+                for name in self._offloaded:
+                    getattr(self.pipe, name).to("cpu")
+
     # results and teardown
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
@@ -290,9 +334,11 @@ class LoraTrainer:
 
 
 class ProgressReporter:
-    """Sends ``{"step", "total_steps", "loss", "eta_seconds"}`` to ``progress`` at most once per
-    ``interval`` seconds, and always the last step (with ``final=True``). ``loss`` is read (a
-    device sync) only when an update goes out."""
+    """Sends ``{"step", "total_steps", "loss", "steps_per_second", "eta_seconds",
+    "last_checkpoint_step"}`` to ``progress`` at most once per ``interval`` seconds, and always
+    the last step (with ``final=True``). ``loss`` is read (a device sync) only when an update
+    goes out; speed and ETA count the steps of this run only (a resumed run starts at
+    ``start_step``)."""
 
     def __init__(
         self,
@@ -300,13 +346,16 @@ class ProgressReporter:
         total_steps: int,
         interval: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        start_step: int = 0,
     ) -> None:
         self.callback = callback
         self.total = total_steps
         self.interval = interval
         self.clock = clock
         self.started = clock()
+        self.start_step = start_step
         self.last: float | None = None
+        self.last_checkpoint_step: int | None = None
 
     def update(self, step: int, loss: Callable[[], float]) -> None:
         if self.callback is None:
@@ -316,25 +365,31 @@ class ProgressReporter:
         if not final and self.last is not None and now - self.last < self.interval:
             return
         self.last = now
-        elapsed = now - self.started
-        eta = elapsed / step * (self.total - step) if step else None
+        elapsed, done = now - self.started, step - self.start_step
+        rate = done / elapsed if done > 0 and elapsed > 0 else None
         update = {
             "step": step,
             "total_steps": self.total,
             "loss": round(loss(), 6),
-            "eta_seconds": None if eta is None else round(eta, 1),
+            "steps_per_second": None if rate is None else round(rate, 3),
+            "eta_seconds": None if rate is None else round((self.total - step) / rate, 1),
+            "last_checkpoint_step": self.last_checkpoint_step,
         }
         self.callback(update, final=final)
 
 
 @dataclass(frozen=True)
 class TrainStats:
-    """Measured by :func:`run_steps`."""
+    """Measured by :func:`run_steps` (``steps`` counts this run's steps, ``start_step`` the resumed ones)."""
 
     steps: int
     final_loss: float
     seconds: float
     first_step_seconds: float
+    start_step: int = 0
+
+
+StepHook = Callable[[int, "torch.Tensor | None"], None]
 
 
 def run_steps(
@@ -342,31 +397,37 @@ def run_steps(
     reporter: ProgressReporter | None = None,
     stop: StopSignal | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    start_step: int = 0,
+    ema: torch.Tensor | None = None,
+    before_step: StepHook | None = None,
 ) -> TrainStats:
-    """Run ``trainer.cfg.steps`` optimizer steps; the loss is an EMA kept on the device.
+    """Run optimizer steps ``start_step + 1 .. cfg.steps``; the loss is an EMA kept on the device.
 
-    ``stop`` is checked before every step: a set signal raises :class:`JobStopped`.
+    Before every step, ``before_step(steps_done, ema)`` runs when given (checkpoints, and the
+    stop signal: it raises :class:`JobStopped`); without it ``stop`` is checked there.
     """
     import torch
 
     total = trainer.cfg.steps
     sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
-    ema: torch.Tensor | None = None
     started = clock()
     first = 0.0
-    for step in range(1, total + 1):
-        if stop is not None:
+    for step in range(start_step + 1, total + 1):
+        if before_step is not None:
+            before_step(step - 1, ema)
+        elif stop is not None:
             stop.check(f"train_lora at step {step - 1} of {total}")
         loss = trainer.step()
         ema = loss if ema is None else ema * LOSS_EMA + loss * (1 - LOSS_EMA)
-        if step == 1:
+        if step == start_step + 1:
             sync()
             first = clock() - started
         if reporter is not None:
             current = ema
             reporter.update(step, lambda current=current: float(current))
     sync()
-    return TrainStats(total, float(ema) if ema is not None else float("nan"), clock() - started, first)
+    final = float(ema) if ema is not None else float("nan")
+    return TrainStats(total - start_step, final, clock() - started, first, start_step)
 
 
 # --- evaluation -------------------------------------------------------------------------------

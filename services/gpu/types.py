@@ -24,6 +24,7 @@ class TrainResult:
     kohya_path: Path | None
     samples: list[ImageFile] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
+    resumed_from_step: int = 0  # 0: trained from the start
 
 
 @dataclass(frozen=True)

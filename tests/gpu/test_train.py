@@ -73,7 +73,8 @@ def test_metrics_progress_and_samples(trained: Trained) -> None:
     assert (metrics["device"], metrics["precision"], metrics["compiled"]) == ("cpu", "fp32", False)
     calls = trained.progress
     assert 1 <= len(calls) <= TRAIN_STEPS
-    assert all(set(call) == {"step", "total_steps", "loss", "eta_seconds", "final"} for call in calls)
+    keys = {"step", "total_steps", "loss", "steps_per_second", "eta_seconds", "last_checkpoint_step", "final"}
+    assert all(set(call) == keys for call in calls)
     assert [call["final"] for call in calls] == [False] * (len(calls) - 1) + [True]
     assert [call["step"] for call in calls] == sorted({call["step"] for call in calls})
     assert calls[-1]["step"] == calls[-1]["total_steps"] == TRAIN_STEPS
@@ -109,6 +110,26 @@ def test_progress_reporter_throttles() -> None:
     assert reads == [1, 5, 9, 10]
     assert finals == [False, False, False, True]  # the loss (a device sync on a GPU) is read only when reported
     assert calls[1]["eta_seconds"] == pytest.approx(1.5 / 5 * 5)
+    assert calls[1]["steps_per_second"] == pytest.approx(5 / 1.5, abs=1e-3)
+
+    resumed: list[dict] = []
+    now[0] = 0.0
+    reporter = ProgressReporter(
+        lambda u, final=False: resumed.append(u), 10, interval=0.0, clock=lambda: now[0], start_step=6
+    )
+    reporter.last_checkpoint_step = 6
+    now[0] = 2.0
+    reporter.update(8, lambda: 0.5)  # speed and ETA count this run's steps only
+    assert resumed == [
+        {
+            "step": 8,
+            "total_steps": 10,
+            "loss": 0.5,
+            "steps_per_second": 1.0,
+            "eta_seconds": 2.0,
+            "last_checkpoint_step": 6,
+        }
+    ]
 
 
 def test_sdxl_slow_path_trains_and_loads(tmp_path: Path, settings) -> None:

@@ -1,0 +1,108 @@
+"""The training runner's way to storage: checkpoints and snapshots, called from its worker thread.
+
+The runner is synchronous and runs in a worker thread; storage is async on the job's event
+loop. :class:`TrainingStorage` hands each save to the loop (``run_coroutine_threadsafe``):
+a checkpoint upload runs in the background while training goes on, at most one at a time (a
+checkpoint due while the previous one still uploads is skipped and logged); a stop waits for
+it. A failed checkpoint upload is logged and training goes on (the previous checkpoint stays
+current, see :mod:`services.checkpoints`); :attr:`last_step` is the newest checkpoint that
+landed. No torch here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Coroutine, Sequence
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, TypeVar
+
+from services.checkpoints import CheckpointStore
+from services.context import remove_workspace
+from services.errors import CheckpointError, CheckpointUploadFailed, StorageError
+from services.snapshots import SnapshotStore
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class TrainingStorage:
+    """Checkpoints (``CheckpointStore``) and snapshots (``SnapshotStore``) of one run."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        checkpoints: CheckpointStore,
+        snapshots: SnapshotStore,
+        keep_last: int | None,
+        resumed_step: int = 0,
+    ) -> None:
+        self.loop = loop
+        self.checkpoints = checkpoints
+        self.snapshots = snapshots
+        self.keep_last = keep_last
+        self.last_step = resumed_step  # the newest checkpoint in storage (0: none)
+        self.last_save_seconds: float | None = None  # how long the last successful save took
+        self._pending: Future[None] | None = None
+
+    def _call(self, coroutine: Coroutine[Any, Any, T]) -> Future[T]:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+
+    # --- checkpoints (worker thread) --------------------------------------------------------
+
+    def uploading(self) -> bool:
+        return self._pending is not None and not self._pending.done()
+
+    def save_checkpoint(self, step: int, files: dict[str, Path], config_hash: str, wait: bool) -> bool:
+        """Upload the captured ``files`` (their folder is removed after); ``wait`` blocks until it
+        landed or failed. Returns False when skipped because the previous upload still runs."""
+        folder = next(iter(files.values())).parent
+        if self.uploading() and not wait:
+            log.warning("checkpoint of step %d skipped: the previous one is still uploading", step)
+            remove_workspace(folder)
+            return False
+        self.wait()
+        self._pending = self._call(self._save(step, files, config_hash, folder))
+        if wait:
+            self.wait()
+        return True
+
+    def wait(self) -> None:
+        """Wait for the upload in flight, if any (its failure was logged by :meth:`_save`)."""
+        if self._pending is not None:
+            self._pending.result()
+            self._pending = None
+
+    async def _save(self, step: int, files: dict[str, Path], config_hash: str, folder: Path) -> None:
+        started = time.monotonic()
+        try:
+            await self.checkpoints.save(step, files, config_hash)
+        except CheckpointUploadFailed as exc:
+            log.warning("training goes on without the checkpoint of step %d: %s", step, exc)
+            return
+        except CheckpointError as exc:
+            log.warning("checkpoint of step %d not saved: %s", step, exc)
+            return
+        finally:
+            await asyncio.to_thread(remove_workspace, folder)
+        self.last_step = step
+        self.last_save_seconds = time.monotonic() - started
+
+    # --- snapshots (worker thread) ----------------------------------------------------------
+
+    def save_snapshot(self, step: int, lora_path: Path, samples: Sequence[Path]) -> None:
+        """Upload a snapshot and prune to ``keep_last``; a storage failure is logged, training goes on."""
+        try:
+            snapshot = self._call(self.snapshots.save(step, lora_path, samples)).result()
+        except StorageError as exc:
+            log.warning("snapshot of step %d of %s not stored: %s", step, self.snapshots.output_name, exc)
+            return
+        log.info("snapshot of step %d stored: %s", step, snapshot.keys)
+        if self.keep_last is not None:
+            try:
+                self._call(self.snapshots.prune(self.keep_last)).result()
+            except StorageError as exc:
+                log.warning("pruning the snapshots of %s failed: %s", self.snapshots.output_name, exc)
