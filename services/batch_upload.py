@@ -67,30 +67,30 @@ _CONTENT_TYPE = re.compile(
 
 class UploadedFile(BaseModel):
     name: str
-    key: str
-    size: int
-    sha256: str
+    key: str = Field(description="Where it is stored.")
+    size: int = Field(description="Bytes.")
+    sha256: str = Field(description="Hex digest of the stored bytes.")
 
 
 class SkippedFile(BaseModel):
     name: str
     key: str
-    reason: str
+    reason: str = Field(description="Why nothing was sent (already stored with the same sha256).")
 
 
 class FailedFile(BaseModel):
     name: str
-    error: str
+    error: str = Field(description="input.files[i]...: what failed.")
 
 
 class BatchResult(BaseModel):
     """The fate of every file of one batch."""
 
     dataset: str
-    prefix: str
-    uploaded: list[UploadedFile] = Field(default_factory=list)
-    skipped: list[SkippedFile] = Field(default_factory=list)
-    failed: list[FailedFile] = Field(default_factory=list)
+    prefix: str = Field(description="datasets/<dataset>/")
+    uploaded: list[UploadedFile] = Field(default_factory=list, description="Files stored by this job.")
+    skipped: list[SkippedFile] = Field(default_factory=list, description="Files already stored, byte for byte.")
+    failed: list[FailedFile] = Field(default_factory=list, description="Files not stored, each with its reason.")
 
 
 class FileSource(BaseModel):

@@ -29,62 +29,62 @@ __all__ = [
 
 
 class ListedFile(BaseModel):
-    key: str
-    name: str
-    size: int
-    last_modified: str | None
+    key: str = Field(description="Storage key.")
+    name: str = Field(description="The key's last part.")
+    size: int = Field(description="Bytes.")
+    last_modified: str | None = Field(description="ISO 8601 time, when the store gives one.")
 
 
 class ListFilesResult(BaseModel):
-    prefix: str
-    files: list[ListedFile]
-    next_token: str | None
+    prefix: str = Field(description="The prefix listed.")
+    files: list[ListedFile] = Field(description="One page, in key order.")
+    next_token: str | None = Field(description="Pass as token for the next page; null on the last page.")
 
 
 class DeleteFilesResult(BaseModel):
     """``missing``: requested keys that did not exist (nothing to delete)."""
 
-    deleted: list[str]
-    missing: list[str] = Field(default_factory=list)
-    failed: list[dict[str, str]] = Field(default_factory=list)
-    partial: bool = False
-    summary: str = ""
+    deleted: list[str] = Field(description="Keys deleted.")
+    missing: list[str] = Field(default_factory=list, description="Requested keys that did not exist.")
+    failed: list[dict[str, str]] = Field(default_factory=list, description='{"key", "error"} per key not deleted.')
+    partial: bool = Field(False, description="True when some keys failed (the job still completes).")
+    summary: str = Field("", description="Counts, and the reasons when some failed.")
 
 
 class UploadResult(BatchResult):
     """A batch where some files failed still completes: ``partial`` is true and ``summary`` names the failures."""
 
-    partial: bool = False
-    summary: str = ""
+    partial: bool = Field(False, description="True when some files failed (the job still completes).")
+    summary: str = Field("", description="Counts, and each failed file with its reason.")
 
 
 class GetFileResult(BaseModel):
-    file: OutputFile
+    file: OutputFile = Field(description="The object: inline when small, else a presigned URL.")
 
 
 class PresignedUploadOut(BaseModel):
-    name: str
-    key: str
-    url: str
-    method: str
-    headers: dict[str, str]
-    expires_in: int
+    name: str = Field(description="The file name asked for.")
+    key: str = Field(description="Where the upload lands.")
+    url: str = Field(description="Presigned URL: send the bytes with this method and these headers.")
+    method: str = Field(description="HTTP method (PUT).")
+    headers: dict[str, str] = Field(description="Headers the request must carry (Content-Type).")
+    expires_in: int = Field(description="Seconds the URL stays valid.")
 
 
 class PresignResult(BaseModel):
     dataset: str
-    prefix: str
-    uploads: list[PresignedUploadOut]
+    prefix: str = Field(description="datasets/<dataset>/")
+    uploads: list[PresignedUploadOut] = Field(description="One per file, in input order.")
 
 
 class HealthResult(BaseModel):
-    status: str
-    storage: dict[str, Any]
-    gpu: dict[str, Any]
+    status: str = Field(description="ok, or degraded when storage does not answer.")
+    storage: dict[str, Any] = Field(description="Backend, bucket, breaker state, reachability.")
+    gpu: dict[str, Any] = Field(description="Device, memory, loaded pipelines, compile warm-ups.")
     python: str
-    packages: dict[str, str | None]
-    limits: dict[str, int]
-    model_id: str
+    packages: dict[str, str | None] = Field(description="Versions of the main packages.")
+    limits: dict[str, int] = Field(description="The input bounds in force (MAX_* settings).")
+    model_id: str = Field(description="The default base model (MODEL_ID).")
 
 
 class StoredSnapshot(BaseModel):
@@ -96,14 +96,17 @@ class StoredSnapshot(BaseModel):
 
 
 class TrainLoraResult(BaseModel):
-    lora: OutputFile
-    samples: list[OutputFile] = Field(default_factory=list)
-    metrics: dict[str, Any] = Field(default_factory=dict)
+    lora: OutputFile = Field(description="The diffusers/peft LoRA file, stored at loras/<output_name>/.")
+    samples: list[OutputFile] = Field(default_factory=list, description="sample_prompts rendered with the LoRA.")
+    metrics: dict[str, Any] = Field(
+        default_factory=dict,
+        description="steps, final_loss, seconds, steps_per_second, buckets, resolution, rank, alpha, precision, ...",
+    )
     resumed_from_step: int = Field(0, description="The checkpoint step this job resumed from; 0: from the start.")
     snapshots: list[StoredSnapshot] = Field(
         default_factory=list, description="The snapshots in storage (save_every, keep_last), oldest first."
     )
-    kohya_lora: OutputFile | None = None
+    kohya_lora: OutputFile | None = Field(None, description="The kohya copy; only with export_formats kohya.")
 
     @model_serializer(mode="wrap")
     def _without_absent_kohya(self, handler: Any) -> dict[str, Any]:
@@ -114,5 +117,5 @@ class TrainLoraResult(BaseModel):
 
 
 class GenerateResult(BaseModel):
-    images: list[OutputFile]
-    seed: int
+    images: list[OutputFile] = Field(description="image-<i>.<format>, image i rendered with seed + i.")
+    seed: int = Field(description="The seed of the first image (random when none was given).")

@@ -1,9 +1,10 @@
 """The action registry: every action's input model and coroutine, in one list.
 
-Adding an action: write its input model (with ``action: Literal["<name>"]``) and its coroutine
-``async def run(request, ctx) -> <result model>`` in its own module, then add one line to
-:data:`REGISTRY`. The names, the discriminated union that validates a job's ``input``, the
-JSON Schema (and so the README's API reference) and :func:`dispatch` all come from it.
+Adding an action: write its input model (with ``action: Literal["<name>"]``), its result model
+and its coroutine ``async def run(request, ctx) -> <result model>`` in its own module, then add
+one line to :data:`REGISTRY`. The names, the discriminated union that validates a job's
+``input``, the JSON Schemas (and so the README's API reference) and :func:`dispatch` all come
+from it.
 
 Nothing here imports torch: the GPU actions load the runner inside their coroutines.
 """
@@ -22,6 +23,16 @@ from services.actions.uploads import presign_uploads, upload_training_files
 from services.context import JobContext
 from services.errors import InputError
 from services.gpu.params import GenerateInput, TrainLoraInput
+from services.results import (
+    DeleteFilesResult,
+    GenerateResult,
+    GetFileResult,
+    HealthResult,
+    ListFilesResult,
+    PresignResult,
+    TrainLoraResult,
+    UploadResult,
+)
 from services.schemas import (
     DeleteFilesInput,
     GetFileInput,
@@ -36,15 +47,15 @@ if TYPE_CHECKING:
 
 Runner = Callable[[Any, JobContext], Awaitable[BaseModel]]
 
-REGISTRY: tuple[tuple[type[BaseModel], Runner], ...] = (
-    (UploadTrainingFilesInput, upload_training_files),
-    (PresignUploadsInput, presign_uploads),
-    (ListFilesInput, list_files),
-    (DeleteFilesInput, delete_files),
-    (GetFileInput, get_file),
-    (TrainLoraInput, train_lora),
-    (GenerateInput, generate),
-    (HealthInput, health),
+REGISTRY: tuple[tuple[type[BaseModel], Runner, type[BaseModel]], ...] = (
+    (UploadTrainingFilesInput, upload_training_files, UploadResult),
+    (PresignUploadsInput, presign_uploads, PresignResult),
+    (ListFilesInput, list_files, ListFilesResult),
+    (DeleteFilesInput, delete_files, DeleteFilesResult),
+    (GetFileInput, get_file, GetFileResult),
+    (TrainLoraInput, train_lora, TrainLoraResult),
+    (GenerateInput, generate, GenerateResult),
+    (HealthInput, health, HealthResult),
 )
 
 
@@ -53,10 +64,13 @@ def _action_name(model: type[BaseModel]) -> str:
     return str(name)
 
 
-ACTIONS: dict[str, Runner] = {_action_name(model): run for model, run in REGISTRY}
+ACTIONS: dict[str, Runner] = {_action_name(model): run for model, run, _ in REGISTRY}
 """Action name -> coroutine (what :func:`dispatch` calls)."""
 
-JobInput = Annotated[Union[tuple(model for model, _ in REGISTRY)], Field(discriminator="action")]  # noqa: UP007
+RESULTS: dict[str, type[BaseModel]] = {_action_name(model): result for model, _, result in REGISTRY}
+"""Action name -> result model (the ``output`` of a job that succeeded; the API reference shows it)."""
+
+JobInput = Annotated[Union[tuple(model for model, _, _ in REGISTRY)], Field(discriminator="action")]  # noqa: UP007
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(JobInput)
 
 
