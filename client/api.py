@@ -276,9 +276,11 @@ class WorkerClient:
             if not token:
                 return files
 
-    def delete_files(self, keys: list[str] | None = None, dataset: str | None = None) -> dict[str, Any]:
-        """Delete keys, or a whole dataset: ``{"deleted": [...], "failed": [...]}``."""
-        return self.run(_drop_none({"action": "delete_files", "keys": keys, "dataset": dataset}))
+    def delete_files(
+        self, keys: list[str] | None = None, dataset: str | None = None, lora: str | None = None
+    ) -> dict[str, Any]:
+        """Delete keys, a whole dataset, or a LoRA: ``{"deleted": [...], "missing": [...], "failed": [...]}``."""
+        return self.run(_drop_none({"action": "delete_files", "keys": keys, "dataset": dataset, "lora": lora}))
 
     def get_file(self, key: str, dest: str | Path = ".") -> Path:
         """Fetch one stored object (``loras/...``, ``datasets/...``, ``outputs/...``) into ``dest``."""

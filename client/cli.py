@@ -114,9 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("key", help="e.g. loras/my-lora/my-lora.safetensors")
     get.add_argument("--out", default=".", help="file or folder to save into (default: .)")
 
-    remove = command("rm", "delete stored files, or a whole dataset")
+    remove = command("rm", "delete stored files, a whole dataset, or a LoRA")
     remove.add_argument("keys", nargs="*", help="keys to delete")
     remove.add_argument("--dataset", help="delete every file of this dataset")
+    remove.add_argument("--lora", help="delete this LoRA with its checkpoints and snapshots (loras/<name>/)")
 
     train = command(
         "train",
@@ -243,12 +244,15 @@ def cmd_get(worker: WorkerClient, args: argparse.Namespace) -> int:
 
 
 def cmd_rm(worker: WorkerClient, args: argparse.Namespace) -> int:
-    if bool(args.keys) == bool(args.dataset):
-        print("error: give keys or --dataset (one of them)", file=sys.stderr)
+    if [bool(args.keys), bool(args.dataset), bool(args.lora)].count(True) != 1:
+        print("error: give keys, --dataset or --lora (one of them)", file=sys.stderr)
         return EXIT_USAGE
-    result = worker.delete_files(keys=args.keys or None, dataset=args.dataset)
-    _emit(args, result, [f"deleted {key}" for key in result.get("deleted", [])])
-    return 0
+    result = worker.delete_files(keys=args.keys or None, dataset=args.dataset, lora=args.lora)
+    failed = result.get("failed") or []
+    lines = [f"deleted {key}" for key in result.get("deleted", [])]
+    lines += [f"FAILED {item.get('key')}: {item.get('error')}" for item in failed]
+    _emit(args, result, lines)
+    return EXIT_FAILED if failed else 0
 
 
 def _local_note(worker: WorkerClient, bar: StepBar) -> None:

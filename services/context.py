@@ -35,6 +35,11 @@ def gpu_lock() -> asyncio.Lock:
     return _GPU_LOCKS.setdefault(asyncio.get_running_loop(), asyncio.Lock())
 
 
+def running_job_count() -> int:
+    """How many jobs are running on this worker now."""
+    return len(_RUNNING)
+
+
 def stop_running_jobs(reason: str) -> int:
     """Set the stop signal of every running job (SIGTERM/SIGINT); returns how many were running."""
     signals = list(_RUNNING.values())

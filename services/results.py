@@ -83,7 +83,9 @@ class HealthResult(BaseModel):
     gpu: dict[str, Any] = Field(description="Device, memory, loaded pipelines, compile warm-ups.")
     python: str
     packages: dict[str, str | None] = Field(description="Versions of the main packages.")
-    limits: dict[str, int] = Field(description="The input bounds in force (MAX_* settings).")
+    limits: dict[str, int] = Field(
+        description="Output and concurrency limits in force (INLINE_MAX_BYTES, MAX_CONCURRENCY, ...)."
+    )
     model_id: str = Field(description="The default base model (MODEL_ID).")
 
 

@@ -531,3 +531,24 @@ def test_the_command_against_the_workers_local_api(
     assert "generate finished [" in generate.stderr  # the spinner: the local API shows no steps
     assert (tmp_path / "5-image-0.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Traceback" not in upload.stderr + listing.stderr + generate.stderr
+
+
+def test_rm_deletes_a_lora_and_exits_1_when_a_key_failed(lora_worker: Path, tmp_path: Path) -> None:
+    deleted = {"deleted": ["loras/cat-lora/cat-lora.safetensors"], "missing": [], "failed": [], "partial": False}
+    partial = {
+        "deleted": ["datasets/cats/a.png"],
+        "missing": [],
+        "failed": [{"key": "datasets/cats/b.png", "error": "storage unavailable"}],
+        "partial": True,
+    }
+    scripts = [[{"status": "COMPLETED", "output": deleted}], [{"status": "COMPLETED", "output": partial}]]
+    with FakeEndpoint(scripts) as fake:
+        lora = run_command(lora_worker, fake, tmp_path, "rm", "--lora", "cat-lora")
+        some_failed = run_command(lora_worker, fake, tmp_path, "rm", "datasets/cats/a.png", "datasets/cats/b.png")
+        both = run_command(lora_worker, fake, tmp_path, "rm", "--lora", "cat-lora", "--dataset", "cats")
+    assert fake.runs[0] == {"action": "delete_files", "lora": "cat-lora"}
+    assert lora.returncode == 0, lora.stderr
+    assert "deleted loras/cat-lora/cat-lora.safetensors" in lora.stdout
+    assert some_failed.returncode == 1
+    assert "FAILED datasets/cats/b.png: storage unavailable" in some_failed.stdout
+    assert both.returncode == 2 and len(fake.runs) == 2

@@ -4,6 +4,7 @@ through the real SDK, and a long ``generate`` stopped by SIGTERM between steps."
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import TEST_KEY_ID, TEST_SECRET
 from tests.faultproxy import free_port
 from tests.test_entrypoint import ROOT, worker_env
 
@@ -37,16 +39,17 @@ class Server:
         self.log = log
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
+@contextlib.contextmanager
+def _serving(tmp_path: Path, prelude: list[str], **env: str) -> Iterator[Server]:
+    """``rp_handler.py --rp_serve_api`` (run by ``prelude``: the interpreter and its options) until the block ends."""
     port = free_port()
     log = tmp_path / "server.log"
     (tmp_path / "work").mkdir()
     with log.open("w") as sink:
         process = subprocess.Popen(
-            [sys.executable, str(ROOT / "rp_handler.py"), "--rp_serve_api", "--rp_api_port", str(port)],
+            [*prelude, str(ROOT / "rp_handler.py"), "--rp_serve_api", "--rp_api_port", str(port)],
             cwd=tmp_path,
-            env=worker_env(tmp_path, WORK_DIR=str(tmp_path / "work")),
+            env=worker_env(tmp_path, WORK_DIR=str(tmp_path / "work"), **env),
             stdout=sink,
             stderr=subprocess.STDOUT,
             text=True,
@@ -66,6 +69,12 @@ def server(tmp_path: Path) -> Iterator[Server]:
         if process.poll() is None:
             process.kill()
         process.wait(timeout=30)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    with _serving(tmp_path, [sys.executable]) as running:
+        yield running
 
 
 PARTIAL = {
@@ -132,3 +141,35 @@ def test_sigterm_stops_a_long_generate_between_steps(server: Server, tmp_path: P
     assert server.process.wait(timeout=60) is not None
     assert list((tmp_path / "work").iterdir()) == []  # workspace removed
     assert "Traceback" not in server.log.read_text()
+
+
+# Runs the worker with aiohttp's ClientSession instrumented: prints when a session opens and closes.
+SESSION_PROBE = """
+import runpy, sys, aiohttp
+opened, closing = aiohttp.ClientSession.__init__, aiohttp.ClientSession.close
+def init(self, *args, **kwargs):
+    opened(self, *args, **kwargs)
+    print("probe: session opened", flush=True)
+async def close(self):
+    await closing(self)
+    print("probe: session closed", flush=True)
+aiohttp.ClientSession.__init__, aiohttp.ClientSession.close = init, close
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_shutdown_closes_the_s3_client(tmp_path: Path, moto_server: str, bucket: str, signum: int) -> None:
+    s3_env = {"S3_BUCKET": bucket, "S3_ENDPOINT_URL": moto_server, "S3_REGION": "us-east-1"}
+    s3_env |= {"AWS_ACCESS_KEY_ID": TEST_KEY_ID, "AWS_SECRET_ACCESS_KEY": TEST_SECRET}
+    with _serving(tmp_path, [sys.executable, "-c", SESSION_PROBE], **s3_env) as server:
+        assert _post(f"{server.base}/runsync", {"input": PARTIAL})["status"] == "COMPLETED"
+        server.process.send_signal(signum)
+        server.process.wait(timeout=60)
+    log = server.log.read_text()
+    assert "probe: session opened" in log
+    assert log.count("probe: session closed") == log.count("probe: session opened"), log
+    assert "Unclosed" not in log
+    assert "Traceback" not in log
+    assert " ERROR " not in log
