@@ -301,7 +301,7 @@ def _load(key: PipelineKey, settings: Settings, dtype: torch.dtype, device: torc
         family = family_of(pipe)
         if family is None:
             raise InputError(f"input.quantize_base: {type(pipe).__name__} has no known denoiser to quantize")
-        layers = quantize_linear_layers(family.denoiser(pipe), dtype)
+        layers = quantize_linear_layers(family.denoiser(pipe), dtype, device)
         log.info("pipeline cache: %s: %d linear layers of the %s in NF4", key, layers, family.denoiser_name)
     return wrap_pipeline(pipe.to(device), key)
 

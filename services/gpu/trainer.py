@@ -153,7 +153,8 @@ class LoraTrainer:
         cfg, denoiser = self.cfg, self.denoiser
         targets = list(cfg.targets) or self.family.target_modules("attention")
         config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian", target_modules=targets)
-        with torch.random.fork_rng(devices=[]):
+        # manual_seed seeds every device: fork the CUDA generator too, or the job would reseed it.
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(cfg.seed)
             self._attached = True
             denoiser.add_adapter(config, adapter_name=TRAIN_ADAPTER)
@@ -276,7 +277,12 @@ class LoraTrainer:
     @contextmanager
     def sampling(self) -> Iterator[None]:
         """For rendering samples mid-run with the training adapter: the encoders on the device,
-        training's precision, and every torch RNG forked (sampling draws none of training's)."""
+        and every torch RNG forked (sampling draws none of training's).
+
+        No autocast: the pipeline runs in its own dtype as ``generate`` does (peft casts into and
+        out of the fp32 LoRA layers), so a snapshot's samples match the final ones, and an fp16
+        VAE that the pipeline upcasts to fp32 to decode (SDXL's) is not cast back to fp16.
+        """
         import torch
 
         devices = [self.device] if self.device.type == "cuda" else []
@@ -284,8 +290,7 @@ class LoraTrainer:
             for name in self._offloaded:
                 getattr(self.pipe, name).to(self.device)
             try:
-                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                    yield
+                yield
             finally:
                 for name in self._offloaded:
                     getattr(self.pipe, name).to("cpu")
@@ -307,10 +312,14 @@ class LoraTrainer:
         pipeline is as at rest."""
         import torch
 
+        # Drop every reference to device memory before empty_cache: optimizer moments, the
+        # (compiled) forward, caches, the trained LoRA tensors and the scaler.
         self.optimizer = None  # type: ignore[assignment]
         self.forward = None  # type: ignore[assignment]
         self.latent_dist = self.text = None
         self.pixels = []
+        self.params, self.named_params = [], {}
+        self.scaler = None
         try:
             for name in self._offloaded:
                 getattr(self.pipe, name).to(self.device)
