@@ -11,6 +11,10 @@ many lookups as it has threads, so its queue never holds more than that. A looku
 hangs holds its thread and its slot until the system resolver returns; waiting for a slot
 counts toward the caller's timeout (``fetch`` wraps each lookup in
 ``DOWNLOAD_CONNECT_TIMEOUT``). Hung lookups can slow other URL inputs, never anything else.
+
+Each lookup runs on a daemon thread of its own (at most ``threads`` alive at once): a
+``ThreadPoolExecutor``'s threads are joined at interpreter exit, so one hung lookup would hold
+a worker's shutdown (SIGTERM) until the system resolver gave up.
 """
 
 from __future__ import annotations
@@ -18,9 +22,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import threading
 import weakref
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +53,6 @@ class BoundedResolver:
             raise ValueError("threads must be at least 1")
         self._lookup = lookup
         self._threads = threads
-        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dns")
         # One semaphore per event loop (asyncio primitives bind to a loop); a slot is given
         # back when the lookup's thread returns, not when its caller stops waiting.
         self._slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
@@ -60,18 +63,48 @@ class BoundedResolver:
         loop = asyncio.get_running_loop()
         slots = self._slots.setdefault(loop, asyncio.Semaphore(self._threads))
         await slots.acquire()
+        answer: asyncio.Future[list[str]] = loop.create_future()
+
+        def lookup() -> None:
+            try:
+                addresses = self._lookup(host, port)
+            except Exception as exc:  # noqa: BLE001 - handed to the awaiting caller, who reports it
+                _deliver(loop, slots, answer, host, error=exc)
+            else:
+                _deliver(loop, slots, answer, host, addresses=addresses)
+
         try:
-            job = self._executor.submit(self._lookup, host, port)
-        except BaseException:
+            threading.Thread(target=lookup, name=f"dns-{host[:40]}", daemon=True).start()
+        except RuntimeError:  # no thread could be started: give the slot back
             slots.release()
             raise
-        job.add_done_callback(lambda _: _release_from_thread(loop, slots, host))
-        return await asyncio.wrap_future(job)  # cancelled while queued: the job is dropped
+        return await answer  # the caller's timeout cancels the wait; the thread ends on its own
 
 
-def _release_from_thread(loop: asyncio.AbstractEventLoop, slots: asyncio.Semaphore, host: str) -> None:
-    """Give the slot back on its loop; a loop closed meanwhile has no waiter left to wake."""
+def _deliver(
+    loop: asyncio.AbstractEventLoop,
+    slots: asyncio.Semaphore,
+    answer: asyncio.Future[list[str]],
+    host: str,
+    *,
+    addresses: list[str] | None = None,
+    error: Exception | None = None,
+) -> None:
+    """From the lookup's thread: free its slot and answer the caller (unless it stopped waiting)."""
+
+    def on_loop() -> None:
+        slots.release()
+        if answer.done():  # the caller timed out or was cancelled meanwhile
+            return
+        if error is not None:
+            answer.set_exception(error)
+        else:
+            answer.set_result(addresses or [])
+
     if loop.is_closed():
         logger.debug("DNS lookup of %s returned after its event loop closed", host)
         return
-    loop.call_soon_threadsafe(slots.release)
+    try:
+        loop.call_soon_threadsafe(on_loop)
+    except RuntimeError:  # the loop closed between the check and the call
+        logger.debug("DNS lookup of %s returned after its event loop closed", host)
