@@ -293,7 +293,9 @@ class LocalStorageService(Storage):
             try:
                 stat = os.stat(self.root / key)
             except FileNotFoundError:
-                continue  # deleted since the walk saw it
+                # Deleted since the walk saw it: S3 would not list it either.
+                log.debug("local storage: %s was deleted while being listed", key)
+                continue
             found.append(
                 ObjectInfo(key=key, size=stat.st_size, last_modified=datetime.fromtimestamp(stat.st_mtime, UTC))
             )
