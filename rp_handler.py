@@ -19,7 +19,7 @@ from typing import Any
 
 from config.settings import ConfigError, Settings, load_settings
 from services.errors import JobStopped, WorkerError
-from services.logs import redact, setup_logging
+from services.job.logs import redact, setup_logging
 
 log = logging.getLogger("rp_handler")
 
@@ -37,7 +37,7 @@ def _stopped_message(exc: JobStopped) -> str:
 async def handler(job: dict[str, Any]) -> dict[str, Any]:
     """Run one job ``{"id": ..., "input": {"action": ..., ...}}`` and return its output."""
     from services.actions import parse_job_input
-    from services.context import job_context
+    from services.job.context import job_context
 
     try:
         settings = load_settings()
@@ -66,7 +66,7 @@ async def handler(job: dict[str, Any]) -> dict[str, Any]:
 async def _run(request: Any, ctx: Any) -> dict[str, Any]:
     """Dispatch under the job deadline and turn every failure into an error string."""
     from services.actions import dispatch
-    from services.outputs import OutputPolicy
+    from services.output.files import OutputPolicy
 
     action = request.action
     settings = ctx.settings
@@ -112,8 +112,8 @@ def start(settings: Settings) -> None:
     """Hand the handler to the RunPod SDK (local test modes included)."""
     import runpod
 
-    from services.local_run import is_local_test_run, local_handler
-    from services.shutdown import stop_jobs_on_signals
+    from services.job.local_run import is_local_test_run, local_handler
+    from services.job.shutdown import stop_jobs_on_signals
 
     setup_logging(settings.log_level, settings.secret_values())  # again: runpod's logger now exists
     local = is_local_test_run(sys.argv)

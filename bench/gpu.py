@@ -6,11 +6,11 @@
     python bench/gpu.py --only gen --no-sdxl --steps 25 --train-steps 20 --budget 400
 
 Generation (seconds per image, 25 steps, CFG): plain diffusers is an fp16 pipeline called as
-is; this runner is ``services.gpu.generate.render`` (bf16, the UNet compiled in
+is; this runner is ``services.gpu.generate.render.render`` (bf16, the UNet compiled in
 reduce-overhead mode, LoRA fused per job). Training (seconds per optimizer step, LoRA rank
 16, batch 4): plain is the diffusers ``train_text_to_image_lora`` recipe (fp16 weights, VAE
 and text encoder every step, autocast + GradScaler, AdamW, a loss ``.item()`` per step); this
-runner is ``services.gpu.trainer.LoraTrainer`` (cached latents and embeddings, bf16 autocast,
+runner is ``services.gpu.train.trainer.LoraTrainer`` (cached latents and embeddings, bf16 autocast,
 fused AdamW; eager, then compiled).
 
 FLUX.1 (``--flux``, on by default): a FLUX.1-dev-size pipeline (12 B transformer, T5-XXL- and
@@ -45,9 +45,10 @@ import torch
 from PIL import Image
 
 from services.gpu import models
-from services.gpu.generate import GenerationRequest, render
-from services.gpu.tiny import build_tiny_pipeline, clip_tokenizer
-from services.gpu.trainer import LoraTrainer, TrainConfig
+from services.gpu.families import build_tiny_pipeline
+from services.gpu.families.tiny import clip_tokenizer
+from services.gpu.generate.render import GenerationRequest, render
+from services.gpu.train.trainer import LoraTrainer, TrainConfig
 
 PROMPT = "a photo of an astronaut riding a horse on the moon, detailed, 8k"
 TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
@@ -286,7 +287,7 @@ class RecipeTrainer:
         from diffusers.training_utils import cast_training_params
         from peft import LoraConfig
 
-        from services.gpu.trainer import pixel_tensor
+        from services.gpu.train.trainer import pixel_tensor
 
         self.pipe, self.sdxl, self.batch = pipe, sdxl, batch
         self.device = pipe.unet.device
@@ -406,7 +407,7 @@ def checkpoint_overhead(clock: Clock, entry: Any, data: tuple, args: argparse.Na
     import tempfile
 
     from config.settings import Settings
-    from services.gpu.checkpoint_state import capture
+    from services.gpu.train.checkpoint_state import capture
 
     every = Settings.model_fields["checkpoint_every"].default
     cfg = TrainConfig(
@@ -634,7 +635,7 @@ def build_flux(tiny: bool, device: torch.device, dtype: torch.dtype) -> Any:
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
         from transformers import T5Config, T5EncoderModel
 
-        from services.gpu.tiny import t5_tokenizer
+        from services.gpu.families.tiny import t5_tokenizer
 
         previous = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
@@ -694,7 +695,7 @@ class FluxRecipeTrainer:
         from diffusers.training_utils import cast_training_params
         from peft import LoraConfig
 
-        from services.gpu.trainer import pixel_tensor
+        from services.gpu.train.trainer import pixel_tensor
 
         self.pipe = pipe
         self.device = pipe.transformer.device
@@ -870,7 +871,7 @@ def projections(report: Report, args: argparse.Namespace) -> None:
                 f"| {steps}-step job {family} b{batch}, {variant} (s, incl. setup and "
                 f"warm-up) | {recipe:.1f} s | {total:.1f} s | {recipe / total:.2f}x | | {note} |"
             )
-    from services.gpu.train_job import TRAIN_COMPILE_MIN_STEPS, TRAIN_COMPILE_MIN_STEPS_WARM
+    from services.gpu.train.job import TRAIN_COMPILE_MIN_STEPS, TRAIN_COMPILE_MIN_STEPS_WARM
 
     report.line(
         f"| policy | | | | | with COMPILE unset the worker compiles training from {TRAIN_COMPILE_MIN_STEPS} "

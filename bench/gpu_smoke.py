@@ -23,10 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from PIL import Image
 
 from config.settings import build_settings
-from services.gpu.generate import generate_images
+from services.gpu.generate.render import generate_images
 from services.gpu.info import gpu_info
 from services.gpu.params import GenerateInput, TrainLoraInput
-from services.gpu.train_job import train_lora
+from services.gpu.train.job import train_lora
 
 
 def _dataset(folder: Path) -> None:

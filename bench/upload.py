@@ -181,7 +181,7 @@ def run_boto3_sequential(endpoint: str, bucket: str, prefix: str, files: dict[st
 
 
 def run_upload_training_files(settings: Settings, dataset: str, inline: list[dict[str, str]]) -> float:
-    from services.batch_upload import upload_batch
+    from services.ingest.batch_upload import upload_batch
     from services.storage.s3 import RealStorageService
 
     async def main() -> float:

@@ -70,7 +70,7 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 def restore_logging() -> Iterator[None]:
     """Undo what ``setup_logging`` did in a test: its filter on pytest's capture handlers
     (which rewrites records and strips ``exc_info`` for every later test), levels, redactor."""
-    from services import logs
+    from services.job import logs
 
     root = logging.getLogger()
     handlers = list(root.handlers)

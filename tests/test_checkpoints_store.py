@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from config.settings import Settings
-from services.checkpoints import (
+from services.durable.checkpoints import (
     TRAINING_HASH_FIELDS,
     CheckpointStore,
     checkpoints_prefix,
@@ -26,8 +26,8 @@ from services.checkpoints import (
     dataset_digest,
     training_config_hash,
 )
+from services.durable.snapshots import SnapshotStore, sample_key, snapshot_key
 from services.errors import CheckpointCorrupt, CheckpointError, CheckpointUploadFailed, StorageUnavailable
-from services.snapshots import SnapshotStore, sample_key, snapshot_key
 from services.storage import Storage
 from tests.conftest import run_with_storage, s3_client
 from tests.faultproxy import FaultProxy, Faults
@@ -294,7 +294,7 @@ def test_a_pointer_to_a_missing_file_falls_back_or_is_refused(
         await store.save(20, write_files(tmp_path, 20), HASH)
         missing = f"{prefix}step-00000020/trainer.safetensors"
         await storage.delete_many([missing])
-        with caplog.at_level(logging.WARNING, logger="services.checkpoints"):
+        with caplog.at_level(logging.WARNING, logger="services.durable.checkpoints"):
             assert (await store.latest()).step == 10
         assert missing in caplog.text
         await storage.delete_many([f"{prefix}step-00000010/lora.safetensors"])
@@ -348,7 +348,7 @@ def test_an_unreadable_pointer_is_replaced_by_a_scan(
             await store.save(step, write_files(tmp_path, step), HASH)
         await storage.delete_many([f"{checkpoints_prefix(NAME)}step-00000030/state.json"])
         await storage.put_bytes(store.pointer_key, b"{not json")
-        with caplog.at_level(logging.WARNING, logger="services.checkpoints"):
+        with caplog.at_level(logging.WARNING, logger="services.durable.checkpoints"):
             assert (await store.latest()).step == 20
         assert "unreadable" in caplog.text
 
@@ -470,5 +470,5 @@ def test_config_hash_is_canonical_and_covers_every_field() -> None:
 
 
 def test_the_store_imports_no_torch() -> None:
-    code = "import sys, services.checkpoints, services.snapshots; assert 'torch' not in sys.modules"
+    code = "import sys, services.durable.checkpoints, services.durable.snapshots; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from config.settings import Settings
-from services.datasets import fetch_stored_dataset
 from services.errors import InputError
+from services.ingest.datasets import fetch_stored_dataset
 from services.storage import Storage
 from tests.conftest import run_with_storage, s3_client
 
@@ -50,7 +50,7 @@ def test_s3_foreign_layouts_are_skipped_and_named(
     keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="datasets/ds/")["Contents"]}
     assert "datasets/ds/../escape.png" in keys  # the store really holds it as written
     workspace = tmp_path / "job"
-    caplog.set_level(logging.WARNING, logger="services.datasets")
+    caplog.set_level(logging.WARNING, logger="services.ingest.datasets")
 
     fetched = _fetch(s3_settings, workspace)
 
@@ -70,7 +70,7 @@ def test_local_nested_files_are_skipped_and_named(
     (folder / "sub").mkdir(parents=True)
     (folder / "good.png").write_bytes(b"data")
     (folder / "sub" / "y.png").write_bytes(b"data")  # copied in by hand, not by the worker
-    caplog.set_level(logging.WARNING, logger="services.datasets")
+    caplog.set_level(logging.WARNING, logger="services.ingest.datasets")
 
     assert _fetch(local_settings, tmp_path / "job") == ["good.png"]
     assert any("'datasets/ds/sub/y.png'" in r.getMessage() for r in caplog.records)

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from config.settings import Settings
-from services import apidoc
+from services.actions import apidoc
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -17,7 +17,7 @@ def env_names() -> list[str]:
 
 
 def test_api_reference_and_schema_file_are_generated_from_the_models() -> None:
-    assert apidoc.updated_readme(README) == README, "run: python -m services.apidoc"
+    assert apidoc.updated_readme(README) == README, "run: python -m services.actions.apidoc"
     assert (ROOT / "docs" / "job-input.schema.json").read_text() == apidoc.schema_text()
 
 

@@ -22,8 +22,8 @@ import pytest
 
 import services.storage.s3 as s3_module
 from config.settings import Settings, build_settings
-from services.batch_upload import upload_batch
 from services.errors import StorageUnavailable
+from services.ingest.batch_upload import upload_batch
 from services.storage import LocalStorageService, Storage
 from services.storage.breaker import S3Breaker
 from tests.conftest import TEST_KEY_ID, TEST_SECRET, run_with_storage, s3_client

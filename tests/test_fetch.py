@@ -34,10 +34,10 @@ from aiohttp import web
 from PIL import Image
 
 from config.settings import Settings, build_settings
-from services import fetch
 from services.errors import InputError
-from services.fetch import Downloaded, download, redact_url
-from services.urls import check_url_syntax
+from services.ingest import fetch
+from services.ingest.fetch import Downloaded, download, redact_url
+from services.ingest.urls import check_url_syntax
 from tests.conftest import use_settings_env
 
 PUBLIC_STAND_IN = ipaddress.ip_address("127.0.0.2")
@@ -628,7 +628,7 @@ def test_hung_dns_cannot_starve_other_jobs(
     """Issue 11, finding 2: 256 URLs whose lookups never answer, while a 50-file upload runs
     through the handler on the local backend (which writes through the default executor)."""
     from rp_handler import handler
-    from services.resolver import DNS_THREADS
+    from services.ingest.resolver import DNS_THREADS
     from services.storage import close_storages
 
     use_settings_env(monkeypatch, local_settings)
@@ -832,7 +832,7 @@ LEAK_CASES: dict[str, tuple[Callable[[Server], str], Settings, dict[str, Any]]] 
 def test_errors_and_logs_never_contain_the_query(tmp_path: Path, caplog: pytest.LogCaptureFixture, case: str) -> None:
     make_url, settings, kwargs = LEAK_CASES[case]
     secret_value = SECRET.split("=", 1)[1]
-    with caplog.at_level(logging.DEBUG, logger="services.fetch"):
+    with caplog.at_level(logging.DEBUG, logger="services.ingest.fetch"):
         error = fetch_error(make_url, settings, tmp_path, **kwargs)
     text = "".join(traceback.format_exception(error))
     assert secret_value not in text
@@ -845,7 +845,7 @@ def test_success_log_has_no_query(tmp_path: Path, caplog: pytest.LogCaptureFixtu
         async with serve() as server:
             await download(f"{server.base}/chain-2?{SECRET}", tmp_path / "f", lenient())
 
-    with caplog.at_level(logging.DEBUG, logger="services.fetch"):
+    with caplog.at_level(logging.DEBUG, logger="services.ingest.fetch"):
         run(go())
     assert "downloaded http://127.0.0.1:" in caplog.text
     assert SECRET.split("=", 1)[1] not in caplog.text

@@ -264,8 +264,8 @@ def test_get_file_inline_under_5mb_redirect_over(backend: Settings) -> None:
 @pytest.mark.parametrize("budget", [9 * 1024 * 1024, 10_000_000])
 def test_response_budget_sends_the_largest_files_to_storage(s3_env: Settings, budget: int) -> None:
     """Three 3 MB files are 12 MB of base64: the largest go to outputs/<job id>/ until it fits."""
-    from services.outputs import OutputFile, OutputPolicy, response_size
-    from services.results import GenerateResult
+    from services.actions.results import GenerateResult
+    from services.output.files import OutputFile, OutputPolicy, response_size
     from services.storage import Storage
 
     settings = s3_env.model_copy(update={"response_max_bytes": budget})
@@ -289,7 +289,7 @@ def test_response_budget_sends_the_largest_files_to_storage(s3_env: Settings, bu
 
 
 def test_response_size_is_the_json_actually_sent() -> None:
-    from services.outputs import response_size
+    from services.output.files import response_size
 
     body = {"data": "x" * 1000}
     assert response_size(body) >= len(json.dumps(body))
@@ -333,7 +333,7 @@ def test_unexpected_bug_is_an_error_string_not_a_traceback(
 def test_workspace_is_removed_and_failed_cleanup_is_logged(
     local_settings: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from services import context
+    from services.job import context
 
     work = tmp_path / "work"
     use_settings_env(monkeypatch, local_settings)
@@ -354,7 +354,7 @@ def test_workspace_is_removed_and_failed_cleanup_is_logged(
 
 
 def test_logs_never_show_secrets_signatures_or_blobs(s3_env: Settings, caplog: pytest.LogCaptureFixture) -> None:
-    from services.logs import setup_logging
+    from services.job.logs import setup_logging
 
     setup_logging("DEBUG", s3_env.secret_values())
     big = os.urandom(6 * 1024 * 1024)
@@ -374,7 +374,7 @@ def test_logs_never_show_secrets_signatures_or_blobs(s3_env: Settings, caplog: p
 
 
 def test_redactor_rules() -> None:
-    from services.logs import Redactor
+    from services.job.logs import Redactor
 
     redact = Redactor(["my-secret-value"])
     line = (
@@ -392,7 +392,7 @@ def test_redactor_rules() -> None:
 
 
 def test_short_configured_values_are_not_treated_as_secrets() -> None:
-    from services.logs import Redactor
+    from services.job.logs import Redactor
 
     redact = Redactor(["testing", "minio-secret-1"])
     assert redact("Local testing complete") == "Local testing complete"
@@ -414,7 +414,7 @@ def test_gpu_jobs_are_serialized_while_storage_jobs_keep_running(
     import threading
     import time as clock
 
-    import services.gpu.generate as gpu_generate
+    import services.gpu.generate.render as gpu_generate
     from services.gpu.types import GenerateResult, ImageFile
 
     use_settings_env(monkeypatch, local_settings)
@@ -511,7 +511,7 @@ def test_deadline_names_the_step_that_ran_out_of_time(
 def _stoppable_runner(stop: Any, total: int, started: Any) -> str:
     import threading
 
-    from services.stop import StopSignal
+    from services.job.stop import StopSignal
 
     assert isinstance(stop, StopSignal)
     pause = threading.Event()
@@ -523,7 +523,7 @@ def _stoppable_runner(stop: Any, total: int, started: Any) -> str:
 
 
 def _context(settings: Settings, tmp_path: Path) -> Any:
-    from services.context import JobContext
+    from services.job.context import JobContext
     from services.storage import LocalStorageService
 
     return JobContext(
@@ -534,7 +534,7 @@ def _context(settings: Settings, tmp_path: Path) -> Any:
 def test_cancel_stops_the_worker_thread_before_the_lock_is_released(local_settings: Settings, tmp_path: Path) -> None:
     import threading
 
-    from services.context import gpu_lock
+    from services.job.context import gpu_lock
 
     started = threading.Event()
     ctx = _context(local_settings, tmp_path)
@@ -601,7 +601,7 @@ def test_resumable_stop_is_prefixed_for_the_client() -> None:
 def test_signal_sets_the_stop_of_every_running_job(local_settings: Settings) -> None:
     import asyncio
 
-    from services.context import job_context, stop_running_jobs
+    from services.job.context import job_context, stop_running_jobs
 
     async def scenario() -> list[str]:
         async with job_context({"id": "a"}, local_settings) as a, job_context({"id": "b"}, local_settings) as b:
@@ -615,7 +615,7 @@ def test_progress_is_throttled_but_the_final_update_always_goes_out(
     local_settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     ctx = _context(local_settings, tmp_path)
-    with caplog.at_level(logging.INFO, logger="services.context"):
+    with caplog.at_level(logging.INFO, logger="services.job.context"):
         for step in range(50):
             ctx.progress({"step": step, "total_steps": 50}, final=step == 49)
     lines = [r.getMessage() for r in caplog.records if "progress" in r.getMessage()]

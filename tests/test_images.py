@@ -17,7 +17,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from services.errors import InputError
-from services.images import IMAGE_FORMATS, ImageInfo, check_image_bytes, check_image_file, open_image
+from services.ingest.images import IMAGE_FORMATS, ImageInfo, check_image_bytes, check_image_file, open_image
 
 BOMB_SIZE = (14900, 12000)  # issue 11: 509 KB on disk, +1.7 GB to scan
 CAP = 2048 * 2048
@@ -89,7 +89,7 @@ def test_pixel_bomb_file_is_refused_without_the_memory_a_decode_needs(tmp_path: 
     script = (
         "import json, resource, sys\n"
         "from services.errors import InputError\n"
-        "from services.images import check_image_file\n"
+        "from services.ingest.images import check_image_file\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "try:\n"
         f"    check_image_file(sys.argv[1], {CAP}, 'dataset_url')\n"

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 HUNG_LOOKUP = textwrap.dedent(
     """
     import asyncio, threading
-    from services.resolver import BoundedResolver
+    from services.ingest.resolver import BoundedResolver
 
     release = threading.Event()
 

@@ -297,7 +297,7 @@ SECRETS = (SECRET_KEY_ID, SECRET_ACCESS_KEY, SESSION_TOKEN)
 @pytest.fixture
 def secret_env(s3_settings: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Settings]:
     """The S3 backend (moto) with known secret values; logging set up as the worker does, at DEBUG."""
-    from services.logs import setup_logging
+    from services.job.logs import setup_logging
 
     use_settings_env(monkeypatch, s3_settings)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", SECRET_KEY_ID)
@@ -494,7 +494,7 @@ def _env_uses(tree: ast.AST) -> list[tuple[int, str | None, str]]:
 def env_problems(path: str, source: str) -> list[str]:
     """Credential reads, and names not written out in full, in one file's source.
 
-    Named, non-secret variables are fine (``RUNPOD_WEBHOOK_POST_OUTPUT`` in services/context.py).
+    Named, non-secret variables are fine (``RUNPOD_WEBHOOK_POST_OUTPUT`` in services/job/context.py).
     """
     problems = []
     for line, name, how in _env_uses(ast.parse(source)):
@@ -525,7 +525,7 @@ def test_the_env_scanner_catches_what_it_should() -> None:
         problems = env_problems("services/x.py", source)
         assert problems, source
         assert why in problems[0], (source, problems)
-    assert env_problems("services/context.py", 'import os\nos.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT")') == []
+    assert env_problems("services/job/context.py", 'import os\nos.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT")') == []
     assert env_problems("client/api.py", 'import os\nos.environ.get("RUNPOD_API_KEY", "")') == []
     assert env_problems("services/x.py", 'import os\nos.environ.get("RUNPOD_API_KEY", "")') != []
 
@@ -541,7 +541,7 @@ def _python_sources() -> list[str]:
 
 def test_no_credential_is_read_from_the_environment_outside_config() -> None:
     sources = _python_sources()
-    assert "services/context.py" in sources
+    assert "services/job/context.py" in sources
     assert not any(path.startswith(("config/", ".venv/")) for path in sources)
     problems = [
         problem for path in sources for problem in env_problems(path, (REPO / path).read_text(encoding="utf-8"))

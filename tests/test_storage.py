@@ -15,8 +15,8 @@ import pytest
 
 from config.settings import Settings, build_settings
 from services.errors import ObjectNotFound
-from services.keys import validate_key
 from services.storage import Storage
+from services.storage.keys import validate_key
 from tests.conftest import run_with_storage, s3_client
 
 

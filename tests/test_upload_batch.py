@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 
 from config.settings import Settings
-from services.batch_upload import upload_batch
-from services.fetch import download
-from services.keys import file_name_problem
+from services.ingest.batch_upload import upload_batch
+from services.ingest.fetch import download
 from services.storage import Storage
+from services.storage.keys import file_name_problem
 from tests.conftest import run_with_storage, s3_client
 from tests.faultproxy import FaultProxy, Faults
 

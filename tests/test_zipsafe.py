@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from config.settings import Settings, build_settings
-from services import zipsafe
 from services.errors import InputError
-from services.zipsafe import extract_zip
+from services.ingest import zipsafe
+from services.ingest.zipsafe import extract_zip
 
 
 @pytest.fixture

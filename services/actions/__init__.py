@@ -19,11 +19,7 @@ from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 from services.actions.files import delete_files, get_file, list_files
 from services.actions.gpu_jobs import generate, train_lora
 from services.actions.health import health
-from services.actions.uploads import presign_uploads, upload_training_files
-from services.context import JobContext
-from services.errors import InputError
-from services.gpu.params import GenerateInput, TrainLoraInput
-from services.results import (
+from services.actions.results import (
     DeleteFilesResult,
     GenerateResult,
     GetFileResult,
@@ -33,7 +29,7 @@ from services.results import (
     TrainLoraResult,
     UploadResult,
 )
-from services.schemas import (
+from services.actions.schemas import (
     DeleteFilesInput,
     GetFileInput,
     HealthInput,
@@ -41,6 +37,10 @@ from services.schemas import (
     PresignUploadsInput,
     UploadTrainingFilesInput,
 )
+from services.actions.uploads import presign_uploads, upload_training_files
+from services.errors import InputError
+from services.gpu.params import GenerateInput, TrainLoraInput
+from services.job.context import JobContext
 
 if TYPE_CHECKING:
     from config.settings import Settings

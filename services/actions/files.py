@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
-from services.context import JobContext
+from services.actions.results import DeleteFilesResult, GetFileResult, ListedFile, ListFilesResult
+from services.actions.schemas import DeleteFilesInput, GetFileInput, ListFilesInput
 from services.errors import ObjectNotFound, StorageError
-from services.keys import dataset_prefix, lora_checkpoint_prefix, lora_key, lora_prefix
-from services.outputs import OutputFile
-from services.results import DeleteFilesResult, GetFileResult, ListedFile, ListFilesResult
-from services.schemas import DeleteFilesInput, GetFileInput, ListFilesInput
+from services.job.context import JobContext
+from services.output.files import OutputFile
+from services.storage.keys import dataset_prefix, lora_checkpoint_prefix, lora_key, lora_prefix
 
 
 async def list_files(request: ListFilesInput, ctx: JobContext) -> ListFilesResult:

@@ -11,20 +11,20 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from services.checkpoints import CheckpointStore
-from services.context import JobContext, gpu_lock
-from services.datasets import fetch_dataset
+from services.actions.results import GenerateResult, StoredSnapshot, TrainLoraResult
+from services.durable.checkpoints import CheckpointStore
+from services.durable.snapshots import SnapshotStore
+from services.durable.training_store import TrainingStorage
 from services.errors import CheckpointCorrupt, InputError, ObjectNotFound, StorageError
 from services.gpu.params import GenerateInput, TrainLoraInput
-from services.keys import lora_key, resolve_lora_key
-from services.outputs import OutputFile
-from services.results import GenerateResult, StoredSnapshot, TrainLoraResult
-from services.snapshots import SnapshotStore
+from services.ingest.datasets import fetch_dataset
+from services.job.context import JobContext, gpu_lock
+from services.output.files import OutputFile
 from services.storage.base import DeleteResult
-from services.training_store import TrainingStorage
+from services.storage.keys import lora_key, resolve_lora_key
 
 if TYPE_CHECKING:
-    from services.gpu.train_job import Resume
+    from services.gpu.train.job import Resume
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 async def train_lora(request: TrainLoraInput, ctx: JobContext) -> TrainLoraResult:
     """Train (resuming from a matching checkpoint), store the LoRA under ``loras/<output_name>/``,
     return it with samples, snapshots and metrics; the checkpoints go unless ``keep_checkpoints``."""
-    from services.gpu.train_job import Durable
-    from services.gpu.train_job import train_lora as run_training
+    from services.gpu.train.job import Durable
+    from services.gpu.train.job import train_lora as run_training
 
     checkpoints = CheckpointStore(ctx.storage, request.output_name)
     snapshots = SnapshotStore(ctx.storage, request.output_name)
@@ -81,7 +81,7 @@ async def _prepare_resume(
     request: TrainLoraInput, ctx: JobContext, checkpoints: CheckpointStore, snapshots: SnapshotStore
 ) -> Resume | None:
     """Apply ``overwrite`` / ``resume`` and download the checkpoint to resume from, if any."""
-    from services.gpu.train_job import Resume
+    from services.gpu.train.job import Resume
 
     if request.overwrite or not request.resume:
         ctx.stage = "removing old checkpoints"
@@ -109,7 +109,7 @@ async def _prepare_resume(
 async def _fetch_lora(request: GenerateInput, ctx: JobContext) -> Path | None:
     path = ctx.workspace / "lora.safetensors"
     if request.lora_url:
-        from services.fetch import download
+        from services.ingest.fetch import download
 
         await download(request.lora_url, path, ctx.settings, expect="any")
         return path
@@ -128,7 +128,7 @@ async def _fetch_lora(request: GenerateInput, ctx: JobContext) -> Path | None:
 
 async def generate(request: GenerateInput, ctx: JobContext) -> GenerateResult:
     """Generate images (with the job's LoRA, if any); images go through the output policy."""
-    from services.gpu.generate import generate_images
+    from services.gpu.generate.render import generate_images
 
     ctx.stage = "downloading the LoRA"
     lora_path = await _fetch_lora(request, ctx)

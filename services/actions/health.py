@@ -8,10 +8,10 @@ import time
 from importlib import metadata
 from typing import Any
 
-from services.context import JobContext
+from services.actions.results import HealthResult
+from services.actions.schemas import HealthInput
 from services.errors import StorageError
-from services.results import HealthResult
-from services.schemas import HealthInput
+from services.job.context import JobContext
 
 PACKAGES = ("runpod", "aiobotocore", "botocore", "pybreaker", "pydantic", "torch", "diffusers", "peft", "transformers")
 PROBE_TIMEOUT = 5.0

@@ -7,12 +7,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from services.batch_upload import BatchResult, upload_batch
-from services.context import JobContext
+from services.actions.results import PresignedUploadOut, PresignResult, UploadResult
+from services.actions.schemas import PresignUploadsInput, UploadTrainingFilesInput
 from services.errors import InputError, StorageError
-from services.keys import dataset_prefix, file_name_problem
-from services.results import PresignedUploadOut, PresignResult, UploadResult
-from services.schemas import PresignUploadsInput, UploadTrainingFilesInput
+from services.ingest.batch_upload import BatchResult, upload_batch
+from services.job.context import JobContext
+from services.storage.keys import dataset_prefix, file_name_problem
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp"}
 
@@ -24,7 +24,7 @@ def _url_fetcher(ctx: JobContext) -> Any:
     gets a short generated name: the dataset name may be up to 255 bytes, and the download's
     temporary ``.<name>.<random>.part`` beside it would then pass the file system's limit.
     """
-    from services.fetch import download
+    from services.ingest.fetch import download
 
     downloads = ctx.workspace / "downloads"
     downloads.mkdir(exist_ok=True)

@@ -1,9 +1,9 @@
 """GPU runner: LoRA training and image generation with diffusers + peft + torch.
 
 Nothing heavy is imported here. :mod:`services.gpu.params` (the job inputs, pydantic) and
-:mod:`services.gpu.info` (health) never import torch; :mod:`services.gpu.train_job` (the
-``train_lora`` job runner, around the loop in :mod:`services.gpu.trainer`) and
-:mod:`services.gpu.generate` import torch, diffusers and peft inside their functions, so the
+:mod:`services.gpu.info` (health) never import torch; :mod:`services.gpu.train.job` (the
+``train_lora`` job runner, around the loop in :mod:`services.gpu.train.trainer`) and
+:mod:`services.gpu.generate.render` import torch, diffusers and peft inside their functions, so the
 storage actions of the worker start and run without them. Everything that differs between
 model families lives in :mod:`services.gpu.families`.
 

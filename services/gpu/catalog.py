@@ -34,8 +34,6 @@ ExportFormat = Literal["diffusers", "kohya"]
 LoraTargets = Literal["attention", "attention+mlp"]
 ImageFormat = Literal["png", "jpeg", "webp"]
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-CAPTION_EXTENSION = ".txt"
 
 
 def check_pixels(width: int, height: int, max_pixels: int) -> None:

@@ -288,7 +288,7 @@ def _load(key: PipelineKey, settings: Settings, dtype: torch.dtype, device: torc
     log.info("pipeline cache: loading %s", key)
     diffusers_logging.disable_progress_bar()  # bars would flood the worker's logs
     if key.model in BUILTIN_MODELS:
-        from services.gpu.tiny import build_tiny_pipeline
+        from services.gpu.families import build_tiny_pipeline
 
         pipe = build_tiny_pipeline(key.model)  # built in fp32
         if dtype != torch.float32:

@@ -36,7 +36,7 @@ from services.gpu.catalog import (
     SchedulerName,
     check_pixels,
 )
-from services.urls import Url
+from services.ingest.urls import Url
 
 if TYPE_CHECKING:
     from config.settings import Settings

@@ -18,7 +18,7 @@ class ImageFile:
 
 @dataclass(frozen=True)
 class TrainResult:
-    """What :func:`services.gpu.train_job.train_lora` produced in the work directory."""
+    """What :func:`services.gpu.train.job.train_lora` produced in the work directory."""
 
     lora_path: Path
     kohya_path: Path | None

@@ -1,9 +1,9 @@
 """The storage interface both backends implement, with the types they return.
 
 Storage knows objects, not use cases: keys are opaque to it beyond the generic rule of
-:func:`services.keys.validate_key`, which both backends apply so that a key valid on one
+:func:`services.storage.keys.validate_key`, which both backends apply so that a key valid on one
 is valid on the other. The key layout (``datasets/``, ``loras/``, ``outputs/``) lives in
-:mod:`services.keys`.
+:mod:`services.storage.keys`.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ from services.storage.base import (
     PresignedUpload,
     Storage,
 )
-from services.keys import validate_key, validate_prefix
+from services.storage.keys import validate_key, validate_prefix
 
 log = logging.getLogger(__name__)
 

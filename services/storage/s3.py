@@ -33,8 +33,8 @@ from services.storage.base import (
     PresignedUpload,
     Storage,
 )
-from services.keys import validate_key, validate_prefix
 from services.storage.breaker import S3Breaker, safe_s3_operation
+from services.storage.keys import validate_key, validate_prefix
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +147,13 @@ class RealStorageService(Storage):
             args["ChecksumAlgorithm"] = "SHA256"
             args["ChecksumSHA256"] = base64.b64encode(bytes.fromhex(digest)).decode()
         response = await safe_s3_operation(
-                self.breaker,
-            "put_object", self._client.put_object, Body=data, deadline=self.deadline, resource=self._uri(key), **args
+            self.breaker,
+            "put_object",
+            self._client.put_object,
+            Body=data,
+            deadline=self.deadline,
+            resource=self._uri(key),
+            **args,
         )
         return ObjectInfo(key=key, size=len(data), etag=response.get("ETag"), content_type=content_type, metadata=meta)
 
@@ -221,7 +226,8 @@ class RealStorageService(Storage):
                 self.breaker,
                 "create_multipart_upload",
                 self._client.create_multipart_upload,
-                deadline=self.deadline, resource=uri,
+                deadline=self.deadline,
+                resource=uri,
                 **self._put_args(key, content_type, metadata),
             )
         )
@@ -246,7 +252,7 @@ class RealStorageService(Storage):
         async def send(number: int, body: bytes) -> None:
             try:
                 response = await safe_s3_operation(
-                self.breaker,
+                    self.breaker,
                     "upload_part",
                     self._client.upload_part,
                     Bucket=self.bucket,
@@ -254,7 +260,8 @@ class RealStorageService(Storage):
                     UploadId=upload_id,
                     PartNumber=number,
                     Body=body,
-                    deadline=self.deadline, resource=f"{uri} part {number}",
+                    deadline=self.deadline,
+                    resource=f"{uri} part {number}",
                 )
                 parts[number] = response["ETag"]
             finally:
@@ -278,7 +285,8 @@ class RealStorageService(Storage):
                 Key=key,
                 UploadId=upload_id,
                 MultipartUpload={"Parts": [{"PartNumber": n, "ETag": parts[n]} for n in sorted(parts)]},
-                deadline=self.deadline, resource=uri,
+                deadline=self.deadline,
+                resource=uri,
             )
         except BaseException:
             for task in tasks:
@@ -299,7 +307,8 @@ class RealStorageService(Storage):
                 Bucket=self.bucket,
                 Key=key,
                 UploadId=upload_id,
-                deadline=self.deadline, resource=self._uri(key),
+                deadline=self.deadline,
+                resource=self._uri(key),
             )
         except StorageError as exc:
             # The upload stays open until the bucket's lifecycle rule removes it.
@@ -309,18 +318,21 @@ class RealStorageService(Storage):
 
     async def _get_object(self, key: str) -> dict[str, Any]:
         return await safe_s3_operation(
-                self.breaker,
+            self.breaker,
             "get_object",
             self._client.get_object,
             Bucket=self.bucket,
             Key=validate_key(key),
-            deadline=self.deadline, resource=self._uri(key),
+            deadline=self.deadline,
+            resource=self._uri(key),
         )
 
     async def get_bytes(self, key: str) -> bytes:
         response = await self._get_object(key)
         async with response["Body"] as body:
-            return await safe_s3_operation(self.breaker, "get_object.read", body.read, deadline=self.deadline, resource=self._uri(key))
+            return await safe_s3_operation(
+                self.breaker, "get_object.read", body.read, deadline=self.deadline, resource=self._uri(key)
+            )
 
     async def download_file(self, key: str, path: Path) -> int:
         response = await self._get_object(key)
@@ -330,8 +342,12 @@ class RealStorageService(Storage):
             async with response["Body"] as body:
                 with partial.open("wb") as handle:
                     while chunk := await safe_s3_operation(
-                self.breaker,
-                        "get_object.read", body.read, READ_CHUNK, deadline=self.deadline, resource=self._uri(key)
+                        self.breaker,
+                        "get_object.read",
+                        body.read,
+                        READ_CHUNK,
+                        deadline=self.deadline,
+                        resource=self._uri(key),
                     ):
                         size += len(chunk)
                         await asyncio.to_thread(handle.write, chunk)
@@ -349,7 +365,8 @@ class RealStorageService(Storage):
                 self._client.head_object,
                 Bucket=self.bucket,
                 Key=validate_key(key),
-                deadline=self.deadline, resource=self._uri(key),
+                deadline=self.deadline,
+                resource=self._uri(key),
             )
         except ObjectNotFound:
             return None
@@ -367,7 +384,7 @@ class RealStorageService(Storage):
         if token:
             args["ContinuationToken"] = token
         response = await safe_s3_operation(
-                self.breaker,
+            self.breaker,
             "list_objects_v2",
             self._client.list_objects_v2,
             deadline=self.deadline,
@@ -395,7 +412,8 @@ class RealStorageService(Storage):
                 self._client.delete_objects,
                 Bucket=self.bucket,
                 Delete={"Objects": [{"Key": k} for k in batch], "Quiet": False},
-                deadline=self.deadline, resource=self._uri(batch[0]),
+                deadline=self.deadline,
+                resource=self._uri(batch[0]),
             )
             deleted += [d["Key"] for d in response.get("Deleted", [])]
             errors += [
@@ -422,7 +440,14 @@ class RealStorageService(Storage):
             args["MetadataDirective"] = "REPLACE"
             if content_type:
                 args["ContentType"] = content_type
-        return await safe_s3_operation(self.breaker, "copy_object", self._client.copy_object, deadline=self.deadline, resource=self._uri(dest_key), **args)
+        return await safe_s3_operation(
+            self.breaker,
+            "copy_object",
+            self._client.copy_object,
+            deadline=self.deadline,
+            resource=self._uri(dest_key),
+            **args,
+        )
 
     async def copy(self, source_key: str, dest_key: str) -> ObjectInfo:
         await self._copy(source_key, dest_key)

@@ -78,7 +78,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def trained(tmp_path_factory: pytest.TempPathFactory, dataset: Path, settings: Settings) -> Trained:
     """One LoRA trained on the tiny SD model, with a kohya copy and one sample."""
     from services.gpu.params import TrainLoraInput
-    from services.gpu.train_job import train_lora
+    from services.gpu.train.job import train_lora
 
     params = TrainLoraInput(
         action="train_lora",

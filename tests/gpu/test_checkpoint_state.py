@@ -23,7 +23,7 @@ pytestmark = pytest.mark.gpu
 torch = pytest.importorskip("torch")
 
 from services.errors import CheckpointCorrupt  # noqa: E402
-from services.gpu.checkpoint_state import (  # noqa: E402
+from services.gpu.train.checkpoint_state import (  # noqa: E402
     FILES,
     JSON_FILE,
     LoopState,

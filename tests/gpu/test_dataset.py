@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from services.errors import InputError
-from services.gpu.dataset import fit, load_rgb, scan_dataset, with_trigger
+from services.gpu.train.dataset import fit, load_rgb, scan_dataset, with_trigger
 from tests.gpu.conftest import write_dataset
 
 pytestmark = pytest.mark.gpu
@@ -78,7 +78,7 @@ def test_fit_keeps_aspect_and_flattens_alpha(tmp_path: Path) -> None:
 def test_bad_dataset_fails_before_any_model_loads(tmp_path: Path) -> None:
     from services.gpu.params import TrainLoraInput
     from services.gpu.state import RUNNER_STATE
-    from services.gpu.train_job import train_lora
+    from services.gpu.train.job import train_lora
     from tests.gpu.conftest import gpu_settings
 
     (tmp_path / "bad.png").write_bytes(b"nope")
@@ -89,7 +89,7 @@ def test_bad_dataset_fails_before_any_model_loads(tmp_path: Path) -> None:
 
 
 def test_buckets_keep_aspect_and_the_plan_is_reproducible() -> None:
-    from services.gpu.buckets import BatchPlan, bucket_sizes, nearest_bucket
+    from services.gpu.train.buckets import BatchPlan, bucket_sizes, nearest_bucket
 
     sizes = bucket_sizes(1024, 64)
     assert (1024, 1024) in sizes and all(w % 64 == 0 and h % 64 == 0 for w, h in sizes)

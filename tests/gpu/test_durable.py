@@ -112,7 +112,7 @@ def test_deadline_stops_with_a_checkpoint_then_resumes(storage_dir: Path, monkey
     deadline, inside the margin: the runner saves where it is and stops, resumable."""
     import time
 
-    from services.gpu import durable
+    from services.gpu.train import durable
 
     monkeypatch.setenv("JOB_TIMEOUT", "3300")
     monkeypatch.setenv("CHECKPOINT_DEADLINE_MARGIN", "600")

@@ -19,14 +19,13 @@ from safetensors.torch import load_file
 from services.errors import InputError, JobStopped
 from services.gpu import models
 from services.gpu.adapters import tuner_layers
-from services.gpu.dataset import fit, load_rgb, scan_dataset
-from services.gpu.families import FAMILIES, family_of_builtin
-from services.gpu.generate import generate_images
+from services.gpu.families import FAMILIES, build_tiny_pipeline, family_of_builtin
+from services.gpu.generate.render import generate_images
 from services.gpu.params import GenerateInput, TrainLoraInput
-from services.gpu.tiny import build_tiny_pipeline
-from services.gpu.train_job import train_lora
-from services.gpu.trainer import LoraTrainer, ProgressReporter, TrainConfig, evaluation_loss, run_steps
-from services.stop import StopSignal
+from services.gpu.train.dataset import fit, load_rgb, scan_dataset
+from services.gpu.train.job import train_lora
+from services.gpu.train.trainer import LoraTrainer, ProgressReporter, TrainConfig, evaluation_loss, run_steps
+from services.job.stop import StopSignal
 from tests.gpu.conftest import SIZE, decode, write_dataset
 
 pytestmark = pytest.mark.gpu

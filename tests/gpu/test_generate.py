@@ -15,7 +15,7 @@ from services.errors import InputError
 from services.gpu import models
 from services.gpu.adapters import tuner_layers
 from services.gpu.catalog import SCHEDULER_NAMES
-from services.gpu.generate import generate_images, scheduler_for
+from services.gpu.generate.render import generate_images, scheduler_for
 from services.gpu.info import gpu_info
 from services.gpu.params import GenerateInput
 from tests.gpu.conftest import Trained, decode, gpu_settings

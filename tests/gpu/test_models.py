@@ -12,10 +12,10 @@ import torch
 
 from services.errors import GpuError, GpuOutOfMemory, InputError, ModelStateError
 from services.gpu import models
+from services.gpu.families import build_tiny_pipeline
 from services.gpu.guard import gpu_errors
 from services.gpu.models import LoadedPipeline, PipelineCache, PipelineKey
 from services.gpu.state import RUNNER_STATE
-from services.gpu.tiny import build_tiny_pipeline
 from tests.gpu.conftest import decode, gpu_settings
 
 pytestmark = pytest.mark.gpu
@@ -85,7 +85,7 @@ def test_builtin_weights_are_the_same_in_every_process() -> None:
 
 
 def _tiny_image(model: str, settings) -> bytes:
-    from services.gpu.generate import generate_images
+    from services.gpu.generate.render import generate_images
     from services.gpu.params import GenerateInput
 
     params = GenerateInput(action="generate", prompt="a cat", base_model=model, steps=3, seed=5)

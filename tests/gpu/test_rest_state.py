@@ -15,9 +15,9 @@ from services.gpu import models
 from services.gpu.adapters import tuner_layers
 from services.gpu.params import TrainLoraInput
 from services.gpu.quantize import quantize_linear_layers
-from services.gpu.train_job import train_lora
-from services.gpu.trainer import LoraTrainer, TrainConfig, run_steps
-from services.stop import StopSignal
+from services.gpu.train.job import train_lora
+from services.gpu.train.trainer import LoraTrainer, TrainConfig, run_steps
+from services.job.stop import StopSignal
 from tests.gpu.conftest import write_dataset
 
 pytestmark = pytest.mark.gpu
@@ -72,7 +72,7 @@ def test_samples_mid_run_use_the_pipeline_dtype_not_autocast(settings) -> None:
     fp32 to decode must stay fp32), the fp32 LoRA over the bf16 base through peft's casts."""
     from PIL import Image
 
-    from services.gpu.generate import GenerationRequest, render
+    from services.gpu.generate.render import GenerationRequest, render
 
     entry = models.load_pipeline("builtin:tiny-sdxl", settings, torch.bfloat16, CPU)
     before = at_rest(entry)

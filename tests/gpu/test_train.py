@@ -12,11 +12,11 @@ from safetensors.torch import load_file
 from services.errors import InputError
 from services.gpu import models
 from services.gpu.adapters import fused_lora, tuner_layers
-from services.gpu.dataset import fit, load_rgb, scan_dataset
 from services.gpu.lora_files import read_metadata
 from services.gpu.params import TrainLoraInput
-from services.gpu.train_job import train_lora
-from services.gpu.trainer import ProgressReporter, evaluation_loss
+from services.gpu.train.dataset import fit, load_rgb, scan_dataset
+from services.gpu.train.job import train_lora
+from services.gpu.train.trainer import ProgressReporter, evaluation_loss
 from tests.gpu.conftest import SIZE, TRAIN_RANK, TRAIN_STEPS, Trained, decode, gpu_settings, write_dataset
 
 pytestmark = pytest.mark.gpu
@@ -164,7 +164,7 @@ def test_fp16_needs_cuda(tmp_path: Path, settings, dataset: Path) -> None:
 
 
 def test_training_compile_policy(tmp_path: Path) -> None:
-    from services.gpu.train_job import (
+    from services.gpu.train.job import (
         TRAIN_COMPILE_MIN_STEPS,
         TRAIN_COMPILE_MIN_STEPS_WARM,
         _remember_warm,
@@ -186,7 +186,7 @@ def test_training_compile_policy(tmp_path: Path) -> None:
 
 def test_default_steps_follow_the_model_and_the_limit() -> None:
     from services.gpu.families import FLUX
-    from services.gpu.train_job import default_steps
+    from services.gpu.train.job import default_steps
 
     assert default_steps("builtin:tiny-flux", FLUX, 10_000) == 100
     assert default_steps("org/model", FLUX, 10_000) == FLUX.defaults.steps == 1000

@@ -7,7 +7,7 @@ in :data:`services.gpu.catalog.BUILTIN_MODELS`. Nothing here imports torch at im
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from services.errors import InputError
 from services.gpu.families.base import ModelFamily
@@ -16,6 +16,9 @@ from services.gpu.families.sd import FAMILY as SD
 from services.gpu.families.sdxl import FAMILY as SDXL
 from services.gpu.families.zimage import FAMILY as ZIMAGE
 
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+
 __all__ = [
     "FAMILIES",
     "FLUX",
@@ -23,6 +26,7 @@ __all__ = [
     "SDXL",
     "ZIMAGE",
     "ModelFamily",
+    "build_tiny_pipeline",
     "family_of",
     "family_of_builtin",
     "family_of_index",
@@ -56,3 +60,19 @@ def trainable(family: ModelFamily | None, pipe: Any) -> ModelFamily:
         names = ", ".join(f.label for f in FAMILIES)
         raise InputError(f"input.base_model: training supports {names}, not {type(pipe).__name__}")
     return family
+
+
+def build_tiny_pipeline(name: str) -> DiffusionPipeline:
+    """Build the builtin model ``name`` (fp32, CPU, eval mode, frozen)."""
+    import torch
+
+    from services.gpu.families.tiny import TINY_SEED
+
+    family = family_of_builtin(name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        pipe = family.build_tiny()
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval().requires_grad_(False)
+    return pipe

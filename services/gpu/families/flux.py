@@ -42,7 +42,7 @@ class Flux(ModelFamily):
         from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
         from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
-        from services.gpu import tiny
+        from services.gpu.families import tiny
 
         clip_tokenizer = tiny.clip_tokenizer()
         t5_tokenizer = tiny.t5_tokenizer()

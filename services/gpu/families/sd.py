@@ -30,7 +30,7 @@ class StableDiffusion(ModelFamily):
         from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
         from transformers import CLIPTextModel
 
-        from services.gpu import tiny
+        from services.gpu.families import tiny
 
         tokenizer = tiny.clip_tokenizer()
         unet = UNet2DConditionModel(

@@ -25,7 +25,7 @@ class StableDiffusionXL(StableDiffusion):
         from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-        from services.gpu import tiny
+        from services.gpu.families import tiny
 
         tokenizer = tiny.clip_tokenizer()
         time_dim = 4

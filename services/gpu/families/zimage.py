@@ -43,7 +43,7 @@ class ZImage(ModelFamily):
         from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
         from transformers import Qwen3Config, Qwen3Model
 
-        from services.gpu import tiny
+        from services.gpu.families import tiny
 
         tokenizer = tiny.qwen_tokenizer()
         encoder = Qwen3Model(

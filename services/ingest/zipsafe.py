@@ -6,7 +6,7 @@ and NUL bytes in names, links and other special files, encrypted entries, duplic
 and file/folder clashes; and it caps the entry count, the total uncompressed size (from the
 headers first, then counted while decompressing, since headers can lie) and the compression
 ratio (zip bombs). Members named as images (the dataset's image extensions) must be images
-whose header is within ``MAX_IMAGE_PIXELS`` (:mod:`services.images`; nothing is decoded
+whose header is within ``MAX_IMAGE_PIXELS`` (:mod:`services.ingest.images`; nothing is decoded
 here, the dataset scan decodes them). A member whose data does not decompress (corrupt
 deflate, bzip2 or lzma data) is refused by name. On any failure whatever it extracted is
 removed again.
@@ -27,8 +27,7 @@ from typing import IO
 
 from config.settings import Settings
 from services.errors import InputError
-from services.gpu.catalog import IMAGE_EXTENSIONS
-from services.images import check_image_file
+from services.ingest.images import IMAGE_EXTENSIONS, check_image_file
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Output files and the storage I/O that carries out the output plan (:mod:`services.output_plan`).
+"""Output files and the storage I/O that carries out the output plan (:mod:`services.output.plan`).
 
 An action returns a pydantic result model whose fields may hold :class:`OutputFile` values
 (alone, in lists, or in nested models). :class:`OutputPolicy` finds them by walking the model's
@@ -21,9 +21,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, model_serializer
 
 from config.settings import Settings
-from services.keys import output_key
-from services.output_plan import Delivery, initial_plan, shrink_plan
+from services.output.plan import Delivery, initial_plan, shrink_plan
 from services.storage.base import Storage
+from services.storage.keys import output_key
 
 log = logging.getLogger(__name__)
 

@@ -30,9 +30,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from services.errors import CircuitOpen, InputError, StorageTimeout, StorageUnavailable, WorkerError
-from services.images import check_image_bytes, sniff_format
-from services.keys import dataset_prefix, file_name_problem
+from services.ingest.images import check_image_bytes, sniff_format
 from services.storage.base import ObjectInfo, Storage
+from services.storage.keys import dataset_prefix, file_name_problem
 
 log = logging.getLogger(__name__)
 _SLOTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, asyncio.Semaphore]] = weakref.WeakKeyDictionary()

@@ -9,7 +9,7 @@ steps done so far and the loss EMA. In order:
    :class:`JobStopped` saying how to resume; ``resumable`` when a checkpoint is in storage.
 2. Snapshot every ``save_every`` steps (``snapshot(step)``: the LoRA file and sample images).
 3. Checkpoint every ``every`` steps or ``minutes`` after the last one, whichever comes first:
-   captured here (the GPU thread), uploaded in the background (:mod:`services.training_store`).
+   captured here (the GPU thread), uploaded in the background (:mod:`services.durable.training_store`).
 
 Nothing is saved at the step a run resumed from (it is in storage already).
 """
@@ -24,14 +24,14 @@ from time import monotonic
 from typing import TYPE_CHECKING
 
 from services.errors import JobStopped
-from services.gpu.checkpoint_state import capture
+from services.gpu.train.checkpoint_state import capture
 
 if TYPE_CHECKING:
     import torch
 
-    from services.gpu.trainer import LoraTrainer, ProgressReporter
-    from services.stop import StopSignal
-    from services.training_store import TrainingStorage
+    from services.durable.training_store import TrainingStorage
+    from services.gpu.train.trainer import LoraTrainer, ProgressReporter
+    from services.job.stop import StopSignal
 
 log = logging.getLogger(__name__)
 

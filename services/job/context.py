@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from config.settings import Settings
 from services.errors import JobStopped
-from services.stop import StopSignal
+from services.job.stop import StopSignal
 from services.storage import Storage, get_storage
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from types import FrameType
 from typing import Any
 
-from services.context import running_job_count, stop_running_jobs
+from services.job.context import running_job_count, stop_running_jobs
 from services.storage import close_storages
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ same checks on every hop. The body is streamed to a temporary file beside ``dest
 byte cap and renamed into place only when complete and valid.
 
 Host names are checked for DNS syntax before any lookup (:func:`check_url_syntax`) and
-resolved on the resolver's own threads (:mod:`services.resolver`), never on the event
+resolved on the resolver's own threads (:mod:`services.ingest.resolver`), never on the event
 loop's default executor, so a lookup that never answers cannot stall other work.
 
 Query strings (presigned URLs carry their signature there) never appear in an error or a log
@@ -42,9 +42,9 @@ from yarl import URL
 
 from config.settings import Settings
 from services.errors import InputError
-from services.images import check_image_file
-from services.resolver import BoundedResolver
-from services.urls import check_url_syntax
+from services.ingest.images import check_image_file
+from services.ingest.resolver import BoundedResolver
+from services.ingest.urls import check_url_syntax
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def address_problem(ip: IPAddress, *, allow_private: bool = False) -> str | None
 
 
 system_resolver: Resolver = BoundedResolver()
-"""The default lookup: the system resolver on threads of its own (:mod:`services.resolver`)."""
+"""The default lookup: the system resolver on threads of its own (:mod:`services.ingest.resolver`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -375,8 +375,8 @@ async def download(
 
     ``max_bytes`` overrides ``settings.max_download_bytes``. ``expect="image"`` accepts
     PNG, JPEG, WEBP, GIF and BMP that decode within ``settings.max_image_pixels``
-    (:mod:`services.images`); ``expect="zip"`` checks the zip signature (extract with
-    :mod:`services.zipsafe`). ``resolver`` replaces :data:`system_resolver` (tests simulate
+    (:mod:`services.ingest.images`); ``expect="zip"`` checks the zip signature (extract with
+    :mod:`services.ingest.zipsafe`). ``resolver`` replaces :data:`system_resolver` (tests simulate
     DNS answers with it); each lookup is bounded by ``settings.download_connect_timeout``.
     Every refusal or failure raises :class:`InputError`; nothing is left at ``dest`` or
     beside it unless the download completed and passed its checks, even on cancellation.

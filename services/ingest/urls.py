@@ -1,7 +1,7 @@
 """The one URL input type (:data:`Url`) and the checks that need no network.
 
 Every URL a job may carry (``files[].url``, ``dataset_url``, ``lora_url``) is a :data:`Url`;
-:mod:`services.fetch` repeats :func:`check_url_syntax` on every redirect hop and adds the
+:mod:`services.ingest.fetch` repeats :func:`check_url_syntax` on every redirect hop and adds the
 checks that need DNS (public addresses only).
 """
 

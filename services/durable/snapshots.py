@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.checkpoints import lora_prefix
+from services.durable.checkpoints import lora_prefix
 from services.storage.base import DeleteResult, ObjectInfo, Storage
 
 log = logging.getLogger(__name__)

@@ -3,13 +3,13 @@
 ``train_lora`` is synchronous; the caller runs it in a worker thread under the GPU lock. The
 order of work is: validate the dataset (no model loaded yet), load the cached pipeline and its
 model family, put every image in its aspect-ratio bucket at each training resolution, train
-(:mod:`services.gpu.trainer`), save the diffusers LoRA and the optional kohya copy, render the
+(:mod:`services.gpu.train.trainer`), save the diffusers LoRA and the optional kohya copy, render the
 sample prompts through the generation path with the saved file, and report.
 
 Durability (with a :class:`Durable`, which the ``train_lora`` action passes): the run resumes
 from a downloaded checkpoint when its training config hash (:func:`config_hash_of`) matches,
 saves checkpoints and snapshots along the way and stops before the job's deadline
-(:mod:`services.gpu.durable`).
+(:mod:`services.gpu.train.durable`).
 
 Compilation: with ``COMPILE`` unset, training compiles on a GPU only when the job is long
 enough to earn the warm-up back (``TRAIN_COMPILE_MIN_STEPS``; fewer when an earlier worker
@@ -27,21 +27,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from services.checkpoints import dataset_digest, file_sha256, training_config_hash
-from services.context import remove_workspace
+from services.durable.checkpoints import dataset_digest, file_sha256, training_config_hash
 from services.errors import InputError
 from services.gpu import SOFTWARE_NAME, SOFTWARE_VERSION, models
-from services.gpu.buckets import bucket_sizes, nearest_bucket
 from services.gpu.catalog import BUILTIN_MODELS, DEFAULT_TINY_TRAIN_STEPS, check_pixels
-from services.gpu.dataset import Example, fit, load_rgb, scan_dataset
-from services.gpu.durable import Durability
 from services.gpu.encode import encode_image
 from services.gpu.families import ModelFamily, trainable
-from services.gpu.generate import GenerationRequest, render
+from services.gpu.generate.render import GenerationRequest, render
 from services.gpu.guard import gpu_errors
 from services.gpu.lora_files import export_kohya, save_diffusers_lora
 from services.gpu.state import RUNNER_STATE
-from services.gpu.trainer import (
+from services.gpu.train.buckets import bucket_sizes, nearest_bucket
+from services.gpu.train.dataset import Example, fit, load_rgb, scan_dataset
+from services.gpu.train.durable import Durability
+from services.gpu.train.trainer import (
     LoraTrainer,
     Precision,
     Progress,
@@ -57,10 +56,10 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from config.settings import Settings
+    from services.durable.training_store import TrainingStorage
     from services.gpu.models import LoadedPipeline
     from services.gpu.params import TrainLoraInput
-    from services.stop import StopSignal
-    from services.training_store import TrainingStorage
+    from services.job.stop import StopSignal
 
 log = logging.getLogger(__name__)
 
@@ -336,7 +335,7 @@ def _snapshot(
                     paths.append(path)
         durable.storage.save_snapshot(step, lora, paths)
     finally:
-        remove_workspace(folder)
+        durable.storage.discard(folder)
 
 
 def _train_config(

@@ -7,7 +7,7 @@ Fast path (the defaults): the VAE and the text encoders run once per image and c
 the denoiser's frozen weights stay in the pipeline's dtype (bf16 on a GPU) under autocast while
 the LoRA weights train in fp32; AdamW is fused on CUDA; losses stay on the device (one host
 sync per progress report); ``torch.compile`` is optional. Batches are always full and come
-from one aspect-ratio bucket each (:class:`~services.gpu.buckets.BatchPlan`).
+from one aspect-ratio bucket each (:class:`~services.gpu.train.buckets.BatchPlan`).
 
 The loop's position is explicit state: the batch plan and its cursor, the noise generator, the
 optimizer and the LoRA weights, so a checkpoint can save and restore it.
@@ -29,16 +29,16 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from services.errors import CheckpointCorrupt, ModelStateError
 from services.gpu.adapters import tuner_layers
-from services.gpu.buckets import BatchPlan
-from services.gpu.checkpoint_state import LoopState, TrainerParts, restore
 from services.gpu.families import trainable
 from services.gpu.models import PIPELINES, LoadedPipeline
+from services.gpu.train.buckets import BatchPlan
+from services.gpu.train.checkpoint_state import LoopState, TrainerParts, restore
 
 if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-    from services.stop import StopSignal
+    from services.job.stop import StopSignal
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +264,7 @@ class LoraTrainer:
         return LoopState(step, {"batches": self.plan.batches, "cursor": self.plan.cursor}, ema)
 
     def resume(self, folder: Path) -> tuple[int, torch.Tensor | None]:
-        """Load a checkpoint written by :func:`~services.gpu.checkpoint_state.capture` after
+        """Load a checkpoint written by :func:`~services.gpu.train.checkpoint_state.capture` after
         :meth:`setup`; returns the step it was taken at and the loss EMA (on the device)."""
         loop = restore(folder, self.parts())
         order = loop.data_order

@@ -27,10 +27,10 @@ from pydantic import (
     model_validator,
 )
 
-from services.batch_upload import FileSource, content_type_problem
 from services.errors import InputError
-from services.keys import managed_key, managed_prefix, safe_name
-from services.urls import Url
+from services.ingest.batch_upload import FileSource, content_type_problem
+from services.ingest.urls import Url
+from services.storage.keys import managed_key, managed_prefix, safe_name
 
 if TYPE_CHECKING:
     from config.settings import Settings

@@ -16,8 +16,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from services.context import safe_job_id
-from services.keys import file_name_problem
+from services.job.context import safe_job_id
+from services.storage.keys import file_name_problem
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 LOCAL_OUTPUTS = Path("outputs")

@@ -1,5 +1,5 @@
 """Training datasets: images plus optional same-name ``.txt`` captions, validated before any
-model is loaded, then resized to their aspect-ratio bucket (:mod:`services.gpu.buckets`)."""
+model is loaded, then resized to their aspect-ratio bucket (:mod:`services.gpu.train.buckets`)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ from PIL import Image, ImageOps
 
 from config.settings import Settings
 from services.errors import InputError
-from services.gpu.catalog import CAPTION_EXTENSION, IMAGE_EXTENSIONS
-from services.images import check_image_file
+from services.ingest.images import CAPTION_EXTENSION, IMAGE_EXTENSIONS, check_image_file
 
 log = logging.getLogger(__name__)
 

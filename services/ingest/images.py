@@ -33,6 +33,9 @@ from PIL import Image, ImageFile
 from services.errors import InputError
 
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+# The file names a dataset's images and captions go by (zip entries, stored objects, training folders).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+CAPTION_EXTENSION = ".txt"
 # What Pillow raises for data it cannot decode (plugins raise SyntaxError for broken headers).
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error)
 

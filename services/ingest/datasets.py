@@ -1,6 +1,6 @@
 """The training dataset of a ``train_lora`` job, fetched into its workspace.
 
-Either a zip from ``dataset_url`` (checked by :mod:`services.zipsafe`) or the objects stored
+Either a zip from ``dataset_url`` (checked by :mod:`services.ingest.zipsafe`) or the objects stored
 under ``datasets/<dataset>/``. A stored dataset may hold what other S3 tools wrote, so its
 listing is checked before a single byte is downloaded:
 
@@ -9,7 +9,7 @@ listing is checked before a single byte is downloaded:
 * keys ending in ``/`` (folder markers of S3 consoles) are skipped;
 * keys that are not a plain file name directly under the prefix (``x/y.png`` beside ``x``,
   ``//``, ``../``, control or format characters) are skipped with a warning naming them;
-* a local path is built only from a name that passed :func:`services.keys.file_name_problem`.
+* a local path is built only from a name that passed :func:`services.storage.keys.file_name_problem`.
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING
 
 from config.settings import Settings
 from services.errors import InputError
-from services.keys import dataset_prefix, file_name_problem
 from services.storage.base import ObjectInfo, Storage
+from services.storage.keys import dataset_prefix, file_name_problem
 
 if TYPE_CHECKING:
-    from services.context import JobContext
     from services.gpu.params import TrainLoraInput
+    from services.job.context import JobContext
 
 log = logging.getLogger(__name__)
 NAMED_IN_WARNINGS = 20  # skipped keys named in one warning line
@@ -38,8 +38,8 @@ async def fetch_dataset(request: TrainLoraInput, ctx: JobContext) -> Path:
     target = ctx.workspace / "dataset"
     target.mkdir()
     if request.dataset_url:
-        from services.fetch import download
-        from services.zipsafe import extract_zip
+        from services.ingest.fetch import download
+        from services.ingest.zipsafe import extract_zip
 
         archive = await download(request.dataset_url, ctx.workspace / "dataset.zip", ctx.settings, expect="zip")
         await asyncio.to_thread(extract_zip, archive.path, target, ctx.settings)

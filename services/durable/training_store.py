@@ -5,7 +5,7 @@ loop. :class:`TrainingStorage` hands each save to the loop (``run_coroutine_thre
 a checkpoint upload runs in the background while training goes on, at most one at a time (a
 checkpoint due while the previous one still uploads is skipped and logged); a stop waits for
 it. A failed checkpoint upload is logged and training goes on (the previous checkpoint stays
-current, see :mod:`services.checkpoints`); :attr:`last_step` is the newest checkpoint that
+current, see :mod:`services.durable.checkpoints`); :attr:`last_step` is the newest checkpoint that
 landed. No torch here.
 """
 
@@ -19,10 +19,10 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
-from services.checkpoints import CheckpointStore
-from services.context import remove_workspace
+from services.durable.checkpoints import CheckpointStore
+from services.durable.snapshots import SnapshotStore
 from services.errors import CheckpointError, CheckpointUploadFailed, StorageError
-from services.snapshots import SnapshotStore
+from services.job.context import remove_workspace
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,11 @@ class TrainingStorage:
             await asyncio.to_thread(remove_workspace, folder)
         self.last_step = step
         self.last_save_seconds = time.monotonic() - started
+
+    @staticmethod
+    def discard(folder: Path) -> None:
+        """Remove a scratch folder the runner filled for storage (a failure is logged, not raised)."""
+        remove_workspace(folder)
 
     # --- snapshots (worker thread) ----------------------------------------------------------
 

@@ -6,7 +6,7 @@ client sees COMPLETED with no output, so two rules hold for every response:
 * a file over ``INLINE_MAX_BYTES`` is a redirect (:func:`initial_plan`);
 * the serialized response stays under ``RESPONSE_MAX_BYTES``: when the measured response is
   over, the largest inline files become redirects until their base64 covers the excess
-  (:func:`shrink_plan`). :mod:`services.outputs` carries the plan out and measures again.
+  (:func:`shrink_plan`). :mod:`services.output.files` carries the plan out and measures again.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ shape compiles, and its time is recorded as a warm-up (``gpu_info``).
 Progress and stop: after every denoising step (diffusers' ``callback_on_step_end``) the job's
 ``progress(update, final=False)`` gets ``{"step", "total_steps"}`` (the last step
 with ``final=True``; the caller throttles the others) and the job's
-:class:`~services.stop.StopSignal` is checked; a set signal raises :class:`JobStopped` out of
+:class:`~services.job.stop.StopSignal` is checked; a set signal raises :class:`JobStopped` out of
 the pipeline, and the ``finally`` blocks put the cached pipeline back at rest (LoRA weights
 restored, adapter removed, scheduler and denoiser back).
 """
@@ -41,8 +41,8 @@ if TYPE_CHECKING:
     from config.settings import Settings
     from services.gpu.models import LoadedPipeline
     from services.gpu.params import GenerateInput
-    from services.gpu.trainer import Progress
-    from services.stop import StopSignal
+    from services.gpu.train.trainer import Progress
+    from services.job.stop import StopSignal
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Pieces of the tiny built-in models, built in code with no hub access, and the builder.
+"""Shared pieces of the tiny built-in models, built in code with no hub access.
 
 Each family module builds its own tiny pipeline (``ModelFamily.build_tiny``) from these
 pieces. Weights come from a fixed seed on a forked CPU generator, so every process builds the
@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from diffusers import DiffusionPipeline
     from transformers import CLIPTokenizer, PreTrainedTokenizerFast
 
 TINY_SEED = 20_240_601
@@ -125,19 +124,3 @@ def vae(**extra: Any) -> Any:
 def flow_vae() -> Any:
     """The tiny VAE with a FLUX.1-like latent shift and scale (and no quant convs)."""
     return vae(use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
-
-
-def build_tiny_pipeline(name: str) -> DiffusionPipeline:
-    """Build the builtin model ``name`` (fp32, CPU, eval mode, frozen)."""
-    import torch
-
-    from services.gpu.families import family_of_builtin
-
-    family = family_of_builtin(name)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_SEED)
-        pipe = family.build_tiny()
-    for component in pipe.components.values():
-        if isinstance(component, torch.nn.Module):
-            component.eval().requires_grad_(False)
-    return pipe

@@ -1,7 +1,7 @@
 """What each action returns: pydantic models, rendered by the output policy into the response.
 
 Their JSON is the API's output contract (README examples). Files travel as
-:class:`~services.outputs.OutputFile` fields; everything else is plain data.
+:class:`~services.output.files.OutputFile` fields; everything else is plain data.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field, model_serializer
 
-from services.batch_upload import BatchResult
-from services.outputs import OutputFile
+from services.ingest.batch_upload import BatchResult
+from services.output.files import OutputFile
 
 __all__ = [
     "BatchResult",
