@@ -9,7 +9,7 @@ from services.actions.schemas import DeleteFilesInput, GetFileInput, ListFilesIn
 from services.errors import ObjectNotFound, StorageError
 from services.job.context import JobContext
 from services.output.files import OutputFile
-from services.storage.keys import dataset_prefix, lora_checkpoint_prefix, lora_key, lora_prefix
+from services.storage.keys import dataset_prefix, lora_checkpoint_prefix, lora_name_of, lora_prefix
 
 
 async def list_files(request: ListFilesInput, ctx: JobContext) -> ListFilesResult:
@@ -59,8 +59,7 @@ async def delete_files(request: DeleteFilesInput, ctx: JobContext) -> DeleteFile
 
 def _trained_loras(keys: list[str]) -> list[str]:
     """The output names whose LoRA file (``loras/<name>/<name>.safetensors``) is in ``keys``."""
-    names = {key.split("/")[1] for key in keys if key.count("/") == 2 and key.startswith("loras/")}
-    return sorted(name for name in names if lora_key(name) in keys)
+    return sorted({name for key in keys if (name := lora_name_of(key))})
 
 
 async def _exist(ctx: JobContext, keys: list[str]) -> list[bool]:

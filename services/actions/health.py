@@ -12,6 +12,7 @@ from services.actions.results import HealthResult
 from services.actions.schemas import HealthInput
 from services.errors import StorageError
 from services.job.context import JobContext
+from services.storage.keys import DATASET_ROOT
 
 PACKAGES = ("runpod", "aiobotocore", "botocore", "pybreaker", "pydantic", "torch", "diffusers", "peft", "transformers")
 PROBE_TIMEOUT = 5.0
@@ -31,7 +32,7 @@ def package_versions() -> dict[str, str | None]:
 async def _probe_storage(ctx: JobContext) -> dict[str, Any]:
     started = time.perf_counter()
     try:
-        await asyncio.wait_for(ctx.storage.list_page("datasets/", page_size=1), PROBE_TIMEOUT)
+        await asyncio.wait_for(ctx.storage.list_page(DATASET_ROOT + "/", page_size=1), PROBE_TIMEOUT)
     except (StorageError, TimeoutError) as exc:
         return {"reachable": False, "error": str(exc) or type(exc).__name__}
     return {"reachable": True, "latency_ms": round((time.perf_counter() - started) * 1000, 1)}

@@ -6,9 +6,11 @@ from pathlib import Path
 from typing import Literal, get_args
 
 from services.errors import InputError
+from services.gpu.families import FAMILIES
 
 BUILTIN_PREFIX = "builtin:"
-BUILTIN_MODELS = ("builtin:tiny-sd", "builtin:tiny-sdxl", "builtin:tiny-flux", "builtin:tiny-zimage")
+# One per registered family, in registration order (a new family adds its own).
+BUILTIN_MODELS: tuple[str, ...] = tuple(family.builtin for family in FAMILIES)
 DEFAULT_TINY_TRAIN_STEPS = 100  # the builtin models train in seconds on a CPU
 
 # RunPod mounts its cached models here (REFERENCE.md, "RunPod SDK").
@@ -33,7 +35,6 @@ MixedPrecision = Literal["auto", "no", "fp16", "bf16"]
 ExportFormat = Literal["diffusers", "kohya"]
 LoraTargets = Literal["attention", "attention+mlp"]
 ImageFormat = Literal["png", "jpeg", "webp"]
-
 
 
 def check_pixels(width: int, height: int, max_pixels: int) -> None:

@@ -287,6 +287,43 @@ def _parse(index: int, item: Any, seen: set[str]) -> tuple[FileSource | None, Fa
     return source, None
 
 
+def _parse_all(files: Sequence[dict[str, Any] | FileSource], batch: _Batch) -> list[tuple[int, FileSource]]:
+    """The files that parse, with their index; the others are recorded as failed in ``batch``."""
+    seen: set[str] = set()
+    sources: list[tuple[int, FileSource]] = []
+    for index, item in enumerate(files):
+        source, failure = _parse(index, item, seen)
+        if failure is not None:
+            batch.result.failed.append(failure)
+        elif source is not None:
+            sources.append((index, source))
+    return sources
+
+
+async def _run_workers(batch: _Batch, sources: list[tuple[int, FileSource]], concurrency: int) -> None:
+    """Upload ``sources`` on at most ``concurrency`` workers that share one iterator."""
+    pending = iter(sources)
+
+    async def worker() -> None:
+        for index, source in pending:  # one shared iterator: each file is taken exactly once
+            await batch.upload_one(index, source)
+
+    # A few workers per batch, not a task per file: 20 jobs of 50 files would otherwise hold
+    # 1000 tasks, their frames and semaphore waiters at once; memory follows the concurrency.
+    workers = min(len(sources), concurrency)
+    tasks = [asyncio.create_task(worker()) for _ in range(workers)]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        # gather returns at the first cancelled or failed file; every other file must end its
+        # own cleanup (a multipart abort) before the job ends, or the loop may drop it unfinished.
+        for task in tasks:
+            if not task.cancelling():  # cancel once: a second cancel would cut an abort short
+                task.cancel()
+        await asyncio.shield(asyncio.gather(*tasks, return_exceptions=True))
+        raise
+
+
 async def upload_batch(
     storage: Storage,
     files: Sequence[dict[str, Any] | FileSource],
@@ -317,36 +354,10 @@ async def upload_batch(
         download_concurrency,
         max_image_pixels,
     )
-    seen: set[str] = set()
-    sources: list[tuple[int, FileSource]] = []
-    for index, item in enumerate(files):
-        source, failure = _parse(index, item, seen)
-        if failure is not None:
-            batch.result.failed.append(failure)
-        elif source is not None:
-            sources.append((index, source))
+    sources = _parse_all(files, batch)
     if sources and (down := await batch.list_existing()) is not None:
         for index, source in sources:
             batch.fail(source.name, f"files[{index}]: {down} (nothing was sent; run the batch again later)")
         return batch.result
-    pending = iter(sources)
-
-    async def worker() -> None:
-        for index, source in pending:  # one shared iterator: each file is taken exactly once
-            await batch.upload_one(index, source)
-
-    # A few workers per batch, not a task per file: 20 jobs of 50 files would otherwise hold
-    # 1000 tasks, their frames and semaphore waiters at once; memory follows the concurrency.
-    workers = min(len(sources), concurrency)
-    tasks = [asyncio.create_task(worker()) for _ in range(workers)]
-    try:
-        await asyncio.gather(*tasks)
-    except BaseException:
-        # gather returns at the first cancelled or failed file; every other file must end its
-        # own cleanup (a multipart abort) before the job ends, or the loop may drop it unfinished.
-        for task in tasks:
-            if not task.cancelling():  # cancel once: a second cancel would cut an abort short
-                task.cancel()
-        await asyncio.shield(asyncio.gather(*tasks, return_exceptions=True))
-        raise
+    await _run_workers(batch, sources, concurrency)
     return batch.result

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import ipaddress
 import logging
 import os
 import secrets
@@ -42,6 +41,13 @@ from yarl import URL
 
 from config.settings import Settings
 from services.errors import InputError
+from services.ingest.addresses import (
+    METADATA_HOSTS,
+    IPAddress,
+    address_problem,
+    ip_or_none,
+    show_address,
+)
 from services.ingest.images import check_image_file
 from services.ingest.resolver import BoundedResolver
 from services.ingest.urls import check_url_syntax
@@ -51,25 +57,6 @@ logger = logging.getLogger(__name__)
 MAX_REDIRECTS = 5
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 
-# Cloud metadata endpoints stay refused even with ``allow_private_urls``: they hand out
-# credentials, and no test needs them.
-METADATA_HOSTS = frozenset(
-    {"metadata", "metadata.google.internal", "metadata.goog", "instance-data", "instance-data.ec2.internal"}
-)
-METADATA_ADDRESSES = frozenset(
-    ipaddress.ip_address(a)
-    for a in (
-        "169.254.169.254",  # AWS, GCP, Azure, OCI, DigitalOcean
-        "169.254.170.2",  # AWS ECS task metadata
-        "169.254.170.23",  # AWS EKS pod identity
-        "100.100.100.200",  # Alibaba Cloud
-        "fd00:ec2::254",  # AWS IMDS over IPv6
-        "fd00:ec2::23",  # AWS EKS pod identity over IPv6
-    )
-)
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], Awaitable[Sequence[str]]]
 """``async (host, port) -> addresses``: how :func:`download` looks a host up (tests inject one)."""
 
@@ -93,37 +80,6 @@ def redact_url(url: str) -> str:
         return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
     except ValueError:
         return "<unparseable url>"
-
-
-def _embedded_ipv4(ip: IPAddress) -> IPAddress:
-    """The IPv4 address an IPv6 address stands for (mapped, 6to4, NAT64), else ``ip``."""
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return ip.ipv4_mapped
-        if ip.sixtofour is not None:
-            return ip.sixtofour
-        if ip in _NAT64:
-            return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-    return ip
-
-
-def address_problem(ip: IPAddress, *, allow_private: bool = False) -> str | None:
-    """Why a connection to ``ip`` is refused (``"a loopback address"``), or None when allowed."""
-    ip = _embedded_ipv4(ip)
-    if ip in METADATA_ADDRESSES:
-        return "a cloud metadata address"
-    if allow_private:
-        return None
-    checks = (
-        (ip.is_loopback, "a loopback address"),
-        (ip.is_unspecified, "an unspecified address"),
-        (ip.is_link_local, "a link-local address"),
-        (ip.is_multicast, "a multicast address"),
-        (ip.is_reserved, "a reserved address"),
-        (ip.is_private, "a private address"),
-        (not ip.is_global, "a non-public address"),
-    )
-    return next((why for hit, why in checks if hit), None)
 
 
 system_resolver: Resolver = BoundedResolver()
@@ -188,25 +144,11 @@ class _CheckedConnector(aiohttp.TCPConnector):
         conn = await super().connect(req, traces, timeout)
         peername = conn.transport.get_extra_info("peername") if conn.transport else None
         peer = str(peername[0]) if peername else "an unknown address"
-        ip = _ip_or_none(peer)
+        ip = ip_or_none(peer)
         if ip is None or ip not in self._allowed or address_problem(ip, allow_private=self._allow_private):
             conn.close()
             raise _PeerRefused(peer)
         return conn
-
-
-def _ip_or_none(text: str) -> IPAddress | None:
-    """``text`` as an IP address (any IPv6 zone dropped), or None when it is a host name."""
-    try:
-        return ipaddress.ip_address(text.split("%", 1)[0])
-    except ValueError:
-        return None
-
-
-def _show(ip: IPAddress) -> str:
-    """``ip`` for a message, with the IPv4 address it stands for when it embeds one."""
-    inner = _embedded_ipv4(ip)
-    return str(ip) if inner == ip else f"{ip} = {inner}"
 
 
 def _where(original: str, current: str) -> str:
@@ -230,7 +172,7 @@ async def _validate(url: str, original: str, settings: Settings, resolver: Resol
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
     if host.lower().rstrip(".") in METADATA_HOSTS:
         raise InputError(f"url {where}: host is a cloud metadata endpoint")
-    literal = _ip_or_none(host)
+    literal = ip_or_none(host)
     if literal is not None:
         addresses = [literal]
     else:
@@ -245,7 +187,7 @@ async def _validate(url: str, original: str, settings: Settings, resolver: Resol
         except (OSError, UnicodeError) as exc:  # socket.gaierror; UnicodeError from the IDNA codec
             logger.warning("DNS lookup failed for %s: %s", redact_url(url), type(exc).__name__)
             raise InputError(f"could not download {where}: host not found") from None
-        found = [_ip_or_none(str(a)) for a in answer]
+        found = [ip_or_none(str(a)) for a in answer]
         addresses = [ip for ip in found if ip is not None]
         if len(addresses) != len(found):
             raise InputError(f"url {where}: the resolver returned an invalid address")
@@ -255,7 +197,7 @@ async def _validate(url: str, original: str, settings: Settings, resolver: Resol
         why = address_problem(ip, allow_private=settings.allow_private_urls)
         if why:
             verb = "is" if literal is not None else "resolves to"
-            raise InputError(f"url {where}: host {verb} {why} ({_show(ip)})")
+            raise InputError(f"url {where}: host {verb} {why} ({show_address(ip)})")
     return _Target(url=parsed, host=host, addresses=tuple(addresses))
 
 

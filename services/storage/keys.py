@@ -155,6 +155,15 @@ def lora_key(output_name: str, kohya: bool = False) -> str:
     return f"{lora_prefix(output_name)}{output_name}{suffix}"
 
 
+def lora_name_of(key: str) -> str | None:
+    """The output_name whose LoRA file ``key`` is (``loras/<name>/<name>.safetensors``), else None."""
+    root, _, rest = key.partition("/")
+    name, _, file_name = rest.partition("/")
+    if root != LORA_ROOT or not name or "/" in file_name or not _SAFE_NAME.fullmatch(name):
+        return None
+    return name if key == lora_key(name) else None
+
+
 def lora_checkpoint_prefix(output_name: str) -> str:
     """``loras/<output_name>/checkpoints/``: where training checkpoints of that LoRA go."""
     return f"{lora_prefix(output_name)}checkpoints/"

@@ -32,7 +32,7 @@ pytestmark = pytest.mark.gpu
 
 ROOT = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
-MODELS = ["builtin:tiny-sdxl", "builtin:tiny-flux", "builtin:tiny-zimage"]  # tiny-sd: test_train.py
+MODELS = [family.builtin for family in FAMILIES]  # every registered family, a new one included
 STEPS = 40
 # fp32 on the CPU: a LoRA fused into the weights and the same LoRA run unfused by peft round
 # differently; a couple of 8-bit levels is rounding, a wrong strength or layer is far more.

@@ -13,6 +13,7 @@ import torch
 from services.errors import JobStopped
 from services.gpu import models
 from services.gpu.adapters import tuner_layers
+from services.gpu.families import FAMILIES
 from services.gpu.params import TrainLoraInput
 from services.gpu.quantize import quantize_linear_layers
 from services.gpu.train.job import train_lora
@@ -41,7 +42,7 @@ def at_rest(entry: models.LoadedPipeline) -> dict[str, Any]:
     return state
 
 
-@pytest.mark.parametrize("model", ["builtin:tiny-flux", "builtin:tiny-zimage"])
+@pytest.mark.parametrize("model", [family.builtin for family in FAMILIES])
 def test_bf16_training_stopped_mid_run_leaves_the_pipeline_at_rest(tmp_path: Path, settings, model) -> None:
     entry = models.load_pipeline(model, settings, torch.bfloat16, CPU)
     before = at_rest(entry)

@@ -1,8 +1,10 @@
 """The model-family seam: the only package that names a family.
 
 Adding a family is one module here (a :class:`~services.gpu.families.base.ModelFamily`
-subclass with its tiny built-in model) plus its line in :data:`FAMILIES` and its builtin name
-in :data:`services.gpu.catalog.BUILTIN_MODELS`. Nothing here imports torch at import time.
+subclass with its tiny built-in model; copy ``example.py`` and follow ``README.md`` beside it)
+plus its line in :data:`FAMILIES`. Everything else derives from that list: the builtin model
+names (:data:`services.gpu.catalog.BUILTIN_MODELS`), the job input schema and every family
+test. Lookups do not depend on the order of the list. Nothing here imports torch at import time.
 """
 
 from __future__ import annotations
@@ -33,12 +35,21 @@ __all__ = [
     "trainable",
 ]
 
-FAMILIES: tuple[ModelFamily, ...] = (SDXL, SD, FLUX, ZIMAGE)
+FAMILIES: tuple[ModelFamily, ...] = (SD, SDXL, FLUX, ZIMAGE)
 
 
 def family_of(pipe: Any) -> ModelFamily | None:
-    """The family of a loaded pipeline; None for a pipeline the runner only generates with."""
-    return next((family for family in FAMILIES if family.matches(pipe)), None)
+    """The family of a loaded pipeline; None for a pipeline the runner only generates with.
+
+    The most specific class wins (the pipeline's MRO is walked first), so the order of
+    :data:`FAMILIES` does not matter: a subclass of ``StableDiffusionXLPipeline`` is SDXL even
+    when a family of one of its base classes is registered before it.
+    """
+    for cls in type(pipe).__mro__:
+        for family in FAMILIES:
+            if cls.__name__ in family.pipeline_classes:
+                return family
+    return None
 
 
 def family_of_index(index: dict[str, Any]) -> ModelFamily | None:

@@ -215,7 +215,23 @@ class ModelFamily(ABC):
     def predict(
         self, pipe: Any, denoiser: Any, noisy: torch.Tensor, timesteps: torch.Tensor, text: Text
     ) -> torch.Tensor:
-        """The denoiser's prediction for ``noisy`` (B, C, H, W), in the target's layout."""
+        """The denoiser's prediction for ``noisy``, in the layout of :meth:`noisy_and_target`'s target.
+
+        Inputs, as the trainer passes them:
+
+        - ``noisy``: (B, C, H, W) latents in the denoiser's space (after ``encode_latents``:
+          scaled and shifted; a family that packs latents, as FLUX.1 does, packs and unpacks
+          them inside this method);
+        - ``timesteps``: (B,) on ``noisy``'s device, in the family schedule's convention: integer
+          DDPM steps in ``0..num_train_timesteps-1`` (long) for SD/SDXL; flow families pass the
+          sigma in ``0..1`` (float, 1 = pure noise) and scale it to what their denoiser expects
+          (FLUX.1 takes ``sigma``, Z-Image ``1 - sigma``);
+        - ``text``: :meth:`collate_text`'s batch (tensors with a batch dimension);
+        - ``denoiser``: the pipeline's denoiser with the LoRA attached (call this, not
+          ``pipe``'s attribute, so training and sampling share one code path).
+
+        Returns a tensor shaped like the target (B, C, H, W).
+        """
 
     # LoRA files
 
