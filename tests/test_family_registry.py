@@ -50,3 +50,18 @@ def test_the_registry_imports_no_torch() -> None:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True, timeout=120
     )
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_the_example_family_keeps_up_with_the_protocol() -> None:
+    """Catches a protocol method added without updating the template a new family is copied
+    from: the example must implement every abstract method (instantiating it checks that) and
+    set every class attribute the protocol declares without a default; it is never registered."""
+    from services.gpu.families import example
+    from services.gpu.families.base import ModelFamily
+
+    family = example.ExampleFamily()
+    declared = {name for klass in ModelFamily.__mro__ for name in getattr(klass, "__annotations__", {})}
+    missing = [name for name in sorted(declared) if not hasattr(family, name)]
+    assert missing == []
+    assert all(f.name != family.name for f in families.FAMILIES)
+    assert example.FAMILY.builtin not in BUILTIN_MODELS
