@@ -41,3 +41,20 @@ def test_readme_has_exactly_two_setup_commands() -> None:
     assert len(blocks) == 2
     assert blocks[0].strip().endswith("python rp_handler.py")
     assert blocks[1].strip().endswith("python -m pytest -q")
+
+
+def test_the_apidoc_command_runs_from_the_project_root() -> None:
+    """Catches the generator losing its way to README.md (it once looked for services/README.md
+    after a move): the README's own command, ``python -m services.actions.apidoc --check``."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "services.actions.apidoc", "--check"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

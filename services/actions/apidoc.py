@@ -17,7 +17,7 @@ from typing import Any
 
 from services.actions import RESULTS, input_json_schema
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 SCHEMA_FILE = ROOT / "docs" / "job-input.schema.json"
 PIPE = "\\|"
@@ -131,10 +131,12 @@ def updated_readme(text: str) -> str:
 
 
 def schema_text() -> str:
+    """``docs/job-input.schema.json`` as it should be."""
     return json.dumps(input_json_schema(), indent=2) + "\n"
 
 
 def main() -> int:
+    """Write (or with ``--check`` compare) the README section and the schema file."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="fail if the generated files are out of date")
     args = parser.parse_args()

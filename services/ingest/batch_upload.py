@@ -66,6 +66,8 @@ _CONTENT_TYPE = re.compile(
 
 
 class UploadedFile(BaseModel):
+    """A file of the batch that was stored."""
+
     name: str
     key: str = Field(description="Where it is stored.")
     size: int = Field(description="Bytes.")
@@ -73,12 +75,16 @@ class UploadedFile(BaseModel):
 
 
 class SkippedFile(BaseModel):
+    """A file already stored with the same content: nothing was sent."""
+
     name: str
     key: str
     reason: str = Field(description="Why nothing was sent (already stored with the same sha256).")
 
 
 class FailedFile(BaseModel):
+    """A file that was not stored, and why."""
+
     name: str
     error: str = Field(description="input.files[i]...: what failed.")
 

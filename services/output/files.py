@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 
 class Base64Output(BaseModel):
+    """A file returned inline: its bytes base64-encoded in ``data``."""
+
     type: Literal["base64"] = "base64"
     name: str
     mime: str
@@ -38,6 +40,8 @@ class Base64Output(BaseModel):
 
 
 class RedirectOutput(BaseModel):
+    """A file returned by reference: stored at ``key``, fetched from the presigned ``url``."""
+
     type: Literal["redirect"] = "redirect"
     name: str
     mime: str
@@ -67,13 +71,16 @@ class OutputFile(BaseModel):
 
     @classmethod
     def from_bytes(cls, name: str, data: bytes, mime: str | None = None, key: str | None = None) -> OutputFile:
+        """An output held in memory (the MIME type guessed from ``name`` when not given)."""
         return cls(name=name, size=len(data), mime=mime or _guess_mime(name), data=data, key=key)
 
     @classmethod
     def from_path(cls, name: str, path: Path, mime: str | None = None, key: str | None = None) -> OutputFile:
+        """An output in a workspace file (read only if the policy sends it inline)."""
         return cls(name=name, size=path.stat().st_size, mime=mime or _guess_mime(name), path=path, key=key)
 
     def read(self) -> bytes:
+        """The content, from memory or from the file."""
         if self.data is not None:
             return self.data
         if self.path is None:

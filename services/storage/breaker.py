@@ -134,12 +134,14 @@ class S3Breaker:
 
     @property
     def fail_counter(self) -> int:
+        """Failures counted since the breaker last closed."""
         return self._cb.fail_counter
 
     def _opened(self) -> None:
         self._opened_at = self._clock()
 
     def seconds_until_half_open(self) -> float:
+        """How long an open breaker still fails fast (0 when closed or due for a trial)."""
         if self._opened_at is None:
             return 0.0
         return max(0.0, self._opened_at + self._cb.reset_timeout - self._clock())
@@ -157,6 +159,7 @@ class S3Breaker:
         return info
 
     def open_error(self) -> CircuitOpen:
+        """The fail-fast error, saying when to retry."""
         retry = max(1, math.ceil(self.seconds_until_half_open()))
         return CircuitOpen(f"storage unavailable: circuit open, retry in {retry} s")
 
@@ -175,6 +178,7 @@ class S3Breaker:
         return True
 
     def trial_done(self) -> None:
+        """Let the next call be a half-open trial (after :meth:`admit` returned True)."""
         self._trial_in_flight = False
 
     def record(self, outcome: BaseException | None) -> None:
