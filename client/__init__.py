@@ -17,6 +17,7 @@ back inline (base64) or as presigned redirects. Errors the worker reports raise
 
 from client.api import GenerateResult, TrainResult, WorkerClient
 from client.errors import (
+    BadResponse,
     ClientError,
     DownloadError,
     JobFailed,
@@ -26,13 +27,16 @@ from client.errors import (
     UploadError,
 )
 from client.files import save_output_file
+from client.hosts import HostPolicy
 from client.transport import LocalTransport, RunPodTransport, Transport
 from client.uploads import UploadPlan, UploadReport, plan_upload
 
 __all__ = [
+    "BadResponse",
     "ClientError",
     "DownloadError",
     "GenerateResult",
+    "HostPolicy",
     "JobFailed",
     "JobInterrupted",
     "JobTimeout",

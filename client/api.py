@@ -9,49 +9,40 @@
 
     worker = WorkerClient.for_local("http://localhost:8000")    # python rp_handler.py --rp_serve_api
 
-Every job goes through ``/run`` and is polled until it ends; a worker error (``{"error": ...}``
-or status FAILED) raises :class:`JobFailed` with the worker's message. Ctrl-C while a job runs
-cancels it (``/cancel``) and raises :class:`JobInterrupted`. ``train`` resubmits the same input
-while the worker stops with a ``[resumable]`` error (a checkpoint saved). Output files are
-saved whether they came inline (base64) or as a presigned redirect.
+Every job goes through ``/run`` and is polled until it ends (:mod:`client.jobs`); a worker error
+(``{"error": ...}`` or status FAILED) raises :class:`JobFailed` with the worker's message. Ctrl-C
+while a job runs cancels it (``/cancel``) and raises :class:`JobInterrupted`. ``train``
+resubmits the same input while the worker stops with a ``[resumable]`` error (a checkpoint
+saved). Output files are saved whether they came inline (base64) or as a presigned redirect;
+every result is checked (:mod:`client.schema`) and names, hosts and sizes from it are not
+trusted (:mod:`client.files`, :mod:`client.hosts`): a bad one raises a :class:`ClientError`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import time
-from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import requests
 
-from client.errors import ClientError, JobFailed, JobInterrupted, JobTimeout, TransportError
-from client.files import local_name, put_file, save_output_file
-from client.transport import FINAL_STATES, LocalTransport, RunPodTransport, Transport
-from client.uploads import (
-    DEFAULT_INLINE_BUDGET,
-    DEFAULT_MAX_FILES_PER_BATCH,
-    SINGLE_PUT_LIMIT,
-    LocalFile,
-    UploadReport,
-    encode_batch,
-    name_problem,
-    plan_upload,
-    scan_folder,
-)
+from client.errors import JobFailed
+from client.files import DEFAULT_MAX_DOWNLOAD_BYTES, save_output_file
+from client.hosts import HostPolicy, env_hosts
+from client.jobs import JobRunner, ProgressCallback
+from client.names import local_name
+from client.schema import obj, objects, optional_int, optional_text, output_file, texts
+from client.transport import DEFAULT_MAX_RESPONSE_BYTES, LocalTransport, RunPodTransport, Transport
+from client.uploading import DatasetUploader
+from client.uploads import DEFAULT_INLINE_BUDGET, DEFAULT_MAX_FILES_PER_BATCH
 
 log = logging.getLogger("client")
 
-ProgressCallback = Callable[[Any], None]
-FilesCallback = Callable[[int, int], None]  # (files done, files to send)
 ResumeCallback = Callable[[int, JobFailed], None]  # (resubmission number, the resumable failure)
 DEFAULT_MAX_RESUMES = 10
-POLL_FAILURES_TOLERATED = 3  # status polls that may fail in a row (a network blip) before giving up
 
 
 @dataclass
@@ -75,21 +66,6 @@ class GenerateResult:
     seed: int | None
 
 
-def _error_text(error: Any) -> str:
-    """The worker's error as one line (the SDK sends a raised exception as JSON with a traceback)."""
-    if isinstance(error, str) and error.startswith("{"):
-        try:
-            error = json.loads(error)
-        except ValueError:
-            return error
-    if isinstance(error, dict):
-        if "error_message" in error:
-            kind = str(error.get("error_type", "")).removeprefix("<class '").removesuffix("'>")
-            return f"{kind}: {error['error_message']}" if kind else str(error["error_message"])
-        return json.dumps(error)
-    return str(error)
-
-
 def _drop_none(values: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
@@ -102,12 +78,15 @@ def _file_field(output: Any, key: str, action: str) -> dict[str, Any]:
     return value
 
 
-class WorkerClient:
+class WorkerClient(JobRunner, DatasetUploader):
     """Runs jobs on the worker and moves files in and out.
 
     ``timeout``: seconds to wait for a job (per call, overridable); ``request_timeout``: seconds
     per HTTP request; ``inline_budget``: JSON bytes per inline upload batch (under RunPod's
     10 MB request limit); files that alone do not fit go through presigned URLs.
+    ``allowed_hosts``: hosts presigned URLs may point at besides the endpoint's own and AWS
+    S3 (plus ``LORA_WORKER_ALLOW_HOSTS``; see :mod:`client.hosts`); ``max_download_bytes``: the
+    largest file saved.
     """
 
     def __init__(
@@ -121,6 +100,8 @@ class WorkerClient:
         max_files_per_batch: int = DEFAULT_MAX_FILES_PER_BATCH,
         put_concurrency: int = 4,
         presign_chunk: int = 32,
+        allowed_hosts: Iterable[str] = (),
+        max_download_bytes: int = DEFAULT_MAX_DOWNLOAD_BYTES,
     ) -> None:
         self.transport = transport
         self.timeout = timeout
@@ -130,6 +111,8 @@ class WorkerClient:
         self.max_files_per_batch = max_files_per_batch
         self.put_concurrency = max(1, put_concurrency)
         self.presign_chunk = max(1, presign_chunk)
+        self.hosts = HostPolicy.build([*allowed_hosts, *env_hosts()], endpoint_url=transport.base_url)
+        self.max_download_bytes = max_download_bytes
         self.session = requests.Session()  # downloads and presigned PUTs (no RunPod credentials)
 
     @classmethod
@@ -140,6 +123,7 @@ class WorkerClient:
         *,
         base_url: str | None = None,
         request_timeout: float = 60.0,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
         **options: Any,
     ) -> WorkerClient:
         """A RunPod endpoint; the id and key default to ``RUNPOD_ENDPOINT_ID`` and ``RUNPOD_API_KEY``."""
@@ -148,15 +132,21 @@ class WorkerClient:
             api_key or os.environ.get("RUNPOD_API_KEY", ""),
             request_timeout=request_timeout,
             base_url=base_url,
+            max_response_bytes=max_response_bytes,
         )
         return cls(transport, request_timeout=request_timeout, **options)
 
     @classmethod
     def for_local(
-        cls, base_url: str = "http://localhost:8000", *, request_timeout: float = 60.0, **options: Any
+        cls,
+        base_url: str = "http://localhost:8000",
+        *,
+        request_timeout: float = 60.0,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        **options: Any,
     ) -> WorkerClient:
         """The local test server: ``python rp_handler.py --rp_serve_api [--rp_api_port N]``."""
-        transport = LocalTransport(base_url, request_timeout=request_timeout)
+        transport = LocalTransport(base_url, request_timeout=request_timeout, max_response_bytes=max_response_bytes)
         return cls(transport, request_timeout=request_timeout, **options)
 
     def __repr__(self) -> str:
@@ -172,107 +162,21 @@ class WorkerClient:
         self.session.close()
         self.transport.close()
 
-    # --- jobs ---------------------------------------------------------------------------------
-
-    def run(
-        self, job_input: dict[str, Any], *, timeout: float | None = None, on_progress: ProgressCallback | None = None
-    ) -> Any:
-        """Run one job and return its output; raises :class:`JobFailed` or :class:`JobTimeout`.
-
-        ``on_progress`` receives each new progress update the worker posts while the job runs
-        (RunPod shows them as the status's ``output``; the local server shows none). Ctrl-C
-        while the job runs asks the endpoint to cancel it and raises :class:`JobInterrupted`.
-        """
-        limit = self.timeout if timeout is None else timeout
-        action = str(job_input.get("action", "job"))
-        deadline = time.monotonic() + limit
-        state = self.transport.submit(job_input)
-        job_id = state.get("id")
-        if not isinstance(job_id, str) or not job_id:
-            raise TransportError(f"{action}: the endpoint accepted the job but sent no id: {str(state)[:200]}")
-        log.debug("%s: job %s submitted", action, job_id)
-        try:
-            state = self._wait(job_id, action, state, deadline, limit, on_progress)
-        except KeyboardInterrupt as exc:
-            raise JobInterrupted(job_id, action, self._cancel(job_id, action)) from exc
-        return self._finish(job_id, action, state)
-
-    def _wait(
-        self,
-        job_id: str,
-        action: str,
-        state: dict[str, Any],
-        deadline: float,
-        limit: float,
-        on_progress: ProgressCallback | None,
-    ) -> dict[str, Any]:
-        delay = 0.1
-        last_progress: Any = None
-        failures = 0
-        while state.get("status") not in FINAL_STATES:
-            progress = state.get("output")
-            if on_progress and state.get("status") == "IN_PROGRESS" and progress not in (None, last_progress):
-                last_progress = progress
-                on_progress(progress)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                self._cancel(job_id, action)
-                raise JobTimeout(f"{action}: job {job_id} did not finish within {limit:g} s", job_id=job_id)
-            time.sleep(min(delay, remaining))
-            delay = min(delay * 2, self.poll_interval)
-            try:
-                state = self.transport.status(job_id, max(0.0, deadline - time.monotonic()))
-                failures = 0
-            except TransportError as exc:
-                failures += 1
-                if failures > POLL_FAILURES_TOLERATED:
-                    raise
-                log.warning("%s: status of job %s failed (%s); retrying", action, job_id, exc)
-        return state
-
-    def _cancel(self, job_id: str, action: str) -> str:
-        """Ask the endpoint to cancel ``job_id``; what happened, as a sentence."""
-        try:
-            self.transport.cancel(job_id)
-        except ClientError as exc:
-            log.warning("%s: could not cancel job %s: %s", action, job_id, exc)
-            return f"could not cancel job {job_id}: {exc}"
-        return f"cancelled job {job_id} on the endpoint"
-
-    @staticmethod
-    def _finish(job_id: str, action: str, state: dict[str, Any]) -> Any:
-        status = state.get("status")
-        if status == "COMPLETED":
-            output = state.get("output")
-            if output is None:
-                raise JobFailed(
-                    f"{action}: job {job_id} completed without output; RunPod drops a result it cannot "
-                    "post (over 10 MB): lower RESPONSE_MAX_BYTES on the worker",
-                    job_id=job_id,
-                    status="COMPLETED",
-                )
-            if isinstance(output, dict) and output.get("error"):
-                raise JobFailed(f"{action}: {_error_text(output['error'])}", job_id=job_id, output=output)
-            return output
-        error = state.get("error") or f"job ended with status {status}"
-        raise JobFailed(
-            f"{action}: {_error_text(error)}", job_id=job_id, status=str(status), output=state.get("output")
-        )
-
     # --- storage actions ------------------------------------------------------------------------
 
     def health(self) -> dict[str, Any]:
         """Backend, breaker state, GPU, versions (``{"action": "health"}``)."""
-        return self.run({"action": "health"})
+        return obj(self.run({"action": "health"}), "health result")
 
     def list_files(self, dataset: str | None = None, prefix: str | None = None) -> list[dict[str, Any]]:
         """Every object of a dataset or under a prefix (all pages): ``{"key", "name", "size", ...}``."""
         files: list[dict[str, Any]] = []
         token: str | None = None
         while True:
-            page = self.run(_drop_none({"action": "list_files", "dataset": dataset, "prefix": prefix, "token": token}))
-            files.extend(page.get("files", []))
-            token = page.get("next_token")
+            job = _drop_none({"action": "list_files", "dataset": dataset, "prefix": prefix, "token": token})
+            page = obj(self.run(job), "list_files result")
+            files.extend(objects(page.get("files"), "list_files result.files"))
+            token = optional_text(page.get("next_token"), "list_files result.next_token")
             if not token:
                 return files
 
@@ -280,7 +184,12 @@ class WorkerClient:
         self, keys: list[str] | None = None, dataset: str | None = None, lora: str | None = None
     ) -> dict[str, Any]:
         """Delete keys, a whole dataset, or a LoRA: ``{"deleted": [...], "missing": [...], "failed": [...]}``."""
-        return self.run(_drop_none({"action": "delete_files", "keys": keys, "dataset": dataset, "lora": lora}))
+        job = _drop_none({"action": "delete_files", "keys": keys, "dataset": dataset, "lora": lora})
+        result = obj(self.run(job), "delete_files result")
+        for kind in ("deleted", "missing"):
+            texts(result.get(kind), f"delete_files result.{kind}")
+        objects(result.get("failed"), "delete_files result.failed")
+        return result
 
     def get_file(self, key: str, dest: str | Path = ".") -> Path:
         """Fetch one stored object (``loras/...``, ``datasets/...``, ``outputs/...``) into ``dest``."""
@@ -295,137 +204,9 @@ class WorkerClient:
             session=self.session,
             allow_file_urls=self.transport.allow_file_urls,
             timeout=self.request_timeout,
+            hosts=self.hosts,
+            max_bytes=self.max_download_bytes,
         )
-
-    # --- dataset upload -------------------------------------------------------------------------
-
-    def upload_dataset(
-        self, folder: str | Path, dataset: str, *, on_progress: FilesCallback | None = None
-    ) -> UploadReport:
-        """Upload the images and ``.txt`` captions of ``folder`` into ``datasets/<dataset>/``.
-
-        Files go inline in batches packed under ``inline_budget`` JSON bytes, or, when one
-        alone would not fit, straight to storage through ``presign_uploads``. Never raises for
-        a file: check ``report.failed`` (``report.ok``). ``on_progress(done, total)`` follows
-        the files sent, after each batch and each presigned PUT.
-        """
-        files, ignored = scan_folder(Path(folder))
-        report = UploadReport(dataset=dataset, ignored=ignored)
-        sendable: list[LocalFile] = []
-        for item in files:
-            problem = name_problem(item.name)
-            if problem:
-                report.failed.append({"name": item.name, "error": f"name: {problem}"})
-            else:
-                sendable.append(item)
-        plan = plan_upload(sendable, dataset, budget=self.inline_budget, max_files_per_batch=self.max_files_per_batch)
-        report.batches = len(plan.batches)
-        done = 0
-
-        def advance(count: int) -> None:
-            nonlocal done
-            done += count
-            if on_progress:
-                on_progress(done, len(sendable))
-
-        advance(0)
-        for number, batch in enumerate(plan.batches, 1):
-            log.debug("batch %d/%d: %d files inline", number, len(plan.batches), len(batch))
-            self._upload_batch(dataset, batch, report)
-            advance(len(batch))
-        if plan.presigned:
-            log.debug("%d files too large for a request: sending them through presigned URLs", len(plan.presigned))
-        for start in range(0, len(plan.presigned), self.presign_chunk):
-            self._upload_presigned(dataset, plan.presigned[start : start + self.presign_chunk], report, advance)
-        return report
-
-    def _upload_batch(self, dataset: str, batch: list[LocalFile], report: UploadReport) -> None:
-        job_input, unreadable = encode_batch(dataset, batch, self.inline_budget)
-        report.failed.extend(unreadable)
-        sent = [entry["name"] for entry in job_input["files"]]
-        if not sent:
-            return
-        try:
-            output = self.run(job_input)
-        except JobFailed as exc:
-            output = exc.output if isinstance(exc.output, dict) else {}
-            self._merge_batch(output, sent, str(exc), report)
-            return
-        except ClientError as exc:
-            self._merge_batch({}, sent, str(exc), report)
-            return
-        self._merge_batch(output, sent, "", report)
-
-    @staticmethod
-    def _merge_batch(output: Mapping[str, Any], sent: list[str], error: str, report: UploadReport) -> None:
-        """Add a batch's result; a file the worker did not account for failed with ``error``.
-
-        A batch where some files failed completes with ``"partial": true`` and a ``summary``.
-        """
-        if output.get("partial"):
-            report.partial = True
-            if output.get("summary"):
-                report.summaries.append(str(output["summary"]))
-        seen: set[str] = set()
-        for item in output.get("uploaded", []):
-            report.uploaded.append({**item, "via": "inline"})
-            seen.add(item.get("name"))
-        for item in output.get("skipped", []):
-            report.skipped.append(item)
-            seen.add(item.get("name"))
-        for item in output.get("failed", []):
-            report.failed.append(item)
-            seen.add(item.get("name"))
-        for name in sent:
-            if name not in seen:
-                report.failed.append({"name": name, "error": error or "the worker did not report this file"})
-
-    def _upload_presigned(
-        self, dataset: str, chunk: list[LocalFile], report: UploadReport, advance: Callable[[int], None]
-    ) -> None:
-        too_large = [f for f in chunk if f.size > SINGLE_PUT_LIMIT]
-        for item in too_large:
-            report.failed.append({"name": item.name, "error": f"{item.size} bytes is over S3's 5 GiB single PUT"})
-        advance(len(too_large))
-        chunk = [f for f in chunk if f.size <= SINGLE_PUT_LIMIT]
-        if not chunk:
-            return
-        request = {
-            "action": "presign_uploads",
-            "dataset": dataset,
-            "files": [{"name": f.name, "content_type": f.content_type} for f in chunk],
-        }
-        try:
-            output = self.run(request)
-        except ClientError as exc:
-            report.failed.extend({"name": f.name, "error": str(exc)} for f in chunk)
-            advance(len(chunk))
-            return
-        by_name = {f.name: f for f in chunk}
-        uploads = [u for u in output.get("uploads", []) if u.get("name") in by_name]
-        missing = set(by_name) - {u["name"] for u in uploads}
-        report.failed.extend({"name": n, "error": "the worker sent no upload URL for it"} for n in sorted(missing))
-        advance(len(missing))
-
-        def send(upload: dict[str, Any]) -> dict[str, Any]:
-            item = by_name[upload["name"]]
-            log.info("PUT %s (%d bytes)", item.name, item.size)
-            try:
-                size = put_file(
-                    item.path,
-                    upload,
-                    session=self.session,
-                    timeout=max(self.request_timeout, 60.0),
-                )
-            except ClientError as exc:
-                return {"name": item.name, "error": str(exc)}
-            return {"name": item.name, "key": upload.get("key"), "size": size, "via": "presigned"}
-
-        with ThreadPoolExecutor(max_workers=self.put_concurrency) as pool:
-            for result in pool.map(send, uploads):
-                (report.failed if "error" in result else report.uploaded).append(result)
-                report.presigned += "error" not in result
-                advance(1)
 
     # --- GPU actions ----------------------------------------------------------------------------
 
@@ -474,22 +255,40 @@ class WorkerClient:
                 log.info("train_lora: resubmitting (%d of at most %d): %s", resubmissions, max_resumes, failure)
                 if on_resume:
                     on_resume(resubmissions, failure)
-        target = dest if dest is not None else Path.cwd()
+        result = self._save_training(output, output_name, Path.cwd() if dest is None else dest)
+        result.resubmissions = resubmissions
+        return result
+
+    def _save_training(self, output: Any, output_name: str, dest: str | Path) -> TrainResult:
+        """Download what a ``train_lora`` result names: the LoRA, its Kohya export, samples.
+
+        The whole result is checked before any file is saved.
+        """
+        what = "train_lora result"
         lora_file = _file_field(output, "lora", "train_lora")
-        lora = self.save_output_file(lora_file, target)
-        resumed = output.get("resumed_from_step")
+        output_file(lora_file, f"{what}.lora")
+        kohya = output.get("kohya_lora")
+        if kohya is not None:
+            output_file(kohya, f"{what}.kohya_lora")
+        samples = objects(output.get("samples"), f"{what}.samples")
+        names = [
+            local_name(f"{output_name}-{output_file(sample, f'{what}.samples[{i}]').name}")
+            for i, sample in enumerate(samples)
+        ]
+        metrics = output.get("metrics")
         result = TrainResult(
-            lora=lora,
-            metrics=output.get("metrics") or {},
-            key=lora_file.get("key"),
-            resumed_from_step=resumed if isinstance(resumed, int) else None,
-            resubmissions=resubmissions,
+            lora=Path(),
+            metrics=obj(metrics, f"{what}.metrics") if metrics is not None else {},
+            key=optional_text(lora_file.get("key"), f"{what}.lora.key"),
+            resumed_from_step=optional_int(output.get("resumed_from_step"), f"{what}.resumed_from_step"),
         )
-        if output.get("kohya_lora"):
-            result.kohya_lora = self.save_output_file(output["kohya_lora"], lora.parent)
-        for sample in output.get("samples") or []:
-            name = f"{output_name}-{local_name(sample.get('name', 'sample.png'))}"
-            result.samples.append(self.save_output_file(sample, lora.parent / name))
+        result.lora = self.save_output_file(lora_file, dest)
+        if kohya is not None:
+            result.kohya_lora = self.save_output_file(kohya, result.lora.parent)
+        result.samples = [
+            self.save_output_file(sample, result.lora.parent / name)
+            for sample, name in zip(samples, names, strict=True)
+        ]
         return result
 
     def generate(
@@ -506,15 +305,16 @@ class WorkerClient:
         Files are named ``<seed>-<name>`` (``7-image-0.png``), so runs do not overwrite each other.
         """
         job = {"action": "generate", "prompt": prompt, **_drop_none(params)}
-        output = self.run(job, timeout=timeout, on_progress=on_progress)
-        if not isinstance(output, dict):
-            raise JobFailed(f"generate: the worker's result is not an object: {str(output)[:200]}")
+        output = obj(self.run(job, timeout=timeout, on_progress=on_progress), "generate result")
+        seed = optional_int(output.get("seed"), "generate result.seed")
+        images = objects(output.get("images"), "generate result.images")
+        prefix = f"{seed}-" if seed is not None else ""
+        # Every image and its local name is checked before any is saved.
+        names = [
+            local_name(prefix + output_file(image, f"generate result.images[{i}]").name)
+            for i, image in enumerate(images)
+        ]
         folder = Path(out_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        seed = output.get("seed")
-        prefix = f"{seed}-" if seed is not None else ""
-        images = [
-            self.save_output_file(image, folder / f"{prefix}{local_name(image.get('name', 'image.png'))}")
-            for image in output.get("images", [])
-        ]
-        return GenerateResult(images=images, seed=seed)
+        saved = [self.save_output_file(image, folder / name) for image, name in zip(images, names, strict=True)]
+        return GenerateResult(images=saved, seed=seed)

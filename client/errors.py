@@ -62,3 +62,7 @@ class DownloadError(ClientError):
 
 class UploadError(ClientError):
     """A file could not be sent straight to storage through its presigned URL."""
+
+
+class BadResponse(ClientError):
+    """The endpoint or the worker answered with a response of the wrong shape or size."""

@@ -98,20 +98,33 @@ class StepBar:
         with self._lock:
             self._bar.write(text, file=self._bar.fp)
 
-    def close(self) -> None:
+    def close(self, outcome: str = "finished") -> None:
+        """Stop the spinner; its last line says ``outcome`` (``finished``, ``interrupted``, ``failed``).
+
+        A step bar keeps its label when finished and names any other outcome.
+        """
         self._stop.set()
         if self._ticker is not None:
             self._ticker.join()
         with self._lock:
             if self._bar.total is None:
-                self._bar.set_description_str(f"{self.label} finished", refresh=False)
+                self._bar.set_description_str(f"{self.label} {outcome}", refresh=False)
+            elif outcome != "finished":
+                self._bar.set_description_str(f"{self.label} ({outcome})", refresh=False)
             self._bar.close()
 
     def __enter__(self) -> StepBar:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    def __exit__(self, kind: type[BaseException] | None, *exc_info: object) -> None:
+        self.close(outcome_of(kind))
+
+
+def outcome_of(kind: type[BaseException] | None) -> str:
+    """How a ``with`` block ended: ``finished``, ``interrupted`` (Ctrl-C) or ``failed``."""
+    if kind is None:
+        return "finished"
+    return "interrupted" if issubclass(kind, KeyboardInterrupt) else "failed"
 
 
 class FileBar:

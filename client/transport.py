@@ -13,20 +13,25 @@ FastAPI/boto3 dependency tree saved).
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Protocol
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from client.errors import ClientError, JobTimeout, TransportError
+from client.errors import BadResponse, ClientError, JobTimeout, TransportError
+from client.files import capped
 
 FINAL_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"})
 CONNECT_TIMEOUT = 10.0
 CANCEL_TIMEOUT = 10.0
 LOCAL_CANCEL_TIMEOUT = 3.0  # the local server answers at once, or its event loop is busy with the job
 RUNPOD_API = "https://api.runpod.ai/v2"
+DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024  # a job state; RunPod's own results stay under 20 MB
+ERROR_BODY_BYTES = 4096  # what is read of an HTTP error's body
 
 
 class _RequestTimedOut(TransportError):
@@ -40,6 +45,8 @@ class Transport(Protocol):
     allow_file_urls: bool
     #: Whether a status call blocks until the job ends (the local server), so no progress shows.
     blocking_status: bool
+    #: The endpoint's URL: its host may serve presigned URLs (:mod:`client.hosts`).
+    base_url: str
 
     def submit(self, job_input: dict[str, Any]) -> dict[str, Any]:
         """Queue a job (``/run``); the returned state holds its ``id``."""
@@ -58,8 +65,17 @@ class Transport(Protocol):
         ...
 
 
+def _read_body(response: requests.Response, limit: int, what: str) -> bytes:
+    """The body, refused (:class:`BadResponse`) past ``limit`` bytes without reading the rest."""
+    announced = response.headers.get("Content-Length", "")
+    if announced.isdigit() and int(announced) > limit:
+        raise BadResponse(f"{what}: the answer announces {announced} bytes, over the {limit}-byte limit")
+    return b"".join(capped(lambda n: response.raw.read(n, decode_content=True), limit, what, BadResponse))
+
+
 def _http_error(response: requests.Response, what: str) -> TransportError:
-    body = response.text.strip().replace("\n", " ")[:300]
+    head = response.raw.read(ERROR_BODY_BYTES, decode_content=True) or b""
+    body = head.decode("utf-8", "replace").strip().replace("\n", " ")[:300]
     hint = ""
     if response.status_code == 401:
         hint = " (the API key was refused: check RUNPOD_API_KEY)"
@@ -74,9 +90,17 @@ class _HttpTransport:
     allow_file_urls = False
     blocking_status = False
 
-    def __init__(self, base_url: str, *, request_timeout: float, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        request_timeout: float,
+        headers: dict[str, str] | None = None,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.request_timeout = request_timeout
+        self.max_response_bytes = max_response_bytes
         self.session = requests.Session()
         self.session.headers.update(headers or {})
 
@@ -84,21 +108,24 @@ class _HttpTransport:
         url = f"{self.base_url}/{path}"
         what = f"{method} {url}"
         try:
-            response = self.session.request(method, url, json=body, timeout=(CONNECT_TIMEOUT, timeout))
+            with self.session.request(
+                method, url, json=body, timeout=(CONNECT_TIMEOUT, timeout), stream=True, allow_redirects=False
+            ) as response:
+                if response.status_code >= 300:
+                    raise _http_error(response, what)
+                data = _read_body(response, self.max_response_bytes, what)
         except requests.ConnectionError as exc:
             raise TransportError(f"{what}: cannot connect ({self._unreachable_hint()})") from exc
-        except requests.Timeout as exc:
+        except (requests.Timeout, urllib3.exceptions.ReadTimeoutError) as exc:
             raise _RequestTimedOut(f"{what}: no answer within {timeout:g} s") from exc
-        except requests.RequestException as exc:
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
             raise TransportError(f"{what}: {type(exc).__name__}: {exc}") from exc
-        if response.status_code >= 400:
-            raise _http_error(response, what)
         try:
-            answer = response.json()
+            answer = json.loads(data)
         except ValueError as exc:
-            raise TransportError(f"{what}: the answer is not JSON: {response.text[:200]!r}") from exc
+            raise BadResponse(f"{what}: the answer is not JSON: {data[:200]!r}") from exc
         if not isinstance(answer, dict):
-            raise TransportError(f"{what}: expected a JSON object, got {type(answer).__name__}")
+            raise BadResponse(f"{what}: expected a JSON object, got {type(answer).__name__}")
         return answer
 
     def _unreachable_hint(self) -> str:
@@ -118,7 +145,13 @@ class RunPodTransport(_HttpTransport):
     """
 
     def __init__(
-        self, endpoint_id: str, api_key: str, *, request_timeout: float = 60.0, base_url: str | None = None
+        self,
+        endpoint_id: str,
+        api_key: str,
+        *,
+        request_timeout: float = 60.0,
+        base_url: str | None = None,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
         if not endpoint_id:
             raise ClientError("no endpoint id: pass --endpoint or set RUNPOD_ENDPOINT_ID (or use --local URL)")
@@ -129,6 +162,7 @@ class RunPodTransport(_HttpTransport):
             f"{base.rstrip('/')}/{endpoint_id}",
             request_timeout=request_timeout,
             headers={"Authorization": f"Bearer {api_key}"},
+            max_response_bytes=max_response_bytes,
         )
         self.endpoint_id = endpoint_id
         retry = Retry(total=4, backoff_factor=0.5, status_forcelist=(429, 502, 503, 504), allowed_methods={"GET"})
@@ -159,10 +193,16 @@ class LocalTransport(_HttpTransport):
     allow_file_urls = True
     blocking_status = True
 
-    def __init__(self, base_url: str = "http://localhost:8000", *, request_timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        base_url: str = "http://localhost:8000",
+        *,
+        request_timeout: float = 60.0,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+    ) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise ClientError(f"--local needs an http(s) URL such as http://localhost:8000, got {base_url!r}")
-        super().__init__(base_url, request_timeout=request_timeout)
+        super().__init__(base_url, request_timeout=request_timeout, max_response_bytes=max_response_bytes)
 
     def __repr__(self) -> str:
         return f"LocalTransport(base_url={self.base_url!r})"

@@ -13,9 +13,6 @@ import re
 import subprocess
 import sys
 import threading
-import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -61,37 +58,50 @@ def server_env(storage: Path, extra: dict[str, str] | None = None) -> dict[str, 
     return env
 
 
+READY_LINE = b"Uvicorn running on"  # uvicorn logs it at info once the socket listens
+
+
 @contextlib.contextmanager
 def serve_local_api(home: Path, extra_env: dict[str, str] | None = None) -> Iterator[tuple[str, Path]]:
     """``python rp_handler.py --rp_serve_api`` on a free port: ``(base URL, STORAGE_DIR)``.
 
-    ``extra_env`` adds settings (an S3 bucket on the moto server, for presigned uploads)."""
+    ``extra_env`` adds settings (an S3 bucket on the moto server, for presigned uploads). Ready
+    when the server logs that it listens (its output is copied to ``server.log``): no polling.
+    """
     storage = home / "storage"
     port = free_port()
     log_path = home / "server.log"
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, str(ROOT / "rp_handler.py"), "--rp_serve_api", "--rp_api_port", str(port)],
-            cwd=home,
-            env=server_env(storage, extra_env),
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-    base = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "rp_handler.py"), "--rp_serve_api", "--rp_api_port", str(port)],
+        cwd=home,
+        env=server_env(storage, {"UVICORN_LOG_LEVEL": "info", **(extra_env or {})}),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    listening = threading.Event()
+    ended = threading.Event()
+
+    def copy_output() -> None:
+        assert process.stdout is not None
+        with log_path.open("wb") as log_file:
+            for line in process.stdout:
+                log_file.write(line)
+                log_file.flush()
+                if READY_LINE in line:
+                    listening.set()
+        ended.set()
+        listening.set()  # wake the waiter: the server's output ended
+
+    copier = threading.Thread(target=copy_output, name="server-log", daemon=True)
+    copier.start()
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{base}/docs", timeout=2).close()  # noqa: S310 - loopback
-                break
-            except (urllib.error.URLError, ConnectionError):
-                if time.monotonic() > deadline or process.poll() is not None:
-                    pytest.fail("the local API did not start:\n" + log_path.read_text(errors="replace")[-3000:])
-                time.sleep(0.2)
-        yield base, storage
+        if not listening.wait(60) or ended.is_set():
+            pytest.fail("the local API did not start:\n" + log_path.read_text(errors="replace")[-3000:])
+        yield f"http://127.0.0.1:{port}", storage
     finally:
         process.terminate()
         process.wait(timeout=30)
+        copier.join(timeout=30)
 
 
 @pytest.fixture(scope="module")

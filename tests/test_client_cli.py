@@ -18,7 +18,6 @@ import subprocess
 import sys
 import sysconfig
 import threading
-import time
 import zipfile
 from collections.abc import Iterator
 from email.parser import Parser
@@ -170,6 +169,7 @@ class FakeEndpoint:
         self.waiting: list[str] = []  # local status calls blocked in the job
         self.release = threading.Event()
         self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)  # notified on each poll and each blocked status call
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
@@ -189,6 +189,7 @@ class FakeEndpoint:
     def _next_state(self, job_id: str) -> dict[str, Any]:
         with self.lock:
             self.polls.append(job_id)
+            self.changed.notify_all()
             job = self.jobs[job_id]
             if job_id in self.cancels:
                 return {"id": job_id, "status": "CANCELLED"}
@@ -233,6 +234,7 @@ class FakeEndpoint:
                     job_id = self.path.rsplit("/", 1)[-1]
                     with fake.lock:
                         fake.waiting.append(job_id)
+                        fake.changed.notify_all()
                     fake.release.wait(60)  # the local API runs the job inside this call
                     self._send(200, fake._next_state(job_id))
                 elif not fake.local and self.path.startswith(f"{prefix}/cancel/"):
@@ -358,13 +360,34 @@ def test_upload_shows_files_sent_and_a_partial_batch_fails_with_its_names(lora_w
 # --- Ctrl-C --------------------------------------------------------------------------------------
 
 
-def interrupt_when(process: subprocess.Popen[str], ready: Any, limit: float = 60) -> tuple[str, str]:
-    """Send SIGINT to ``process`` once ``ready()`` holds; its ``(stdout, stderr)`` after it ends."""
-    deadline = time.monotonic() + limit
-    while not ready():
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, "the job never started"
-        time.sleep(0.05)
+# Ctrl-C at a terminal reaches a process whose SIGINT is at its default. A process launched with
+# SIGINT ignored (pytest run as a background job of a script, as some CI runners do) passes the
+# ignore on to its children, and the client then keeps ignoring it, as every program does: the
+# command under test is exec'd with SIGINT back at its default, as a terminal would start it.
+WITH_DEFAULT_SIGINT = [
+    sys.executable,
+    "-c",
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])",
+]
+
+
+def interrupt_when(process: subprocess.Popen[str], fake: FakeEndpoint, ready: Any) -> tuple[str, str]:
+    """Send SIGINT to ``process`` once ``ready()`` holds; its ``(stdout, stderr)`` after it ends.
+
+    Waits on the fake's condition (notified on each poll) and on the process's exit, never sleeps.
+    """
+
+    def notify_on_exit() -> None:
+        process.wait()
+        with fake.changed:
+            fake.changed.notify_all()
+
+    threading.Thread(target=notify_on_exit, daemon=True).start()
+    with fake.changed:
+        fake.changed.wait_for(lambda: ready() or process.poll() is not None, timeout=60)
+        started = ready()
+    assert process.poll() is None, process.communicate()
+    assert started, "the job never started"
     process.send_signal(signal.SIGINT)
     return process.communicate(timeout=60)
 
@@ -372,14 +395,14 @@ def interrupt_when(process: subprocess.Popen[str], ready: Any, limit: float = 60
 def test_ctrl_c_cancels_the_remote_job_and_exits_130(lora_worker: Path, tmp_path: Path) -> None:
     with FakeEndpoint([[progress(1, 1000, loss=0.9)]]) as fake:
         process = subprocess.Popen(
-            [str(lora_worker), "--endpoint", ENDPOINT, "--poll-interval", "0.05", *TRAIN],
+            [*WITH_DEFAULT_SIGINT, str(lora_worker), "--endpoint", ENDPOINT, "--poll-interval", "0.05", *TRAIN],
             cwd=tmp_path,
             env=command_env(fake),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        _, stderr = interrupt_when(process, lambda: len(fake.polls) >= 3)
+        _, stderr = interrupt_when(process, fake, lambda: len(fake.polls) >= 3)
 
     assert process.returncode == 130, stderr
     assert fake.cancels == ["job-1"]
@@ -390,19 +413,20 @@ def test_ctrl_c_cancels_the_remote_job_and_exits_130(lora_worker: Path, tmp_path
 def test_ctrl_c_on_the_local_api_says_it_cannot_cancel(lora_worker: Path, tmp_path: Path) -> None:
     with FakeEndpoint([[trained(0)]], local=True) as fake:
         process = subprocess.Popen(
-            [str(lora_worker), "--local", fake.url, *TRAIN],
+            [*WITH_DEFAULT_SIGINT, str(lora_worker), "--local", fake.url, *TRAIN],
             cwd=tmp_path,
             env=command_env(fake),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        _, stderr = interrupt_when(process, lambda: fake.waiting == ["job-1"])
+        _, stderr = interrupt_when(process, fake, lambda: fake.waiting == ["job-1"])
 
     assert process.returncode == 130, stderr
     assert "no step progress until it ends" in stderr  # a spinner with the elapsed time, not a bar
     assert "interrupted: train_lora: could not cancel job job-1" in stderr
     assert "the local test server cannot cancel a running job" in stderr
+    assert "train cat-lora interrupted [" in stderr and "finished" not in stderr  # not "finished"
     assert "Traceback" not in stderr
 
 
