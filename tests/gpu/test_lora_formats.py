@@ -317,3 +317,35 @@ def _flux_shape(module: str) -> tuple[int, int]:
     if module.endswith(("ff.net.2", "ff_context.net.2")):
         return width, mlp
     return width, width
+
+
+# --- through the train job -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("model", "formats"), [(SD.builtin, None), (FLUX.builtin, ["kohya", "diffusers"])])
+def test_train_job_writes_the_main_file_in_the_first_format(settings, tmp_path: Path, model: str, formats) -> None:
+    """Catches the train job writing the old default (a diffusers file for SD) or a main file the
+    worker's own generate path cannot load (the sample is rendered from the main file)."""
+    from services.gpu.params import TrainLoraInput
+    from services.gpu.train.job import train_lora
+    from tests.gpu.conftest import write_dataset
+
+    params = TrainLoraInput(
+        action="train_lora",
+        dataset="d",
+        output_name="f",
+        base_model=model,
+        steps=2,
+        rank=2,
+        sample_prompts=["a bar"],
+        sample_steps=2,
+        export_formats=formats,
+    )
+    result = train_lora(params, write_dataset(tmp_path / "d", count=2), tmp_path / "work", settings)
+    main = "kohya" if formats is None else formats[0]
+    assert result.lora_format == main and read_metadata(result.lora_path)["lora_format"] == main
+    assert all(key.startswith("lora_unet_") for key in load_file(str(result.lora_path)))
+    assert len(result.samples) == 1
+    assert result.kohya_path is None
+    if formats is not None:
+        assert result.diffusers_path is not None and read_metadata(result.diffusers_path)["lora_format"] == "diffusers"
