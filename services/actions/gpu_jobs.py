@@ -58,12 +58,13 @@ async def train_lora(request: TrainLoraInput, ctx: JobContext) -> TrainLoraResul
         metrics=result.metrics,
         resumed_from_step=result.resumed_from_step,
     )
-    if result.kohya_path is not None:
-        kohya = lora_key(request.output_name, kohya=True)
-        await ctx.storage.put_file(kohya, result.kohya_path, content_type="application/octet-stream")
-        response.kohya_lora = OutputFile.from_path(
-            kohya.rsplit("/", 1)[1], result.kohya_path, "application/octet-stream", key=kohya
-        )
+    response.lora_format = result.lora_format
+    for fmt, path in (("kohya", result.kohya_path), ("diffusers", result.diffusers_path)):
+        if path is not None:
+            copy = lora_key(request.output_name, copy=fmt)
+            await ctx.storage.put_file(copy, path, content_type="application/octet-stream")
+            stored = OutputFile.from_path(copy.rsplit("/", 1)[1], path, "application/octet-stream", key=copy)
+            setattr(response, f"{fmt}_lora", stored)
     if request.save_every:
         response.snapshots = [
             StoredSnapshot(step=s.step, lora=s.lora.key if s.lora else None, samples=[o.key for o in s.samples])

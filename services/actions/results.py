@@ -98,7 +98,11 @@ class StoredSnapshot(BaseModel):
 
 
 class TrainLoraResult(BaseModel):
-    lora: OutputFile = Field(description="The diffusers/peft LoRA file, stored at loras/<output_name>/.")
+    lora: OutputFile = Field(
+        description="The LoRA file (the first of export_formats), stored at loras/<output_name>/<output_name>"
+        ".safetensors; what generate loads by name."
+    )
+    lora_format: str = Field("diffusers", description="The format of lora: kohya or diffusers.")
     samples: list[OutputFile] = Field(default_factory=list, description="sample_prompts rendered with the LoRA.")
     metrics: dict[str, Any] = Field(
         default_factory=dict,
@@ -108,13 +112,19 @@ class TrainLoraResult(BaseModel):
     snapshots: list[StoredSnapshot] = Field(
         default_factory=list, description="The snapshots in storage (save_every, keep_last), oldest first."
     )
-    kohya_lora: OutputFile | None = Field(None, description="The kohya copy; only with export_formats kohya.")
+    kohya_lora: OutputFile | None = Field(
+        None, description="The kohya copy (<output_name>.kohya.safetensors): kohya after another format."
+    )
+    diffusers_lora: OutputFile | None = Field(
+        None, description="The diffusers copy (<output_name>.diffusers.safetensors): diffusers after another format."
+    )
 
     @model_serializer(mode="wrap")
-    def _without_absent_kohya(self, handler: Any) -> dict[str, Any]:
+    def _without_absent_copies(self, handler: Any) -> dict[str, Any]:
         data = handler(self)
-        if self.kohya_lora is None:
-            data.pop("kohya_lora", None)
+        for name in ("kohya_lora", "diffusers_lora"):
+            if getattr(self, name) is None:
+                data.pop(name, None)
         return data
 
 

@@ -80,7 +80,11 @@ def _load(entry: LoadedPipeline, path: Path) -> None:
     if not hasattr(pipe, "load_lora_weights"):
         raise InputError(f"input.lora: {type(pipe).__name__} does not take LoRA weights")
     try:
-        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=JOB_ADAPTER)
+        converted = entry.family.import_lora(path, pipe) if entry.family is not None else None
+        if converted is not None:  # a format the family converts itself (ModelFamily.import_lora)
+            pipe.load_lora_weights(converted, adapter_name=JOB_ADAPTER)
+        else:
+            pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=JOB_ADAPTER)
     except (ValueError, KeyError, RuntimeError, OSError, SafetensorError) as exc:
         raise InputError(f"input.lora: {path.name} does not fit {entry.key.model}: {exc}") from exc
     if not tuner_layers(pipe):

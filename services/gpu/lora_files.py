@@ -1,13 +1,22 @@
-"""LoRA files: the diffusers/peft ``.safetensors`` with metadata in its header, and the kohya copy.
+"""LoRA files: one trained adapter written in each export format, with the worker's metadata.
 
-Alpha is folded into the weights: every ``lora_B`` (up) matrix is multiplied by
-``alpha / rank`` and the file says ``lora_alpha = rank``, so a loader that ignores the header
-(diffusers before 0.34 read alpha as the rank) applies the strength that was trained. The
-diffusers file is written by the pipeline's own ``save_lora_weights`` with the family's
-component keys (``unet.`` or ``transformer.``) and then re-written with the worker's metadata
-added to the header. The kohya copy (families that offer it) is converted from that file
-(``convert_all_state_dict_to_peft`` then ``convert_state_dict_to_kohya``, as REFERENCE.md says);
-its ``.alpha`` tensors equal the rank, which is right for folded weights.
+Formats (which a family offers, and its default, are on the family: ``export_formats``):
+
+* ``diffusers``: peft naming throughout (``<component>.<module>.lora_A.weight`` /
+  ``lora_B.weight``, the ai-toolkit layout), written by the pipeline's own
+  ``save_lora_weights`` so its ``lora_adapter_metadata`` header is diffusers'. The trainer's
+  layers come through diffusers' ``convert_state_dict_to_diffusers``, which renames only the
+  attention projections to the old ``lora.down``/``lora.up``; :func:`peft_naming` undoes that,
+  so a file never mixes the two namings (kohya's FLUX converter drops modules of mixed files).
+* ``kohya``: ``lora_unet_<module>.lora_down.weight`` / ``lora_up.weight`` / ``alpha``, made by
+  :meth:`ModelFamily.export_lora` (SD/SDXL: diffusers module paths, as A1111, ComfyUI and
+  diffusers' importer map them; FLUX.1: BFL module names with fused q/k/v).
+
+Alpha is folded into the weights: every up matrix is multiplied by ``alpha / rank`` and the
+file says alpha = rank (``lora_alpha``, or kohya's ``.alpha`` tensors), so a loader that
+ignores the header (diffusers before 0.34 read alpha as the rank) applies the trained strength.
+Every file says its format in the ``lora_format`` header key; only kohya files carry kohya's
+``ss_network_module`` (:meth:`ModelFamily.format_metadata`).
 """
 
 from __future__ import annotations
@@ -16,10 +25,15 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from services.gpu.families.base import DIFFUSERS, FORMAT_KEY, KOHYA
+
 if TYPE_CHECKING:
     import torch
 
+    from services.gpu.families.base import ModelFamily
     from services.gpu.models import LoadedPipeline
+
+__all__ = ["DIFFUSERS", "FORMAT_KEY", "KOHYA", "read_metadata", "save_diffusers_lora", "save_lora"]
 
 
 def read_metadata(path: Path) -> dict[str, str]:
@@ -41,6 +55,13 @@ def _rewrite_with_metadata(path: Path, extra: dict[str, str]) -> None:
     save_file(tensors, str(path), metadata=metadata)
 
 
+def peft_naming(layers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``lora.down``/``lora.up`` (diffusers' old attention naming) as peft's ``lora_A``/``lora_B``."""
+    return {
+        key.replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B."): value for key, value in layers.items()
+    }
+
+
 def fold_alpha(
     layers: dict[str, torch.Tensor], adapter_config: dict[str, Any]
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -53,6 +74,60 @@ def fold_alpha(
     return folded, {**adapter_config, "lora_alpha": rank}
 
 
+def torch_float(value: torch.Tensor) -> torch.dtype:
+    """fp32 for the arithmetic of folding (the file's dtype is applied after)."""
+    import torch
+
+    return torch.float32 if value.is_floating_point() else value.dtype
+
+
+def prepared_layers(
+    layers: dict[str, torch.Tensor], adapter_config: dict[str, Any], dtype: torch.dtype
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The trained layers on the CPU in peft naming, alpha folded, in the file's ``dtype``."""
+    layers = peft_naming({key: value.detach().to("cpu", torch_float(value)) for key, value in layers.items()})
+    layers, adapter_config = fold_alpha(layers, adapter_config)
+    layers = {key: value.to(dtype).contiguous() for key, value in layers.items()}
+    adapter_config = {key: sorted(value) if isinstance(value, set) else value for key, value in adapter_config.items()}
+    return layers, adapter_config
+
+
+def _family(entry: LoadedPipeline) -> ModelFamily:
+    if entry.family is None:
+        raise ValueError(f"{entry.key} has no known model family to save a LoRA for")
+    return entry.family
+
+
+def save_lora(
+    entry: LoadedPipeline,
+    layers: dict[str, torch.Tensor],
+    adapter_config: dict[str, Any],
+    path: Path,
+    metadata: dict[str, str],
+    dtype: torch.dtype,
+    fmt: str = DIFFUSERS,
+) -> Path:
+    """Write ``layers`` (the trainer's, no component prefix) as a LoRA file in ``fmt`` at ``path``."""
+    from safetensors.torch import save_file
+
+    family = _family(entry)
+    layers, adapter_config = prepared_layers(layers, adapter_config, dtype)
+    header = {**metadata, **family.format_metadata(fmt)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt != DIFFUSERS:
+        tensors = family.export_lora(fmt, layers, entry.pipe)
+        save_file({key: value.to(dtype).contiguous() for key, value in tensors.items()}, str(path), metadata=header)
+        return path
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+        type(entry.pipe).save_lora_weights(
+            save_directory=scratch, weight_name=path.name, **family.save_kwargs(layers, adapter_config)
+        )
+        written = Path(scratch) / path.name
+        _rewrite_with_metadata(written, header)
+        written.replace(path)
+    return path
+
+
 def save_diffusers_lora(
     entry: LoadedPipeline,
     layers: dict[str, torch.Tensor],
@@ -61,40 +136,5 @@ def save_diffusers_lora(
     metadata: dict[str, str],
     dtype: torch.dtype,
 ) -> Path:
-    """Write ``layers`` (diffusers naming, no prefix) as a pipeline-loadable LoRA at ``path``."""
-    layers = {key: value.detach().to("cpu", torch_float(value)) for key, value in layers.items()}
-    layers, adapter_config = fold_alpha(layers, adapter_config)
-    layers = {key: value.to(dtype).contiguous() for key, value in layers.items()}
-    adapter_config = {key: sorted(value) if isinstance(value, set) else value for key, value in adapter_config.items()}
-    family = entry.family
-    if family is None:
-        raise ValueError(f"{entry.key} has no known model family to save a LoRA for")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
-        type(entry.pipe).save_lora_weights(
-            save_directory=scratch, weight_name=path.name, **family.save_kwargs(layers, adapter_config)
-        )
-        written = Path(scratch) / path.name
-        _rewrite_with_metadata(written, metadata)
-        written.replace(path)
-    return path
-
-
-def torch_float(value: torch.Tensor) -> torch.dtype:
-    """fp32 for the arithmetic of folding (the file's dtype is applied after)."""
-    import torch
-
-    return torch.float32 if value.is_floating_point() else value.dtype
-
-
-def export_kohya(diffusers_path: Path, kohya_path: Path, metadata: dict[str, str]) -> Path:
-    """Convert the diffusers LoRA at ``diffusers_path`` to the kohya layout A1111/ComfyUI read."""
-    from diffusers.utils import convert_all_state_dict_to_peft, convert_state_dict_to_kohya
-    from safetensors.torch import load_file, save_file
-
-    state = load_file(str(diffusers_path))
-    kohya = convert_state_dict_to_kohya(convert_all_state_dict_to_peft(state))
-    dtype = next(iter(state.values())).dtype
-    kohya = {key: value.to(dtype).contiguous() for key, value in kohya.items()}
-    save_file(kohya, str(kohya_path), metadata=metadata)
-    return kohya_path
+    """:func:`save_lora` in the diffusers format."""
+    return save_lora(entry, layers, adapter_config, path, metadata, dtype, DIFFUSERS)

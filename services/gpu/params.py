@@ -133,11 +133,13 @@ class TrainLoraInput(BaseModel):
         description="Prompts rendered with the trained LoRA (and with each snapshot's, see save_every).",
     )
     sample_steps: int = Field(25, ge=1, le=500)
-    export_formats: list[ExportFormat] = Field(
-        default_factory=lambda: ["diffusers"],
+    export_formats: list[ExportFormat] | None = Field(
+        None,
         min_length=1,
         max_length=4,
-        description="diffusers (always written) and optionally kohya (A1111/ComfyUI; SD and SDXL only).",
+        description="LoRA file formats; the first is the main file (lora, what generate loads by name), "
+        "another is a copy (kohya_lora / diffusers_lora). Default: the one every loader reads in full: "
+        "kohya for SD and SDXL, diffusers (peft names) for FLUX.1 and Z-Image. kohya: SD, SDXL, FLUX.1.",
     )
 
     checkpoint_every: int | None = Field(
@@ -189,8 +191,8 @@ class TrainLoraInput(BaseModel):
 
     @field_validator("export_formats")
     @classmethod
-    def _unique_formats(cls, value: list[str]) -> list[str]:
-        return list(dict.fromkeys(value))
+    def _unique_formats(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else list(dict.fromkeys(value))
 
     @field_validator("resolution")
     @classmethod

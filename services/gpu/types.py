@@ -20,8 +20,10 @@ class ImageFile:
 class TrainResult:
     """What :func:`services.gpu.train.job.train_lora` produced in the work directory."""
 
-    lora_path: Path
-    kohya_path: Path | None
+    lora_path: Path  # the main file, in lora_format (the first of the job's export_formats)
+    kohya_path: Path | None  # the kohya copy, when kohya is asked for but not the main format
+    diffusers_path: Path | None = None  # the diffusers copy, likewise
+    lora_format: str = "diffusers"
     samples: list[ImageFile] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
     resumed_from_step: int = 0  # 0: trained from the start

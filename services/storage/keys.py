@@ -3,7 +3,7 @@
 Layout::
 
     datasets/<dataset>/<file name>            training files (upload_training_files, presign_uploads)
-    loras/<output_name>/<output_name>.safetensors        a trained LoRA (and .kohya.safetensors)
+    loras/<output_name>/<output_name>.safetensors        a trained LoRA (copies: .kohya/.diffusers.safetensors)
     loras/<output_name>/checkpoints/...       training checkpoints
     outputs/<job id>/<file name>              outputs too large to return inline
 
@@ -149,9 +149,11 @@ def lora_prefix(output_name: str) -> str:
     return f"{LORA_ROOT}/{safe_name(output_name, 'output_name')}/"
 
 
-def lora_key(output_name: str, kohya: bool = False) -> str:
-    """Where a trained LoRA is stored: ``loras/<name>/<name>.safetensors`` (``.kohya.safetensors``)."""
-    suffix = ".kohya.safetensors" if kohya else ".safetensors"
+def lora_key(output_name: str, kohya: bool = False, copy: str | None = None) -> str:
+    """Where a trained LoRA is stored: ``loras/<name>/<name>.safetensors``; a copy in another
+    format at ``<name>.<format>.safetensors`` (``kohya=True``: the kohya copy)."""
+    copy = "kohya" if kohya else copy
+    suffix = f".{copy}.safetensors" if copy else ".safetensors"
     return f"{lora_prefix(output_name)}{output_name}{suffix}"
 
 

@@ -82,6 +82,7 @@ def family_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
         learning_rate=3e-3,
         batch_size=2,
         lora_targets="attention+mlp",
+        export_formats=["diffusers"],  # the default SDXL kohya file: tests/gpu/test_lora_formats.py
     )
     result = train_lora(params, dataset, tmp_path_factory.mktemp("work"), settings)
     return FamilyRun(model=model, result=result, dataset=dataset, base_digest=before)
@@ -237,11 +238,11 @@ def test_kohya_export_is_refused_where_the_family_does_not_offer_it(settings, tm
         action="train_lora",
         dataset="d",
         output_name="k",
-        base_model="builtin:tiny-flux",
+        base_model="builtin:tiny-zimage",
         steps=1,
         export_formats=["kohya"],
     )
-    with pytest.raises(InputError, match=r"input\.export_formats: kohya is not offered for FLUX\.1"):
+    with pytest.raises(InputError, match=r"input\.export_formats: kohya is not offered for Z-Image"):
         train_lora(params, write_dataset(tmp_path / "d", 1), tmp_path / "w", settings)
 
 

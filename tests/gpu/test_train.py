@@ -151,7 +151,8 @@ def test_sdxl_slow_path_trains_and_loads(tmp_path: Path, settings) -> None:
     )
     result = train_lora(params, write_dataset(tmp_path / "d", count=2), tmp_path / "work", settings)
     assert result.metrics["precision"] == "bf16" and result.samples == []
-    assert result.lora_path.is_file() and result.kohya_path is not None
+    assert result.lora_path.is_file() and result.kohya_path is None  # kohya is the main file
+    assert read_metadata(result.lora_path)["lora_format"] == "kohya"
     assert read_metadata(result.lora_path)["base_model_family"] == "sdxl"
     entry = models.load_pipeline("builtin:tiny-sdxl", settings, torch.bfloat16, CPU)
     assert tuner_layers(entry.pipe) == [] and not entry.pipe.unet.is_gradient_checkpointing

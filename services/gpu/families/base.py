@@ -18,6 +18,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from services.errors import InputError
@@ -27,6 +28,10 @@ if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
 Text = dict[str, "torch.Tensor"]
+Tensors = dict[str, "torch.Tensor"]
+DIFFUSERS = "diffusers"  # export formats (services.gpu.catalog.ExportFormat)
+KOHYA = "kohya"
+FORMAT_KEY = "lora_format"  # the LoRA header key that names the file's format
 BUCKET_STEP = 64  # pixels, for full-size models
 TINY_BUCKET_STEP = 8  # the builtin tiny models (32 px native) bucket in 8 px steps
 TINY_NATIVE_LIMIT = 256  # a model whose native side is below this is a tiny test model
@@ -143,7 +148,7 @@ class ModelFamily(ABC):
     defaults: ClassVar[TrainDefaults] = TrainDefaults()
     native_resolution: ClassVar[int] = 1024  # when the pipeline does not say
     lora_targets: ClassVar[dict[str, tuple[str, ...]]]  # "attention" and "attention+mlp"
-    export_formats: ClassVar[tuple[str, ...]] = ("diffusers",)
+    export_formats: ClassVar[tuple[str, ...]] = (DIFFUSERS,)  # offered; the first is the default
     text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)
 
     # recognition
@@ -239,6 +244,10 @@ class ModelFamily(ABC):
         """peft target module names for ``attention`` or ``attention+mlp``."""
         return list(self.lora_targets[which])
 
+    def default_exports(self) -> list[str]:
+        """``export_formats`` when the job gives none: the one format every loader reads in full."""
+        return [self.export_formats[0]]
+
     def check_exports(self, formats: Sequence[str]) -> None:
         unsupported = [f for f in formats if f not in self.export_formats]
         if unsupported:
@@ -247,12 +256,40 @@ class ModelFamily(ABC):
                 f"use {' or '.join(self.export_formats)}"
             )
 
-    def save_kwargs(self, layers: dict[str, torch.Tensor], adapter_config: dict[str, Any]) -> dict[str, Any]:
+    def save_kwargs(self, layers: Tensors, adapter_config: dict[str, Any]) -> dict[str, Any]:
         """Keyword arguments of the pipeline's ``save_lora_weights`` for the denoiser's layers."""
         return {
             f"{self.denoiser_name}_lora_layers": layers,
             f"{self.denoiser_name}_lora_adapter_metadata": adapter_config,
         }
+
+    # Key conversion. ``layers`` are the denoiser's LoRA tensors in peft naming
+    # (``<module>.lora_A.weight`` / ``lora_B.weight``, no component prefix) with alpha folded in
+    # (alpha = rank). The diffusers format is those names behind ``<denoiser_name>.``, written by
+    # the pipeline's ``save_lora_weights``; any other format is :meth:`export_lora`'s tensors.
+    # On the way back, :meth:`import_lora` may hand diffusers' loader a converted state dict
+    # where that loader would not read the family's own file (a round trip must give the same
+    # weights). Both must keep every module: tests/gpu/test_lora_formats.py maps every key of
+    # every format onto the model's original checkpoint layout.
+
+    def export_lora(self, fmt: str, layers: Tensors, pipe: Any) -> Tensors:
+        """The tensors of a ``fmt`` file (not ``diffusers``: :func:`~services.gpu.lora_files.save_lora`
+        writes that through the pipeline)."""
+        if fmt == DIFFUSERS:
+            return {f"{self.denoiser_name}.{key}": value for key, value in layers.items()}
+        raise InputError(f"input.export_formats: {fmt} is not offered for {self.label}")
+
+    def import_lora(self, path: Path, pipe: Any) -> Tensors | None:
+        """The state dict for ``pipe.load_lora_weights`` when its own importer would not read the
+        file at ``path`` right; None (the default) lets diffusers read the file as it is."""
+        return None
+
+    def format_metadata(self, fmt: str) -> dict[str, str]:
+        """Header keys that say which format a file is in (kohya's ``ss_network_module`` only on
+        kohya files: loaders branch on it)."""
+        if fmt == KOHYA:
+            return {FORMAT_KEY: fmt, "ss_network_module": "networks.lora"}
+        return {FORMAT_KEY: fmt}
 
     def file_metadata(self, pipe: Any) -> dict[str, str]:
         """Family keys of the LoRA header (kohya's ``ss_base_model_version`` and friends)."""

@@ -6,17 +6,31 @@ packed 2x2 into tokens with their latent image ids, sigmas drawn logit-normal an
 the resolution-dependent ``mu`` of the model's scheduler, and, for FLUX.1-dev (guidance-
 distilled: ``guidance_embeds``), a guidance embedding of 1.0 as ai-toolkit and SimpleTuner use.
 
-LoRA files are written in the diffusers format (``transformer.`` keys), which diffusers,
-ComfyUI (it maps diffusers-named FLUX.1 keys) and the FLUX LoRA loaders of the common UIs read;
-kohya/BFL-named export is not offered for FLUX.1.
+LoRA files default to the diffusers format in peft naming throughout (``transformer.<module>.
+lora_A.weight``: ai-toolkit's layout), which diffusers, ComfyUI (it maps diffusers-named FLUX.1
+keys onto BFL's fused modules) and kohya's ``convert_flux_lora.py`` read in full. ``kohya`` is
+the BFL-named file sd-scripts writes (:mod:`services.gpu.families.flux_bfl`, q/k/v fused);
+diffusers' importer reads it at FLUX.1's own widths, and :meth:`Flux.import_lora` converts it
+back by the model's widths (the tiny model's too).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from services.gpu.families.base import FlowSchedule, ModelFamily, Text, TrainDefaults
+from services.gpu.families import flux_bfl
+from services.gpu.families.base import (
+    DIFFUSERS,
+    FORMAT_KEY,
+    KOHYA,
+    FlowSchedule,
+    ModelFamily,
+    Tensors,
+    Text,
+    TrainDefaults,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -37,6 +51,7 @@ class Flux(ModelFamily):
     native_resolution = 1024
     lora_targets: ClassVar[dict[str, tuple[str, ...]]] = {"attention": ATTENTION, "attention+mlp": ATTENTION + MLP}
     text_encoders = ("text_encoder", "text_encoder_2")
+    export_formats = (DIFFUSERS, KOHYA)
 
     def build_tiny(self) -> DiffusionPipeline:
         from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
@@ -130,6 +145,28 @@ class Flux(ModelFamily):
         )[0]
         out = out.view(batch, height // 2, width // 2, channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
         return out.reshape(batch, channels, height, width)
+
+    def export_lora(self, fmt: str, layers: Tensors, pipe: Any) -> Tensors:
+        if fmt != KOHYA:
+            return super().export_lora(fmt, layers, pipe)
+        return flux_bfl.to_bfl(layers, self.denoiser(pipe).config)
+
+    def import_lora(self, path: Path, pipe: Any) -> Tensors | None:
+        """kohya/BFL files whose every module is FLUX.1's, split by this model's widths."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path), framework="pt") as handle:
+            kohya = (handle.metadata() or {}).get(FORMAT_KEY) == KOHYA or any(
+                key.startswith(flux_bfl.PREFIX)
+                for key in handle.keys()  # noqa: SIM118 (not a dict)
+            )
+        return flux_bfl.from_bfl(load_file(str(path)), self.denoiser(pipe).config) if kohya else None
+
+    def format_metadata(self, fmt: str) -> dict[str, str]:
+        if fmt == KOHYA:
+            return {FORMAT_KEY: fmt, "ss_network_module": "networks.lora_flux"}  # as sd-scripts writes it
+        return super().format_metadata(fmt)
 
     def file_metadata(self, pipe: Any) -> dict[str, str]:
         dev = bool(self.denoiser(pipe).config.guidance_embeds)

@@ -1,11 +1,17 @@
-"""Stable Diffusion 1.x / 2.x: UNet, one CLIP text encoder, DDPM noise (epsilon or v-prediction)."""
+"""Stable Diffusion 1.x / 2.x: UNet, one CLIP text encoder, DDPM noise (epsilon or v-prediction).
+
+LoRA files default to the kohya layout (``lora_unet_<diffusers module path with _>``), which
+ComfyUI, A1111/Forge, kohya sd-scripts and diffusers' kohya importer all map in full; the
+diffusers/peft file (``unet.<module>.lora_A.weight``) loads in diffusers only (ComfyUI's SD/SDXL
+key map does not know peft names), so it is offered but not the default.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from services.gpu.families.base import DdpmSchedule, ModelFamily, Text, TrainDefaults
+from services.gpu.families.base import DIFFUSERS, KOHYA, DdpmSchedule, ModelFamily, Tensors, Text, TrainDefaults
 
 if TYPE_CHECKING:
     import torch
@@ -24,7 +30,7 @@ class StableDiffusion(ModelFamily):
     defaults = TrainDefaults(rank=16, learning_rate=1e-4, steps=1000)
     native_resolution = 512
     lora_targets: ClassVar[dict[str, tuple[str, ...]]] = {"attention": ATTENTION, "attention+mlp": ATTENTION + MLP}
-    export_formats = ("diffusers", "kohya")
+    export_formats = (KOHYA, DIFFUSERS)
 
     def build_tiny(self) -> DiffusionPipeline:
         from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -78,6 +84,14 @@ class StableDiffusion(ModelFamily):
         self, pipe: Any, denoiser: Any, noisy: torch.Tensor, timesteps: torch.Tensor, text: Text
     ) -> torch.Tensor:
         return denoiser(noisy, timesteps, encoder_hidden_states=text["hidden"], return_dict=False)[0]
+
+    def export_lora(self, fmt: str, layers: Tensors, pipe: Any) -> Tensors:
+        """kohya: diffusers' ``convert_state_dict_to_kohya`` (``.alpha`` = the rank: alpha is folded)."""
+        if fmt != KOHYA:
+            return super().export_lora(fmt, layers, pipe)
+        from diffusers.utils import convert_state_dict_to_kohya
+
+        return convert_state_dict_to_kohya({f"{self.denoiser_name}.{key}": value for key, value in layers.items()})
 
     def file_metadata(self, pipe: Any) -> dict[str, str]:
         cross = getattr(pipe.unet.config, "cross_attention_dim", 768)

@@ -3,8 +3,9 @@
 ``train_lora`` is synchronous; the caller runs it in a worker thread under the GPU lock. The
 order of work is: validate the dataset (no model loaded yet), load the cached pipeline and its
 model family, put every image in its aspect-ratio bucket at each training resolution, train
-(:mod:`services.gpu.train.trainer`), save the diffusers LoRA and the optional kohya copy, render the
-sample prompts through the generation path with the saved file, and report.
+(:mod:`services.gpu.train.trainer`), save the LoRA in each export format, render the
+sample prompts through the generation path with the saved file, and report. LoRA files: one per
+``export_formats`` entry (the family's default when none is given; the first is the main file).
 
 Durability (with a :class:`Durable`, which the ``train_lora`` action passes): the run resumes
 from a downloaded checkpoint when its training config hash (:func:`config_hash_of`) matches,
@@ -35,7 +36,7 @@ from services.gpu.encode import encode_image
 from services.gpu.families import ModelFamily, trainable
 from services.gpu.generate.render import GenerationRequest, render
 from services.gpu.guard import gpu_errors
-from services.gpu.lora_files import export_kohya, save_diffusers_lora
+from services.gpu.lora_files import DIFFUSERS, KOHYA, save_lora
 from services.gpu.state import RUNNER_STATE
 from services.gpu.train.buckets import bucket_sizes, nearest_bucket
 from services.gpu.train.dataset import Example, fit, load_rgb, scan_dataset
@@ -118,7 +119,8 @@ def lora_metadata(
     entry: LoadedPipeline, cfg: TrainConfig, output_name: str, trigger_word: str | None, images: int
 ) -> dict[str, str]:
     """Header metadata: the worker's own keys, the family's, and kohya's ``ss_*`` keys that UIs
-    display. ``alpha`` is the trained one; the weights have it folded in (the file's alpha is the rank)."""
+    display. ``alpha`` is the trained one; the weights have it folded in (the file's alpha is the rank).
+    Each file adds its format's keys (``lora_format``; ``ss_network_module`` on kohya files only)."""
     import diffusers
     import peft
     import torch
@@ -142,7 +144,6 @@ def lora_metadata(
         "software": f"{SOFTWARE_NAME} {SOFTWARE_VERSION}",
         "software_version": SOFTWARE_VERSION,
         "libraries": f"diffusers {diffusers.__version__}; peft {peft.__version__}; torch {torch.__version__}",
-        "ss_network_module": "networks.lora",
         "ss_network_dim": str(cfg.rank),
         "ss_network_alpha": str(cfg.rank),
         "ss_output_name": output_name,
@@ -233,7 +234,7 @@ def train_lora(
         quantize = params.quantize_base == "nf4"
         entry = models.load_pipeline(model, settings, torch_dtype(precision), device, quantize=quantize)
         family = trainable(entry.family, entry.pipe)
-        family.check_exports(params.export_formats)
+        formats = export_formats(params, family)
         resolutions = params.resolutions() or [entry.native_size]
         images, sources = bucketed_images(
             [e.path for e in examples], resolutions, family.bucket_step(entry.pipe), settings.max_image_pixels
@@ -288,14 +289,9 @@ def train_lora(
             finally:
                 if durable is not None:
                     durable.storage.wait()
-            save_diffusers_lora(
-                entry, trainer.lora_state_dict(), trainer.adapter_config(), lora_path, metadata, lora_dtype
-            )
+            files = _export(entry, trainer, formats, lora_path, metadata, lora_dtype)
         finally:
             trainer.close()
-        kohya_path = None
-        if "kohya" in params.export_formats:
-            kohya_path = export_kohya(lora_path, work_dir / f"{params.output_name}_kohya.safetensors", metadata)
         samples = _samples(entry, params, resolutions[0], lora_path, stop)
         metrics = _metrics(cfg, stats, setup_seconds, started, device, len(examples), buckets, params.quantize_base)
     if cfg.compile:
@@ -303,8 +299,46 @@ def train_lora(
         _remember_warm(cfg.compile_key, stats.first_step_seconds, cache)
     log.info("trained %s: %s", params.output_name, metrics)
     return TrainResult(
-        lora_path=lora_path, kohya_path=kohya_path, samples=samples, metrics=metrics, resumed_from_step=start
+        lora_path=lora_path,
+        kohya_path=files.get(KOHYA) if formats[0] != KOHYA else None,
+        diffusers_path=files.get(DIFFUSERS) if formats[0] != DIFFUSERS else None,
+        lora_format=formats[0],
+        samples=samples,
+        metrics=metrics,
+        resumed_from_step=start,
     )
+
+
+def export_formats(params: TrainLoraInput, family: ModelFamily) -> list[str]:
+    """The job's formats (the family's default when none are given), checked; the first is the
+    main file (``<output_name>.safetensors``, the one ``generate`` loads by name)."""
+    formats = list(params.export_formats or family.default_exports())
+    family.check_exports(formats)
+    return formats
+
+
+def _export(
+    entry: LoadedPipeline,
+    trainer: LoraTrainer,
+    formats: list[str],
+    main: Path,
+    metadata: dict[str, str],
+    dtype: torch.dtype,
+) -> dict[str, Path]:
+    """The trained LoRA in each format: the first at ``main``, others as ``<stem>_<format>``."""
+    layers, config = trainer.lora_state_dict(), trainer.adapter_config()
+    return {
+        fmt: save_lora(
+            entry,
+            layers,
+            config,
+            main if i == 0 else main.with_name(f"{main.stem}_{fmt}{main.suffix}"),
+            metadata,
+            dtype,
+            fmt,
+        )
+        for i, fmt in enumerate(formats)
+    }
 
 
 def _snapshot(
@@ -323,9 +357,9 @@ def _snapshot(
     folder = work_dir / f"snapshot-{step}"
     folder.mkdir()
     try:
-        lora = save_diffusers_lora(
-            entry, trainer.lora_state_dict(), trainer.adapter_config(), folder / "lora.safetensors", metadata, dtype
-        )
+        fmt = export_formats(params, trainable(entry.family, entry.pipe))[0]
+        layers, config = trainer.lora_state_dict(), trainer.adapter_config()
+        lora = save_lora(entry, layers, config, folder / "lora.safetensors", metadata, dtype, fmt)
         paths = []
         if params.sample_prompts:
             with trainer.sampling():
