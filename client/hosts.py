@@ -41,7 +41,7 @@ def _entry(value: str) -> str:
 
 def env_hosts() -> list[str]:
     """The hosts of ``LORA_WORKER_ALLOW_HOSTS``."""
-    return [part for part in os.environ.get(ALLOW_HOSTS_ENV, "").split(",") if part.strip()]
+    return [part for part in os.environ.get("LORA_WORKER_ALLOW_HOSTS", "").split(",") if part.strip()]
 
 
 @dataclass(frozen=True)
