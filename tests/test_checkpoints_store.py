@@ -21,14 +21,16 @@ from config.settings import Settings
 from services.durable.checkpoints import (
     TRAINING_HASH_FIELDS,
     CheckpointStore,
-    checkpoints_prefix,
     config_hash,
     dataset_digest,
     training_config_hash,
 )
-from services.durable.snapshots import SnapshotStore, sample_key, snapshot_key
+from services.durable.snapshots import SnapshotStore
 from services.errors import CheckpointCorrupt, CheckpointError, CheckpointUploadFailed, StorageUnavailable
 from services.storage import Storage
+from services.storage.keys import lora_checkpoint_prefix as checkpoints_prefix
+from services.storage.keys import snapshot_key
+from services.storage.keys import snapshot_sample_key as sample_key
 from tests.conftest import run_with_storage, s3_client
 from tests.faultproxy import FaultProxy, Faults
 
