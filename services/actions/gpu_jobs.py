@@ -17,7 +17,7 @@ from services.durable.checkpoints import CheckpointStore
 from services.durable.lease import Lease, worker_name
 from services.durable.snapshots import SnapshotStore
 from services.durable.training_store import TrainingStorage
-from services.errors import CheckpointCorrupt, InputError, ObjectNotFound, OutputBusy
+from services.errors import CheckpointCorrupt, InputError, ObjectNotFound, OutputBusy, StorageError
 from services.gpu.params import GenerateInput, TrainLoraInput
 from services.ingest.datasets import fetch_dataset
 from services.job.context import JobContext, gpu_lock
@@ -63,6 +63,7 @@ async def _train(request: TrainLoraInput, ctx: JobContext, lease: Lease) -> Trai
         overwrite=request.overwrite,
         fresh=not request.resume,
     )
+    storage.finished_run = await checkpoints.finished() if resume is not None else None
     durable = Durable(storage, resume, ctx.deadline)
     async with gpu_lock():
         result = await ctx.in_thread(
@@ -100,8 +101,11 @@ async def _finish_checkpoints(
     """Delete the checkpoints, or (``keep_checkpoints``) mark their run finished, so that the same
     input again is refused instead of quietly retraining from the last checkpoint."""
     if request.keep_checkpoints:
-        if run is not None:
-            await checkpoints.mark_finished(run, int(steps or 0))
+        try:
+            if run is not None:
+                await checkpoints.mark_finished(run, int(steps or 0))
+        except StorageError as exc:  # the LoRA is stored: the job succeeded without the mark
+            log.warning("job %s: %s not marked finished (a resend resumes): %s", ctx.key_id, request.output_name, exc)
         return
     ctx.stage = "removing the checkpoints"
     removed = await checkpoints.delete_all()
@@ -126,8 +130,7 @@ def _check_time_left(ctx: JobContext) -> None:
 async def _find_resume(request: TrainLoraInput, ctx: JobContext, checkpoints: CheckpointStore) -> Resume | None:
     """Read and download the checkpoint to resume from, if any; nothing is deleted here.
 
-    Refuses a damaged checkpoint (one error naming the LoRA, the step and ``overwrite: true``) and
-    the kept checkpoints of a run that completed (the same input again would retrain)."""
+    Refuses a damaged checkpoint: one error naming the LoRA, the step and ``overwrite: true``."""
     from services.gpu.train.job import Resume
 
     if request.overwrite or not request.resume:
@@ -138,13 +141,6 @@ async def _find_resume(request: TrainLoraInput, ctx: JobContext, checkpoints: Ch
         checkpoint = await checkpoints.latest()
         if checkpoint is None:
             return None
-        if await checkpoints.finished() == checkpoint.config_hash:
-            raise InputError(
-                f"input.output_name: {request.output_name} already completed its training (steps up to "
-                f"{checkpoint.step} are checkpointed, kept by keep_checkpoints; the LoRA is at "
-                f"{lora_key(request.output_name)}); send resume: false to train it again from step 0, "
-                "or overwrite: true to delete its checkpoints and snapshots and start over"
-            )
         ctx.stage = f"downloading the checkpoint of step {checkpoint.step}"
         await checkpoints.download(checkpoint, folder)
     except CheckpointCorrupt as exc:

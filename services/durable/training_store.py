@@ -51,6 +51,7 @@ class TrainingStorage:
         self.overwrite = overwrite  # delete the old checkpoints and every snapshot before training
         self.fresh = fresh  # resume: false: delete the old checkpoints before training
         self.run: str | None = None  # the config hash, once prepared
+        self.finished_run: str | None = None  # the config hash of the completed run whose checkpoints are kept
         self.last_step = resumed_step  # the newest checkpoint in storage (0: none)
         self.last_save_seconds: float | None = None  # how long the last successful save took
         self._pending: Future[None] | None = None
@@ -65,6 +66,13 @@ class TrainingStorage:
         apply ``overwrite`` / ``resume: false`` (the first deletes) or refuse a new run over an old
         run's snapshots. Raises :class:`InputError` or :class:`StorageError`."""
         self.run = self.snapshots.run = config_hash
+        if self.finished_run == config_hash and not (self.overwrite or self.fresh):
+            name = self.checkpoints.output_name
+            raise InputError(
+                f"input.output_name: {name} already completed this training: its checkpoints were kept "
+                f"(keep_checkpoints) and resuming would train the last steps again. Send resume: false to "
+                "train it again from step 0, or overwrite: true to delete its checkpoints and snapshots first"
+            )
         self._call(prepare_run(self.checkpoints, self.snapshots, overwrite=self.overwrite, fresh=self.fresh)).result()
 
     # --- checkpoints (worker thread) --------------------------------------------------------
