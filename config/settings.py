@@ -118,6 +118,18 @@ class Settings(BaseSettings):
     checkpoint_minutes: float = Field(
         10.0, gt=0, le=24 * 60, description="A checkpoint at least this often (minutes), whatever the step interval."
     )
+    max_checkpoint_bytes: int = Field(
+        20 * 1024**3, ge=1, description="Most bytes a training checkpoint to resume from may download."
+    )
+    max_lora_bytes: int = Field(
+        4 * 1024**3, ge=1, description="Most bytes a stored LoRA (generate's lora input) may download."
+    )
+    lease_seconds: float = Field(
+        600.0,
+        ge=30,
+        le=24 * 3600,
+        description="How long a training job's claim on its output_name lasts unless renewed (every third of it).",
+    )
     checkpoint_deadline_margin: float = Field(
         60.0, ge=0, le=3600, description="Training stops this many seconds before JOB_TIMEOUT to save a checkpoint."
     )

@@ -25,6 +25,10 @@ class ObjectNotFound(StorageError):
     """The key does not exist."""
 
 
+class PreconditionFailed(StorageError):
+    """A conditional write lost: the object exists (create) or is no longer the version named (replace)."""
+
+
 class StorageUnavailable(StorageError):
     """The storage backend is unreachable or the circuit breaker is open."""
 
@@ -63,6 +67,10 @@ class JobStopped(WorkerError):
         super().__init__(message)
         self.reason = reason
         self.resumable = resumable
+
+
+class OutputBusy(WorkerError):
+    """Another job holds the lease on the output (``output_name``) this job would write."""
 
 
 class CheckpointError(WorkerError):

@@ -21,14 +21,16 @@ from config.settings import Settings
 from services.durable.checkpoints import (
     TRAINING_HASH_FIELDS,
     CheckpointStore,
-    checkpoints_prefix,
     config_hash,
     dataset_digest,
     training_config_hash,
 )
-from services.durable.snapshots import SnapshotStore, sample_key, snapshot_key
+from services.durable.snapshots import SnapshotStore
 from services.errors import CheckpointCorrupt, CheckpointError, CheckpointUploadFailed, StorageUnavailable
 from services.storage import Storage
+from services.storage.keys import lora_checkpoint_prefix as checkpoints_prefix
+from services.storage.keys import snapshot_key
+from services.storage.keys import snapshot_sample_key as sample_key
 from tests.conftest import run_with_storage, s3_client
 from tests.faultproxy import FaultProxy, Faults
 
@@ -472,3 +474,98 @@ def test_config_hash_is_canonical_and_covers_every_field() -> None:
 def test_the_store_imports_no_torch() -> None:
     code = "import sys, services.durable.checkpoints, services.durable.snapshots; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
+
+
+# --- tampered checkpoints: one corrupt-checkpoint error ---------------------------------------
+
+
+def _tamper_pointer(pointer: dict[str, Any], form: str) -> bytes:
+    """The pointer as someone with the bucket's keys might have edited it."""
+    edits: dict[str, Any] = {
+        "dotdot": {"files": [{**pointer["files"][0], "name": "../x"}]},
+        "empty-name": {"files": [{**pointer["files"][0], "name": ""}]},
+        "sub-folder": {"files": [{**pointer["files"][0], "name": "sub/lora.safetensors"}]},
+        "previous-null": {"previous": None},
+        "previous-objects": {"previous": [{"x": 1}]},
+        "step-negative": {"step": -3},
+        "step-as-text": {"step": "10"},
+        "files-null": {"files": None},
+        "unknown-field": {"surprise": True},
+    }
+    if form == "deep":
+        return b"[" * 200_000 + b"]" * 200_000
+    if form == "deep-small":
+        return b"[" * 30_000 + b"]" * 30_000  # under the size cap: the parser's recursion limit
+    return json.dumps({**pointer, **edits[form]}).encode()
+
+
+TAMPERED = [
+    "dotdot",
+    "empty-name",
+    "sub-folder",
+    "previous-null",
+    "previous-objects",
+    "step-negative",
+    "step-as-text",
+    "files-null",
+    "unknown-field",
+    "deep",
+    "deep-small",
+]
+
+
+@pytest.mark.parametrize("form", TAMPERED)
+def test_a_tampered_pointer_is_one_corrupt_checkpoint_error(any_settings: Settings, tmp_path: Path, form: str) -> None:
+    """Catches tampered pointers giving internal errors (TypeError, RecursionError, a '../' key, a
+    'disappeared' file): each must be CheckpointCorrupt naming the LoRA and saying overwrite: true."""
+
+    async def scenario(storage: Storage) -> None:
+        store = CheckpointStore(storage, NAME)
+        await store.save(10, write_files(tmp_path, 10), HASH)
+        if form == "sub-folder":  # the file it names exists: still refused (not one path segment)
+            await storage.put_bytes(f"{checkpoints_prefix(NAME)}step-00000010/sub/lora.safetensors", b"x")
+        pointer = pointer_of(await storage.get_bytes(store.pointer_key))
+        await storage.put_bytes(store.pointer_key, _tamper_pointer(pointer, form))
+        with pytest.raises(CheckpointCorrupt) as raised:
+            await store.latest()
+        message = str(raised.value)
+        assert f"the stored checkpoint of {NAME}" in message and "overwrite: true" in message, message
+        assert "at step 10" in message or "step unknown" in message, message
+        assert "disappeared" not in message
+
+    run_with_storage(any_settings, scenario)
+
+
+def test_a_checkpoint_over_the_size_cap_is_not_downloaded(local_settings: Settings, tmp_path: Path) -> None:
+    """Catches an unbounded checkpoint download (MAX_CHECKPOINT_BYTES)."""
+
+    async def scenario(storage: Storage) -> None:
+        await CheckpointStore(storage, NAME).save(10, write_files(tmp_path, 10), HASH)
+        capped = CheckpointStore(storage, NAME, max_bytes=1000)
+        found = await capped.latest()
+        with pytest.raises(CheckpointCorrupt, match="more than MAX_CHECKPOINT_BYTES"):
+            await capped.download(found, tmp_path / "restored")
+        assert not (tmp_path / "restored").exists()
+
+    run_with_storage(local_settings, scenario)
+
+
+def test_keep_last_and_the_listing_cover_the_current_run_only(any_settings: Settings, tmp_path: Path) -> None:
+    """Catches keep_last pruning the new run's own snapshots because an old run's are newer by step,
+    and a result listing the old run's snapshots."""
+    lora = tmp_path / "lora.safetensors"
+    lora.write_bytes(b"weights")
+
+    async def scenario(storage: Storage) -> None:
+        old = SnapshotStore(storage, NAME, run="a" * 64)
+        for step in (6, 8):
+            await old.save(step, lora)
+        new = SnapshotStore(storage, NAME, run="b" * 64)
+        for step in (1, 2, 3):
+            await new.save(step, lora)
+            await new.prune(keep_last=2)
+        assert [s.step for s in await new.current()] == [2, 3]
+        assert [s.step for s in await new.others()] == [6, 8]
+        assert {s.run for s in await new.others()} == {"a" * 64}
+
+    run_with_storage(any_settings, scenario)

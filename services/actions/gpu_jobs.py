@@ -8,19 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from services.actions.results import GenerateResult, StoredSnapshot, TrainLoraResult
 from services.durable.checkpoints import CheckpointStore
+from services.durable.lease import Lease, worker_name
 from services.durable.snapshots import SnapshotStore
 from services.durable.training_store import TrainingStorage
-from services.errors import CheckpointCorrupt, InputError, ObjectNotFound, StorageError
+from services.errors import CheckpointCorrupt, InputError, ObjectNotFound, OutputBusy, StorageError
 from services.gpu.params import GenerateInput, TrainLoraInput
 from services.ingest.datasets import fetch_dataset
 from services.job.context import JobContext, gpu_lock
 from services.output.files import OutputFile
-from services.storage.base import DeleteResult
 from services.storage.keys import lora_key, resolve_lora_key
 
 if TYPE_CHECKING:
@@ -31,24 +32,45 @@ log = logging.getLogger(__name__)
 
 async def train_lora(request: TrainLoraInput, ctx: JobContext) -> TrainLoraResult:
     """Train (resuming from a matching checkpoint), store the LoRA under ``loras/<output_name>/``,
-    return it with samples, snapshots and metrics; the checkpoints go unless ``keep_checkpoints``."""
+    return it with samples, snapshots and metrics; the checkpoints go unless ``keep_checkpoints``.
+
+    Order: the time check, the lease on ``output_name`` (one writer), the dataset, the checkpoint
+    read; then the runner checks the model, exports, precision and decodes the dataset, and only
+    then calls :meth:`TrainingStorage.prepare` for the first delete. A job that fails before
+    training leaves storage as it found it."""
+    _check_time_left(ctx)
+    lease = Lease(ctx.storage, request.output_name, ctx.job_id, worker_name(), ctx.settings.lease_seconds)
+    async with lease.held():
+        return await _train(request, ctx, lease)
+
+
+async def _train(request: TrainLoraInput, ctx: JobContext, lease: Lease) -> TrainLoraResult:
     from services.gpu.train.job import Durable
     from services.gpu.train.job import train_lora as run_training
 
-    checkpoints = CheckpointStore(ctx.storage, request.output_name)
+    checkpoints = CheckpointStore(ctx.storage, request.output_name, max_bytes=ctx.settings.max_checkpoint_bytes)
     snapshots = SnapshotStore(ctx.storage, request.output_name)
     dataset_dir = await fetch_dataset(request, ctx)
-    resume = await _prepare_resume(request, ctx, checkpoints, snapshots)
+    resume = await _find_resume(request, ctx, checkpoints)
     out_dir = ctx.workspace / "train"
     out_dir.mkdir()
     storage = TrainingStorage(
-        asyncio.get_running_loop(), checkpoints, snapshots, request.keep_last, resume.step if resume else 0
+        asyncio.get_running_loop(),
+        checkpoints,
+        snapshots,
+        request.keep_last,
+        resume.step if resume else 0,
+        overwrite=request.overwrite,
+        fresh=not request.resume,
     )
+    storage.finished_run = await checkpoints.finished() if resume is not None else None
     durable = Durable(storage, resume, ctx.deadline)
     async with gpu_lock():
         result = await ctx.in_thread(
             "training", run_training, request, dataset_dir, out_dir, ctx.settings, ctx.progress, ctx.stop, durable
         )
+    if lease.lost:
+        raise OutputBusy(f"{lease.lost}; the trained LoRA of this job was not stored")
     ctx.stage = "storing the LoRA"
     key = lora_key(request.output_name)
     await ctx.storage.put_file(key, result.lora_path, content_type="application/octet-stream")
@@ -68,41 +90,62 @@ async def train_lora(request: TrainLoraInput, ctx: JobContext) -> TrainLoraResul
     if request.save_every:
         response.snapshots = [
             StoredSnapshot(step=s.step, lora=s.lora.key if s.lora else None, samples=[o.key for o in s.samples])
-            for s in await snapshots.list()
+            for s in await snapshots.current()
         ]
-    if not request.keep_checkpoints:
-        ctx.stage = "removing the checkpoints"
-        removed = await checkpoints.delete_all()
-        if removed.errors:
-            log.warning("job %s: checkpoints of %s left: %s", ctx.key_id, request.output_name, removed.errors)
+    await _finish_checkpoints(request, ctx, checkpoints, storage.run, result.metrics.get("steps"))
     return response
 
 
-async def _prepare_resume(
-    request: TrainLoraInput, ctx: JobContext, checkpoints: CheckpointStore, snapshots: SnapshotStore
-) -> Resume | None:
-    """Apply ``overwrite`` / ``resume`` and download the checkpoint to resume from, if any."""
+async def _finish_checkpoints(
+    request: TrainLoraInput, ctx: JobContext, checkpoints: CheckpointStore, run: str | None, steps: Any
+) -> None:
+    """Delete the checkpoints, or (``keep_checkpoints``) mark their run finished, so that the same
+    input again is refused instead of quietly retraining from the last checkpoint."""
+    if request.keep_checkpoints:
+        try:
+            if run is not None:
+                await checkpoints.mark_finished(run, int(steps or 0))
+        except StorageError as exc:  # the LoRA is stored: the job succeeded without the mark
+            log.warning("job %s: %s not marked finished (a resend resumes): %s", ctx.key_id, request.output_name, exc)
+        return
+    ctx.stage = "removing the checkpoints"
+    removed = await checkpoints.delete_all()
+    if removed.errors:
+        log.warning("job %s: checkpoints of %s left: %s", ctx.key_id, request.output_name, removed.errors)
+
+
+def _check_time_left(ctx: JobContext) -> None:
+    """Refuse up front when the job's deadline leaves no time to train before the checkpoint margin."""
+    margin = ctx.settings.checkpoint_deadline_margin
+    if ctx.deadline is None:
+        return
+    left = ctx.deadline - time.monotonic()
+    if left <= margin:
+        raise InputError(
+            f"train_lora cannot start: the job has {left:.0f} s left before JOB_TIMEOUT "
+            f"({ctx.settings.job_timeout:g} s) and training stops CHECKPOINT_DEADLINE_MARGIN ({margin:g} s) "
+            "before it to save a checkpoint; raise JOB_TIMEOUT or lower CHECKPOINT_DEADLINE_MARGIN"
+        )
+
+
+async def _find_resume(request: TrainLoraInput, ctx: JobContext, checkpoints: CheckpointStore) -> Resume | None:
+    """Read and download the checkpoint to resume from, if any; nothing is deleted here.
+
+    Refuses a damaged checkpoint: one error naming the LoRA, the step and ``overwrite: true``."""
     from services.gpu.train.job import Resume
 
     if request.overwrite or not request.resume:
-        ctx.stage = "removing old checkpoints"
-        removed = await checkpoints.delete_all()
-        if request.overwrite:
-            pruned = await snapshots.prune(0)
-            removed = DeleteResult(removed.deleted + pruned.deleted, removed.errors + pruned.errors)
-        if removed.errors:
-            raise StorageError(f"could not remove the old checkpoints of {request.output_name}: {removed.errors[:3]}")
-        return None
+        return None  # the old checkpoints are deleted by TrainingStorage.prepare, after every check
     ctx.stage = "looking for a checkpoint"
+    folder = ctx.workspace / "resume"
     try:
         checkpoint = await checkpoints.latest()
         if checkpoint is None:
             return None
         ctx.stage = f"downloading the checkpoint of step {checkpoint.step}"
-        folder = ctx.workspace / "resume"
         await checkpoints.download(checkpoint, folder)
     except CheckpointCorrupt as exc:
-        raise InputError(f"input.output_name: {exc}; send overwrite: true to start over") from exc
+        raise InputError(f"input.output_name: {str(exc).replace(str(folder), 'the checkpoint')}") from None
     log.info("job %s: resuming %s from step %d", ctx.key_id, request.output_name, checkpoint.step)
     return Resume(folder, checkpoint.step, checkpoint.config_hash)
 
@@ -120,6 +163,12 @@ async def _fetch_lora(request: GenerateInput, ctx: JobContext) -> Path | None:
         key = resolve_lora_key(request.lora)
     except ValueError as exc:
         raise InputError(f"input.lora: {exc}") from None
+    info = await ctx.storage.head(key)
+    if info is None:
+        raise InputError(f"input.lora: no LoRA stored at {key}")
+    cap = ctx.settings.max_lora_bytes
+    if info.size > cap:
+        raise InputError(f"input.lora: {key} holds {info.size} bytes, more than MAX_LORA_BYTES ({cap})")
     try:
         await ctx.storage.download_file(key, path)
     except ObjectNotFound:

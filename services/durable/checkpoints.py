@@ -6,6 +6,10 @@ Layout under ``loras/<output_name>/checkpoints/``::
     step-00000200/trainer.json
     step-00000200/state.json           the manifest: step, config hash, size and sha256 of each file
     latest.json                        the pointer: the newest manifest plus the older steps kept
+    finished.json                      the run of these checkpoints completed (keep_checkpoints)
+
+Keys come from :mod:`services.storage.keys`; the manifest and pointer are parsed as untrusted
+input by :mod:`services.durable.manifest`.
 
 Saving uploads every file, checks each with ``head`` (size, and the sha256 the backend stored),
 uploads the manifest, and only then writes the pointer. A PUT replaces an object atomically, so
@@ -17,8 +21,8 @@ written, together with all but the newest ``keep`` checkpoints.
 
 Reading (:meth:`CheckpointStore.latest`) returns the pointer's checkpoint only when every file
 it names exists with the recorded size and sha256; otherwise it falls back to the older kept
-steps, newest first, and raises :class:`~services.errors.CheckpointCorrupt` (listing what is
-wrong) when none is complete. :meth:`CheckpointStore.download` hashes what it downloads.
+steps, newest first, and raises :class:`~services.errors.CheckpointCorrupt` (naming the LoRA,
+the step and what is wrong) when none is complete. :meth:`CheckpointStore.download` hashes what it downloads.
 
 Only :class:`~services.storage.Storage` calls are used (``put_file``, ``put_bytes``,
 ``get_bytes``, ``download_file``, ``head``, ``iter_objects``, ``delete_many``); no torch here.
@@ -27,148 +31,61 @@ Only :class:`~services.storage.Storage` calls are used (``put_file``, ``put_byte
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import re
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from services.durable.manifest import (
+    CHECKPOINT_FORMAT,
+    MANIFEST_NAME,
+    POINTER_NAME,
+    TRAINING_HASH_FIELDS,
+    Checkpoint,
+    ManifestInvalid,
+    ManifestUnparsable,
+    StoredFile,
+    config_hash,
+    corrupt,
+    dataset_digest,
+    parse_manifest,
+    parse_pointer,
+    training_config_hash,
+)
 from services.errors import (
-    CheckpointCorrupt,
     CheckpointError,
     CheckpointUploadFailed,
     ObjectNotFound,
     StorageError,
 )
 from services.storage.base import DeleteResult, Storage
+from services.storage.hashing import bytes_sha256, file_sha256
+from services.storage.keys import (
+    checkpoint_finished_key,
+    checkpoint_pointer_key,
+    checkpoint_step_prefix,
+    lora_checkpoint_prefix,
+)
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "TRAINING_HASH_FIELDS",
+    "Checkpoint",
+    "CheckpointStore",
+    "SaveResult",
+    "StoredFile",
+    "config_hash",
+    "dataset_digest",
+    "training_config_hash",
+]
 
 log = logging.getLogger(__name__)
 
-LORA_ROOT = "loras"
-CHECKPOINT_FORMAT = 1
-POINTER_NAME = "latest.json"
-MANIFEST_NAME = "state.json"
 DEFAULT_KEEP = 2  # the newest plus one to fall back to if the newest is damaged in storage
-READ_CHUNK = 1024 * 1024
-_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _STEP_FOLDER = re.compile(r"step-(\d{8})/")
-
-# The training inputs that change the trained weights, and so must match for a resume.
-TRAINING_HASH_FIELDS: dict[str, str] = {
-    "base_model": "the weights the LoRA is trained against",
-    "dataset": "dataset_digest() of the images and their resolved captions (trigger word included): "
-    "the content, not the dataset name or URL, so the same images resume and changed ones do not",
-    "steps": "the total: an LR schedule over the run and the batch plan drawn up front depend on it, "
-    "and the same input again must mean the same job",
-    "rank": "the adapter's shape",
-    "alpha": "the adapter's scale",
-    "learning_rate": "the update size",
-    "resolution": "the latents trained on",
-    "batch_size": "the batch plan and the gradient",
-    "gradient_accumulation": "the batch plan and the gradient",
-    "seed": "the adapter's init, the batch order and the noise",
-    "precision": "the arithmetic (resolved: bf16/fp16/fp32, so auto on another device does not match)",
-    "cache_latents": "cached posteriors and per-batch VAE encodes round differently",
-    "cache_text_embeddings": "cached and per-batch text encodes round differently",
-}
-# Left out on purpose: gradient_checkpointing and compile (the same math; changing them on resume
-# is how a job gets past an out-of-memory or a slow warm-up), and everything about what is saved
-# rather than learned: output_name, sample_prompts, sample_steps, export_formats,
-# checkpoint_every, save_every, keep_last, keep_checkpoints.
-
-
-def lora_prefix(output_name: str) -> str:
-    """``loras/<output_name>/``: everything stored for one LoRA."""
-    return f"{LORA_ROOT}/{output_name}/"
-
-
-def checkpoints_prefix(output_name: str) -> str:
-    return f"{lora_prefix(output_name)}checkpoints/"
-
-
-def step_prefix(output_name: str, step: int) -> str:
-    return f"{checkpoints_prefix(output_name)}step-{step:08d}/"
-
-
-def config_hash(config: Mapping[str, Any]) -> str:
-    """sha256 of the canonical JSON of ``config`` (sorted keys, no whitespace, no NaN)."""
-    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def training_config_hash(fields: Mapping[str, Any]) -> str:
-    """:func:`config_hash` of exactly the :data:`TRAINING_HASH_FIELDS`, resolved (no defaults left)."""
-    missing = sorted(set(TRAINING_HASH_FIELDS) - set(fields))
-    extra = sorted(set(fields) - set(TRAINING_HASH_FIELDS))
-    if missing or extra:
-        raise ValueError(
-            f"training config hash: missing {missing}, unknown {extra}; "
-            "a new field that changes the weights belongs in TRAINING_HASH_FIELDS with its reason"
-        )
-    return config_hash({"format": CHECKPOINT_FORMAT, **fields})
-
-
-def dataset_digest(examples: Iterable[tuple[str, str, str]]) -> str:
-    """sha256 over ``(relative name, image sha256, caption)`` of every example, in name order."""
-    return config_hash({"examples": sorted([list(example) for example in examples])})
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(READ_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-@dataclass(frozen=True)
-class StoredFile:
-    """One file of a checkpoint, as the manifest records it."""
-
-    name: str
-    size: int
-    sha256: str
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """A complete checkpoint: its step, config hash, files and the caller's ``info`` (JSON)."""
-
-    output_name: str
-    step: int
-    config_hash: str
-    files: tuple[StoredFile, ...]
-    info: Mapping[str, Any] = field(default_factory=dict)
-
-    @property
-    def prefix(self) -> str:
-        return step_prefix(self.output_name, self.step)
-
-    def key(self, name: str) -> str:
-        return self.prefix + name
-
-    def manifest(self) -> dict[str, Any]:
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "step": self.step,
-            "config_hash": self.config_hash,
-            "files": [{"name": f.name, "size": f.size, "sha256": f.sha256} for f in self.files],
-            "info": dict(self.info),
-        }
-
-    @classmethod
-    def from_manifest(cls, output_name: str, data: Any) -> Checkpoint:
-        """Parse a manifest (or pointer); ``ValueError`` when it is not one this worker wrote."""
-        try:
-            if data["format"] != CHECKPOINT_FORMAT:
-                raise ValueError(f"format {data['format']}, this worker reads {CHECKPOINT_FORMAT}")
-            files = tuple(StoredFile(str(f["name"]), int(f["size"]), str(f["sha256"])) for f in data["files"])
-            return cls(output_name, int(data["step"]), str(data["config_hash"]), files, dict(data.get("info", {})))
-        except (KeyError, TypeError) as exc:
-            raise ValueError(f"not a checkpoint manifest ({exc!r})") from exc
 
 
 @dataclass(frozen=True)
@@ -184,16 +101,21 @@ class SaveResult:
 
 
 class CheckpointStore:
-    """The checkpoints of one LoRA (``output_name``), keeping the newest ``keep`` of them."""
+    """The checkpoints of one LoRA (``output_name``), keeping the newest ``keep`` of them;
+    :meth:`download` refuses a checkpoint larger than ``max_bytes``."""
 
-    def __init__(self, storage: Storage, output_name: str, keep: int = DEFAULT_KEEP) -> None:
+    def __init__(
+        self, storage: Storage, output_name: str, keep: int = DEFAULT_KEEP, max_bytes: int | None = None
+    ) -> None:
         if keep < 1:
             raise ValueError("keep must be at least 1")
         self.storage = storage
         self.output_name = output_name
         self.keep = keep
-        self.prefix = checkpoints_prefix(output_name)
-        self.pointer_key = self.prefix + POINTER_NAME
+        self.prefix = lora_checkpoint_prefix(output_name)
+        self.pointer_key = checkpoint_pointer_key(output_name)
+        self.finished_key = checkpoint_finished_key(output_name)
+        self.max_bytes = max_bytes
 
     # --- saving -------------------------------------------------------------------------
 
@@ -208,7 +130,7 @@ class CheckpointStore:
         if step < 0:
             raise ValueError("step must be >= 0")
         for name in files:
-            if not _FILE_NAME.fullmatch(name) or name in (MANIFEST_NAME, POINTER_NAME):
+            if not _allowed_name(name):
                 raise ValueError(f"checkpoint file name {name!r} is not allowed")
         where = f"checkpoint step {step} of {self.output_name}"
         try:
@@ -226,7 +148,7 @@ class CheckpointStore:
         for item in stored:
             await self._upload_verified(where, checkpoint.key(item.name), item, path=files[item.name])
         manifest = _json_bytes(checkpoint.manifest())
-        entry = StoredFile(MANIFEST_NAME, len(manifest), hashlib.sha256(manifest).hexdigest())
+        entry = StoredFile(MANIFEST_NAME, len(manifest), bytes_sha256(manifest))
         await self._upload_verified(where, checkpoint.key(MANIFEST_NAME), entry, data=manifest)
         older = [] if previous is None else [previous[0].step, *previous[1]]
         kept = [step, *sorted({int(s) for s in older if int(s) < step}, reverse=True)][: self.keep]
@@ -240,7 +162,7 @@ class CheckpointStore:
             raise CheckpointUploadFailed(
                 f"{where}: writing {self.pointer_key} failed: {exc}; it names this checkpoint or the previous one"
             ) from exc
-        problem = _mismatch(StoredFile(POINTER_NAME, len(pointer), hashlib.sha256(pointer).hexdigest()), info)
+        problem = _mismatch(StoredFile(POINTER_NAME, len(pointer), bytes_sha256(pointer)), info)
         if problem:  # a PUT replaces whole objects, so only a misbehaving store gets here
             raise CheckpointUploadFailed(
                 f"{where}: {self.pointer_key} {problem} after upload; readers will scan the step folders"
@@ -295,7 +217,8 @@ class CheckpointStore:
         """The newest complete checkpoint, or ``None`` when no pointer exists.
 
         Falls back to older kept steps (logged) when the pointer's checkpoint lost a file;
-        raises :class:`CheckpointCorrupt` when none is complete. Storage errors propagate.
+        raises :class:`CheckpointCorrupt` (naming the LoRA and step) when none is complete or the
+        pointer or a manifest is not one this worker wrote. Storage errors propagate.
         """
         pointer = await self._read_pointer()
         if pointer is None:
@@ -312,24 +235,29 @@ class CheckpointStore:
                     log.warning("checkpoint fallback for %s to step %d: %s", self.prefix, checkpoint.step, problems)
                 return checkpoint
             problems += found
-        raise CheckpointCorrupt(
-            f"no complete checkpoint under {self.prefix}: {'; '.join(problems)}; "
-            "delete them to start over (train again with overwrite: true)"
-        )
+        detail = f"no complete checkpoint under {self.prefix}: {'; '.join(problems)}"
+        raise corrupt(self.output_name, first.step, detail)
 
     async def download(self, checkpoint: Checkpoint, folder: Path) -> dict[str, Path]:
-        """Download every file into ``folder``; :class:`CheckpointCorrupt` if one differs."""
+        """Download every file into ``folder``; :class:`CheckpointCorrupt` if one differs or the
+        whole is larger than ``max_bytes``."""
+        if self.max_bytes is not None and checkpoint.size > self.max_bytes:
+            raise corrupt(
+                self.output_name,
+                checkpoint.step,
+                f"its files hold {checkpoint.size} bytes, more than MAX_CHECKPOINT_BYTES ({self.max_bytes})",
+            )
         folder.mkdir(parents=True, exist_ok=True)
         paths: dict[str, Path] = {}
         for item in checkpoint.files:
             key, path = checkpoint.key(item.name), folder / item.name
             try:
                 await self.storage.download_file(key, path)
-            except ObjectNotFound as exc:
-                raise CheckpointCorrupt(f"{key} disappeared while resuming") from exc
+            except ObjectNotFound:
+                raise corrupt(self.output_name, checkpoint.step, f"{key} disappeared while resuming") from None
             digest = await asyncio.to_thread(file_sha256, path)
             if digest != item.sha256 or path.stat().st_size != item.size:
-                raise CheckpointCorrupt(f"{key}: downloaded bytes differ from the manifest (sha256 {digest})")
+                raise corrupt(self.output_name, checkpoint.step, f"{key}: downloaded bytes differ from the manifest")
             paths[item.name] = path
         return paths
 
@@ -342,20 +270,40 @@ class CheckpointStore:
         rest = await self.storage.delete_many(keys) if keys else DeleteResult([], [])
         return DeleteResult(pointer.deleted + rest.deleted, rest.errors)
 
+    async def mark_finished(self, config_hash: str, steps: int) -> None:
+        """Record that the run of ``config_hash`` completed all ``steps`` (kept checkpoints only)."""
+        data = _json_bytes({"config_hash": config_hash, "steps": steps})
+        await self.storage.put_bytes(self.finished_key, data, content_type="application/json")
+
+    async def finished(self) -> str | None:
+        """The config hash of the run that completed with these checkpoints, or ``None``."""
+        try:
+            raw = await self.storage.get_bytes(self.finished_key)
+        except ObjectNotFound:
+            return None
+        try:
+            value = json.loads(raw[:4096])["config_hash"]
+        except (ValueError, KeyError, TypeError, RecursionError):
+            log.warning("%s is unreadable; the run counts as not finished", self.finished_key)
+            return None
+        return value if isinstance(value, str) else None
+
     async def _read_pointer(self) -> tuple[Checkpoint, list[int | Checkpoint]] | None:
         """The pointer's checkpoint and the older steps to fall back to; ``None`` without one.
 
-        An unreadable pointer (not JSON, another format) is logged and replaced by the step
-        folders found in storage, newest first, each to be checked through its manifest."""
+        A pointer that is not JSON (a write cut short) is logged and replaced by the step folders
+        found in storage, newest first, each checked through its manifest; a pointer that is JSON
+        but not one this worker wrote is :class:`CheckpointCorrupt`."""
         try:
             raw = await self.storage.get_bytes(self.pointer_key)
         except ObjectNotFound:
             return None
         try:
-            data = json.loads(raw)
-            checkpoint = Checkpoint.from_manifest(self.output_name, data)
-            return checkpoint, [int(s) for s in data.get("previous", [])]
-        except ValueError as exc:
+            checkpoint, previous = parse_pointer(self.output_name, raw)
+            return checkpoint, list(previous)
+        except ManifestInvalid as exc:
+            raise corrupt(self.output_name, _claimed_step(raw), f"{self.pointer_key} is invalid: {exc}") from None
+        except ManifestUnparsable as exc:
             log.warning("checkpoint pointer %s is unreadable (%s); scanning the step folders", self.pointer_key, exc)
         found = sorted({s for s, _ in await self._step_objects()}, reverse=True)
         problems: list[str] = []
@@ -366,9 +314,9 @@ class CheckpointStore:
         return None
 
     async def _manifest(self, step: int, problems: list[str]) -> Checkpoint | None:
-        key = step_prefix(self.output_name, step) + MANIFEST_NAME
+        key = checkpoint_step_prefix(self.output_name, step) + MANIFEST_NAME
         try:
-            checkpoint = Checkpoint.from_manifest(self.output_name, json.loads(await self.storage.get_bytes(key)))
+            checkpoint = parse_manifest(self.output_name, await self.storage.get_bytes(key))
         except ObjectNotFound:
             problems.append(f"{key} is missing")
             return None
@@ -397,6 +345,20 @@ class CheckpointStore:
             if match:
                 found.append((int(match.group(1)), obj.key))
         return found
+
+
+def _allowed_name(name: str) -> bool:
+    return re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name) is not None and name not in (
+        MANIFEST_NAME,
+        POINTER_NAME,
+        "finished.json",
+    )
+
+
+def _claimed_step(raw: bytes) -> int | None:
+    """The step an invalid pointer claims, for the message, when it is a plain small number."""
+    match = re.search(rb'"step":\s*(\d{1,8})[,}\s]', raw[:4096])
+    return int(match.group(1)) if match else None
 
 
 def _describe(files: Mapping[str, Path]) -> tuple[StoredFile, ...]:

@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from services.durable.checkpoints import CheckpointStore
-from services.durable.snapshots import SnapshotStore
-from services.errors import CheckpointError, CheckpointUploadFailed, StorageError
+from services.durable.snapshots import Snapshot, SnapshotStore
+from services.errors import CheckpointError, CheckpointUploadFailed, InputError, StorageError
 from services.job.context import remove_workspace
+from services.storage.base import DeleteResult
 
 log = logging.getLogger(__name__)
 
@@ -39,17 +40,40 @@ class TrainingStorage:
         snapshots: SnapshotStore,
         keep_last: int | None,
         resumed_step: int = 0,
+        *,
+        overwrite: bool = False,
+        fresh: bool = False,
     ) -> None:
         self.loop = loop
         self.checkpoints = checkpoints
         self.snapshots = snapshots
         self.keep_last = keep_last
+        self.overwrite = overwrite  # delete the old checkpoints and every snapshot before training
+        self.fresh = fresh  # resume: false: delete the old checkpoints before training
+        self.run: str | None = None  # the config hash, once prepared
+        self.finished_run: str | None = None  # the config hash of the completed run whose checkpoints are kept
         self.last_step = resumed_step  # the newest checkpoint in storage (0: none)
         self.last_save_seconds: float | None = None  # how long the last successful save took
         self._pending: Future[None] | None = None
 
     def _call(self, coroutine: Coroutine[Any, Any, T]) -> Future[T]:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+
+    # --- before the first write (worker thread) ----------------------------------------------
+
+    def prepare(self, config_hash: str) -> None:
+        """Called once every input check passed (model, exports, dataset decoded, checkpoint hash):
+        apply ``overwrite`` / ``resume: false`` (the first deletes) or refuse a new run over an old
+        run's snapshots. Raises :class:`InputError` or :class:`StorageError`."""
+        self.run = self.snapshots.run = config_hash
+        if self.finished_run == config_hash and not (self.overwrite or self.fresh):
+            name = self.checkpoints.output_name
+            raise InputError(
+                f"input.output_name: {name} already completed this training: its checkpoints were kept "
+                f"(keep_checkpoints) and resuming would train the last steps again. Send resume: false to "
+                "train it again from step 0, or overwrite: true to delete its checkpoints and snapshots first"
+            )
+        self._call(prepare_run(self.checkpoints, self.snapshots, overwrite=self.overwrite, fresh=self.fresh)).result()
 
     # --- checkpoints (worker thread) --------------------------------------------------------
 
@@ -111,3 +135,32 @@ class TrainingStorage:
                 self._call(self.snapshots.prune(self.keep_last)).result()
             except StorageError as exc:
                 log.warning("pruning the snapshots of %s failed: %s", self.snapshots.output_name, exc)
+
+
+async def prepare_run(checkpoints: CheckpointStore, snapshots: SnapshotStore, *, overwrite: bool, fresh: bool) -> None:
+    """The deletes a new run needs, after every check: ``overwrite`` clears the checkpoints and
+    every snapshot; ``fresh`` (``resume: false``) the checkpoints. Snapshots of another run
+    (``snapshots.run``) without ``overwrite`` refuse the job, naming them."""
+    name = checkpoints.output_name
+    if overwrite:
+        removed = await checkpoints.delete_all()
+        pruned = await snapshots.delete(await snapshots.list())
+        removed = DeleteResult(removed.deleted + pruned.deleted, removed.errors + pruned.errors)
+        if removed.errors:
+            raise StorageError(f"could not remove the old files of {name}: {removed.errors[:3]}")
+        return
+    others = await snapshots.others()
+    if others:
+        raise InputError(f"input.output_name: {_other_run(name, snapshots.prefix, others)}")
+    if fresh:
+        removed = await checkpoints.delete_all()
+        if removed.errors:
+            raise StorageError(f"could not remove the old checkpoints of {name}: {removed.errors[:3]}")
+
+
+def _other_run(name: str, prefix: str, others: list[Snapshot]) -> str:
+    steps = ", ".join(str(s.step) for s in others[:20]) + (", ..." if len(others) > 20 else "")
+    return (
+        f"{prefix} holds snapshots (steps {steps}) of another training run of {name}; "
+        "send overwrite: true to delete them and start over, or choose another output_name"
+    )

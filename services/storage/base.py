@@ -102,6 +102,22 @@ class Storage(abc.ABC):
         """Store an async stream of chunks (multipart once it passes the threshold)."""
 
     @abc.abstractmethod
+    async def put_bytes_if(
+        self, key: str, data: bytes, *, etag: str | None, content_type: str | None = None
+    ) -> ObjectInfo:
+        """A conditional write: with ``etag=None`` create ``key`` only if it does not exist
+        (S3 ``If-None-Match: *``), else replace it only while its ETag is ``etag`` (``If-Match``).
+
+        Raises :class:`~services.errors.PreconditionFailed` when the condition does not hold. A
+        store that ignores the headers writes anyway; callers that must know read back.
+        The returned ``etag`` names the version written (for the next ``put_bytes_if``).
+        """
+
+    @abc.abstractmethod
+    async def get_bytes_and_etag(self, key: str) -> tuple[bytes, str | None]:
+        """Read a whole object with its ETag (the value ``put_bytes_if`` compares); ``ObjectNotFound``."""
+
+    @abc.abstractmethod
     async def get_bytes(self, key: str) -> bytes:
         """Read a whole object; ``ObjectNotFound`` if missing."""
 

@@ -4,8 +4,10 @@ Layout::
 
     datasets/<dataset>/<file name>            training files (upload_training_files, presign_uploads)
     loras/<output_name>/<output_name>.safetensors        a trained LoRA (copies: .kohya/.diffusers.safetensors)
-    loras/<output_name>/checkpoints/...       training checkpoints
+    loras/<output_name>/checkpoints/...       training checkpoints (step-NNNNNNNN/ folders, latest.json)
+    loras/<output_name>/steps/<step>.safetensors   snapshots (save_every), with <step>-sample-<i>.png
     outputs/<job id>/<file name>              outputs too large to return inline
+    leases/loras/<output_name>.json           the claim of the job writing that LoRA (not a managed root)
 
 Rules (each raises ``ValueError`` with a message fit for the caller, or returns a problem):
 
@@ -27,6 +29,7 @@ import unicodedata
 DATASET_ROOT = "datasets"
 LORA_ROOT = "loras"
 OUTPUT_ROOT = "outputs"
+LEASE_ROOT = "leases"  # outside MANAGED_ROOTS: callers can neither list nor delete a lease
 MANAGED_ROOTS = (f"{DATASET_ROOT}/", f"{LORA_ROOT}/", f"{OUTPUT_ROOT}/")
 
 MAX_KEY_BYTES = 1024  # S3's limit
@@ -169,6 +172,41 @@ def lora_name_of(key: str) -> str | None:
 def lora_checkpoint_prefix(output_name: str) -> str:
     """``loras/<output_name>/checkpoints/``: where training checkpoints of that LoRA go."""
     return f"{lora_prefix(output_name)}checkpoints/"
+
+
+def checkpoint_step_prefix(output_name: str, step: int) -> str:
+    """``loras/<output_name>/checkpoints/step-NNNNNNNN/``: the files of one checkpoint."""
+    return f"{lora_checkpoint_prefix(output_name)}step-{step:08d}/"
+
+
+def checkpoint_pointer_key(output_name: str) -> str:
+    """``loras/<output_name>/checkpoints/latest.json``: the pointer to the newest checkpoint."""
+    return f"{lora_checkpoint_prefix(output_name)}latest.json"
+
+
+def checkpoint_finished_key(output_name: str) -> str:
+    """``loras/<output_name>/checkpoints/finished.json``: the kept checkpoints' run completed."""
+    return f"{lora_checkpoint_prefix(output_name)}finished.json"
+
+
+def snapshots_prefix(output_name: str) -> str:
+    """``loras/<output_name>/steps/``: the snapshots of a run (``save_every``)."""
+    return f"{lora_prefix(output_name)}steps/"
+
+
+def snapshot_key(output_name: str, step: int) -> str:
+    """``loras/<output_name>/steps/<step>.safetensors``."""
+    return f"{snapshots_prefix(output_name)}{step}.safetensors"
+
+
+def snapshot_sample_key(output_name: str, step: int, index: int) -> str:
+    """``loras/<output_name>/steps/<step>-sample-<index>.png``."""
+    return f"{snapshots_prefix(output_name)}{step}-sample-{index}.png"
+
+
+def lease_key(output_name: str) -> str:
+    """``leases/loras/<output_name>.json``: which job writes that LoRA now (see services.durable.lease)."""
+    return f"{LEASE_ROOT}/{LORA_ROOT}/{safe_name(output_name, 'output_name')}.json"
 
 
 def resolve_lora_key(reference: str) -> str:

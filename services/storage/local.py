@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import fcntl
 import hashlib
 import itertools
 import json
@@ -30,7 +32,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from config.settings import Settings
-from services.errors import ObjectNotFound, StorageError
+from services.errors import ObjectNotFound, PreconditionFailed, StorageError
 from services.storage.base import (
     SHA256_METADATA_KEY,
     DeleteResult,
@@ -39,6 +41,7 @@ from services.storage.base import (
     PresignedUpload,
     Storage,
 )
+from services.storage.hashing import bytes_sha256, file_sha256
 from services.storage.keys import validate_key, validate_prefix
 
 log = logging.getLogger(__name__)
@@ -131,7 +134,7 @@ class LocalStorageService(Storage):
             with contextlib.suppress(FileNotFoundError):
                 temp.unlink()
             raise
-        digest = sha256 or hashlib.sha256(data).hexdigest()
+        digest = sha256 or bytes_sha256(data)
         return self._commit(key, temp, len(data), digest, content_type, metadata)
 
     async def put_bytes(
@@ -195,6 +198,30 @@ class LocalStorageService(Storage):
             with contextlib.suppress(FileNotFoundError):
                 temp.unlink()
 
+    def _put_if_sync(self, key: str, data: bytes, etag: str | None, content_type: str | None) -> ObjectInfo:
+        """Check and write under an exclusive lock on the key (``flock``), so conditional writers of
+        one key on this machine take turns; the ETag of a local object is its sha256."""
+        path = self.path_for(key)
+        lock = self._tmp / "locks" / f"{hashlib.sha256(key.encode()).hexdigest()}.lock"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with lock.open("a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                exists = path.is_file()
+                if etag is None and exists:
+                    raise PreconditionFailed(f"{self.describe_key(key)} exists")
+                if etag is not None and (not exists or file_sha256(path) != etag):
+                    raise PreconditionFailed(f"{self.describe_key(key)} is no longer version {etag}")
+                info = self._put_bytes_sync(key, data, content_type, None, None)
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+        return dataclasses.replace(info, etag=info.sha256)
+
+    async def put_bytes_if(
+        self, key: str, data: bytes, *, etag: str | None, content_type: str | None = None
+    ) -> ObjectInfo:
+        return await self._io(self._put_if_sync, key, data, etag, content_type, key=key)
+
     # --- reads --------------------------------------------------------------------------
 
     async def _io(self, func: Any, *args: Any, key: str) -> Any:
@@ -214,6 +241,10 @@ class LocalStorageService(Storage):
         if not path.is_file():
             raise ObjectNotFound(f"{self.describe_key(key)}: not found")
         return await self._io(path.read_bytes, key=key)
+
+    async def get_bytes_and_etag(self, key: str) -> tuple[bytes, str | None]:
+        data = await self.get_bytes(key)
+        return data, bytes_sha256(data)
 
     async def download_file(self, key: str, path: Path) -> int:
         source = self.path_for(key)
@@ -243,11 +274,7 @@ class LocalStorageService(Storage):
             record = json.loads(sidecar.read_text())
         if any(record.get(name) != value for name, value in _identity(stat).items()):
             # Another writer's sidecar, or a file written behind the worker's back: recompute.
-            digest = hashlib.sha256()
-            with path.open("rb") as handle:
-                while chunk := handle.read(READ_CHUNK):
-                    digest.update(chunk)
-            record = {"content_type": None, "metadata": {SHA256_METADATA_KEY: digest.hexdigest()}}
+            record = {"content_type": None, "metadata": {SHA256_METADATA_KEY: file_sha256(path)}}
         return ObjectInfo(
             key=key,
             size=stat.st_size,

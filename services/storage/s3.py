@@ -22,9 +22,10 @@ from typing import Any, ClassVar
 
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
+from botocore.exceptions import ClientError
 
 from config.settings import Settings
-from services.errors import ObjectNotFound, StorageError
+from services.errors import ObjectNotFound, PreconditionFailed, StorageError
 from services.storage.base import (
     SHA256_METADATA_KEY,
     DeleteResult,
@@ -34,6 +35,7 @@ from services.storage.base import (
     Storage,
 )
 from services.storage.breaker import S3Breaker, safe_s3_operation
+from services.storage.hashing import bytes_sha256, file_sha256
 from services.storage.keys import validate_key, validate_prefix
 
 log = logging.getLogger(__name__)
@@ -135,7 +137,7 @@ class RealStorageService(Storage):
         metadata: Mapping[str, str] | None = None,
         sha256: str | None = None,
     ) -> ObjectInfo:
-        digest = sha256 or hashlib.sha256(data).hexdigest()
+        digest = sha256 or bytes_sha256(data)
         meta = {**(metadata or {}), SHA256_METADATA_KEY: digest}
         if len(data) > self.settings.multipart_threshold:
             return await self._multipart(
@@ -157,6 +159,31 @@ class RealStorageService(Storage):
         )
         return ObjectInfo(key=key, size=len(data), etag=response.get("ETag"), content_type=content_type, metadata=meta)
 
+    async def put_bytes_if(
+        self, key: str, data: bytes, *, etag: str | None, content_type: str | None = None
+    ) -> ObjectInfo:
+        args = self._put_args(key, content_type, {SHA256_METADATA_KEY: bytes_sha256(data)})
+        if etag is None:
+            args["IfNoneMatch"] = "*"
+        else:
+            args["IfMatch"] = etag
+        try:
+            response = await safe_s3_operation(
+                self.breaker,
+                "put_object",
+                self._client.put_object,
+                Body=data,
+                deadline=self.deadline,
+                resource=self._uri(key),
+                **args,
+            )
+        except StorageError as exc:
+            if _condition_failed(exc.__cause__):
+                what = "exists" if etag is None else f"is no longer version {etag}"
+                raise PreconditionFailed(f"{self._uri(key)} {what}") from exc
+            raise
+        return ObjectInfo(key=key, size=len(data), etag=response.get("ETag"), content_type=content_type)
+
     async def put_file(
         self,
         key: str,
@@ -169,7 +196,7 @@ class RealStorageService(Storage):
         if size <= self.settings.multipart_threshold:
             data = await asyncio.to_thread(path.read_bytes)
             return await self.put_bytes(key, data, content_type=content_type, metadata=metadata)
-        digest = await asyncio.to_thread(_file_sha256, path)
+        digest = await asyncio.to_thread(file_sha256, path)
         meta = {**(metadata or {}), SHA256_METADATA_KEY: digest}
         return await self._multipart(
             key, _read_file_chunks(path, self.settings.multipart_chunk_size), content_type, meta
@@ -220,6 +247,24 @@ class RealStorageService(Storage):
         metadata: Mapping[str, str],
     ) -> ObjectInfo:
         """Create, upload parts (a few at a time), complete; abort on any failure or cancel."""
+        upload_id = await self._create_multipart(key, content_type, metadata)
+        parts: dict[int, str] = {}
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            size = await self._upload_parts(key, upload_id, chunks, parts, tasks)
+            response = await self._complete_multipart(key, upload_id, parts)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.shield(self._abort_multipart(key, upload_id))
+            raise
+        return ObjectInfo(
+            key=key, size=size, etag=response.get("ETag"), content_type=content_type, metadata=dict(metadata)
+        )
+
+    async def _create_multipart(self, key: str, content_type: str | None, metadata: Mapping[str, str]) -> str:
+        """Start a multipart upload; its id. A cancel while it is in flight aborts what it created."""
         uri = self._uri(key)
         create = asyncio.ensure_future(
             safe_s3_operation(
@@ -243,11 +288,19 @@ class RealStorageService(Storage):
             else:
                 await self._abort_multipart(key, orphan["UploadId"])
             raise
-        upload_id = created["UploadId"]
-        parts: dict[int, str] = {}
-        size = 0
+        return str(created["UploadId"])
+
+    async def _upload_parts(
+        self,
+        key: str,
+        upload_id: str,
+        chunks: AsyncIterable[bytes],
+        parts: dict[int, str],
+        tasks: list[asyncio.Task[None]],
+    ) -> int:
+        """Send each chunk as a part (at most a few in memory at once); fills ``parts`` (number ->
+        ETag) and ``tasks`` (for the caller to cancel on failure); returns the bytes sent."""
         in_memory = asyncio.Semaphore(MULTIPART_PART_CONCURRENCY)
-        tasks: list[asyncio.Task[None]] = []
 
         async def send(number: int, body: bytes) -> None:
             try:
@@ -261,41 +314,34 @@ class RealStorageService(Storage):
                     PartNumber=number,
                     Body=body,
                     deadline=self.deadline,
-                    resource=f"{uri} part {number}",
+                    resource=f"{self._uri(key)} part {number}",
                 )
                 parts[number] = response["ETag"]
             finally:
                 in_memory.release()
 
-        try:
-            number = 0
-            async for chunk in chunks:
-                number += 1
-                size += len(chunk)
-                await in_memory.acquire()  # at most a few parts held in memory at once
-                tasks.append(asyncio.create_task(send(number, chunk)))
-                if failed := next((t for t in tasks if t.done() and t.exception()), None):
-                    await failed  # raises the part's error
-            await asyncio.gather(*tasks)
-            response = await safe_s3_operation(
-                self.breaker,
-                "complete_multipart_upload",
-                self._client.complete_multipart_upload,
-                Bucket=self.bucket,
-                Key=key,
-                UploadId=upload_id,
-                MultipartUpload={"Parts": [{"PartNumber": n, "ETag": parts[n]} for n in sorted(parts)]},
-                deadline=self.deadline,
-                resource=uri,
-            )
-        except BaseException:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await asyncio.shield(self._abort_multipart(key, upload_id))
-            raise
-        return ObjectInfo(
-            key=key, size=size, etag=response.get("ETag"), content_type=content_type, metadata=dict(metadata)
+        size = number = 0
+        async for chunk in chunks:
+            number += 1
+            size += len(chunk)
+            await in_memory.acquire()
+            tasks.append(asyncio.create_task(send(number, chunk)))
+            if failed := next((t for t in tasks if t.done() and t.exception()), None):
+                await failed  # raises the part's error
+        await asyncio.gather(*tasks)
+        return size
+
+    async def _complete_multipart(self, key: str, upload_id: str, parts: Mapping[int, str]) -> dict[str, Any]:
+        return await safe_s3_operation(
+            self.breaker,
+            "complete_multipart_upload",
+            self._client.complete_multipart_upload,
+            Bucket=self.bucket,
+            Key=key,
+            UploadId=upload_id,
+            MultipartUpload={"Parts": [{"PartNumber": n, "ETag": parts[n]} for n in sorted(parts)]},
+            deadline=self.deadline,
+            resource=self._uri(key),
         )
 
     async def _abort_multipart(self, key: str, upload_id: str) -> None:
@@ -328,11 +374,15 @@ class RealStorageService(Storage):
         )
 
     async def get_bytes(self, key: str) -> bytes:
+        return (await self.get_bytes_and_etag(key))[0]
+
+    async def get_bytes_and_etag(self, key: str) -> tuple[bytes, str | None]:
         response = await self._get_object(key)
         async with response["Body"] as body:
-            return await safe_s3_operation(
+            data = await safe_s3_operation(
                 self.breaker, "get_object.read", body.read, deadline=self.deadline, resource=self._uri(key)
             )
+        return data, response.get("ETag")
 
     async def download_file(self, key: str, path: Path) -> int:
         response = await self._get_object(key)
@@ -476,12 +526,15 @@ class RealStorageService(Storage):
         return PresignedUpload(key=key, url=url, method="PUT", headers=headers, expires_in=expires)
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(READ_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+def _condition_failed(cause: BaseException | None) -> bool:
+    """An answer that says a conditional PUT lost: 412, AWS's 409 ConditionalRequestConflict
+    (two conditional writes overlapped), or the 304 older MinIO sent for If-None-Match."""
+    if not isinstance(cause, ClientError):
+        return False
+    error = cause.response.get("Error", {})
+    status = cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    code = str(error.get("Code", ""))
+    return status in (304, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict", "304", "412")
 
 
 async def _memory_chunks(data: bytes, size: int) -> AsyncIterator[bytes]:

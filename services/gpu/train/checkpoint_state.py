@@ -114,8 +114,6 @@ def restore(folder: Path, parts: TrainerParts) -> LoopState:
     Raises :class:`CheckpointCorrupt` when the files do not fit ``parts`` (other parameter
     names or shapes, other state or generator names) or were written in another format.
     """
-    import numpy as np
-    import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -123,10 +121,27 @@ def restore(folder: Path, parts: TrainerParts) -> LoopState:
         tree = json.loads((folder / JSON_FILE).read_text(encoding="utf-8"))
         params = load_file(str(folder / LORA_FILE))
         tensors = load_file(str(folder / TENSORS_FILE))
-    except (OSError, ValueError, SafetensorError) as exc:
-        raise CheckpointCorrupt(f"checkpoint files in {folder} are unreadable: {exc}") from exc
-    if tree.get("format") != STATE_FORMAT:
-        raise CheckpointCorrupt(f"trainer state format {tree.get('format')}, this worker reads {STATE_FORMAT}")
+    except OSError as exc:
+        raise CheckpointCorrupt(f"its files are unreadable ({exc.strerror or type(exc).__name__})") from None
+    except (ValueError, RecursionError, SafetensorError) as exc:
+        raise CheckpointCorrupt(f"its files are unreadable ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if not isinstance(tree, dict) or tree.get("format") != STATE_FORMAT:
+        found = tree.get("format") if isinstance(tree, dict) else type(tree).__name__
+        raise CheckpointCorrupt(f"trainer state format {found}, this worker reads {STATE_FORMAT}")
+    try:
+        return _apply(tree, params, tensors, parts)
+    except (KeyError, TypeError, IndexError, ValueError, AttributeError, RuntimeError, RecursionError) as exc:
+        # Edited state (hashes recomputed to match): a missing key, a wrong type, a short list.
+        raise CheckpointCorrupt(f"{JSON_FILE} does not fit this run ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
+def _apply(
+    tree: dict[str, Any], params: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], parts: TrainerParts
+) -> LoopState:
+    """Load the parsed state into ``parts``; errors of a malformed tree propagate to :func:`restore`."""
+    import numpy as np
+    import torch
+
     if tree["torch_version"] != torch.__version__:
         log.warning("resuming a checkpoint of torch %s on torch %s", tree["torch_version"], torch.__version__)
     _same_names("trainable tensors", params, parts.params)

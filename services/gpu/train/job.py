@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from services.durable.checkpoints import dataset_digest, file_sha256, training_config_hash
-from services.errors import InputError
+from services.durable.manifest import corrupt, dataset_digest, training_config_hash
+from services.errors import CheckpointCorrupt, InputError
 from services.gpu import SOFTWARE_NAME, SOFTWARE_VERSION, models
 from services.gpu.catalog import BUILTIN_MODELS, DEFAULT_TINY_TRAIN_STEPS, check_pixels
 from services.gpu.encode import encode_image
@@ -51,6 +51,7 @@ from services.gpu.train.trainer import (
     torch_dtype,
 )
 from services.gpu.types import ImageFile, TrainResult
+from services.storage.hashing import file_sha256
 
 if TYPE_CHECKING:
     import torch
@@ -256,11 +257,13 @@ def train_lora(
                 f"input.output_name: {params.output_name} has a checkpoint at step {resume.step} of another "
                 "training config; send overwrite: true to start over (or resume: false)"
             )
+        if durable is not None:
+            durable.storage.prepare(config_hash)  # every check above passed: the first delete may run
         lora_dtype = torch_dtype("fp32" if precision == "fp32" else "fp16")
         trainer = LoraTrainer(entry, cfg)
         try:
             trainer.setup(images, captions)
-            start, ema = trainer.resume(resume.folder) if resume is not None else (0, None)
+            start, ema = _resume(trainer, resume, params.output_name) if resume is not None else (0, None)
             buckets = trainer.plan.counts
             setup_seconds = time.perf_counter() - setup_started
             reporter = ProgressReporter(progress, cfg.steps, start_step=start)
@@ -339,6 +342,19 @@ def _export(
         )
         for i, fmt in enumerate(formats)
     }
+
+
+def _resume(trainer: LoraTrainer, resume: Resume, output_name: str) -> tuple[int, torch.Tensor | None]:
+    """Restore the downloaded checkpoint; any damage is the one corrupt-checkpoint error (no worker path)."""
+    try:
+        start, ema = trainer.resume(resume.folder)
+    except (CheckpointCorrupt, AttributeError, TypeError, KeyError) as exc:  # the last three: an edited data order
+        detail = str(exc).replace(str(resume.folder), "the checkpoint")
+        raise InputError(f"input.output_name: {corrupt(output_name, resume.step, detail)}") from None
+    if start != resume.step or not 0 < start <= trainer.cfg.steps:
+        detail = f"its trainer state is at step {start}, the pointer at {resume.step}, the job has {trainer.cfg.steps}"
+        raise InputError(f"input.output_name: {corrupt(output_name, resume.step, detail)}")
+    return start, ema
 
 
 def _snapshot(
