@@ -45,9 +45,22 @@ async def train_lora(request: TrainLoraInput, ctx: JobContext) -> TrainLoraResul
         asyncio.get_running_loop(), checkpoints, snapshots, request.keep_last, resume.step if resume else 0
     )
     durable = Durable(storage, resume, ctx.deadline)
+    ctx.stage = "downloading the training adapter"
+    adapter = await _fetch_lora_file(
+        request.training_adapter, request.training_adapter_url, ctx, "training_adapter", "training-adapter"
+    )
     async with gpu_lock():
         result = await ctx.in_thread(
-            "training", run_training, request, dataset_dir, out_dir, ctx.settings, ctx.progress, ctx.stop, durable
+            "training",
+            run_training,
+            request,
+            dataset_dir,
+            out_dir,
+            ctx.settings,
+            ctx.progress,
+            ctx.stop,
+            durable,
+            adapter,
         )
     ctx.stage = "storing the LoRA"
     key = lora_key(request.output_name)
@@ -57,6 +70,7 @@ async def train_lora(request: TrainLoraInput, ctx: JobContext) -> TrainLoraResul
         samples=[OutputFile.from_bytes(s.name, s.data, s.mime) for s in result.samples],
         metrics=result.metrics,
         resumed_from_step=result.resumed_from_step,
+        warnings=result.warnings,
     )
     if result.kohya_path is not None:
         kohya = lora_key(request.output_name, kohya=True)
@@ -107,22 +121,27 @@ async def _prepare_resume(
 
 
 async def _fetch_lora(request: GenerateInput, ctx: JobContext) -> Path | None:
-    path = ctx.workspace / "lora.safetensors"
-    if request.lora_url:
+    return await _fetch_lora_file(request.lora, request.lora_url, ctx, "lora", "lora")
+
+
+async def _fetch_lora_file(stored: str | None, url: str | None, ctx: JobContext, field: str, stem: str) -> Path | None:
+    """A LoRA given by storage key (or output_name) or URL, downloaded into the workspace."""
+    path = ctx.workspace / f"{stem}.safetensors"
+    if url:
         from services.ingest.fetch import download
 
-        await download(request.lora_url, path, ctx.settings, expect="any")
+        await download(url, path, ctx.settings, expect="any")
         return path
-    if not request.lora:
+    if not stored:
         return None
     try:
-        key = resolve_lora_key(request.lora)
+        key = resolve_lora_key(stored)
     except ValueError as exc:
-        raise InputError(f"input.lora: {exc}") from None
+        raise InputError(f"input.{field}: {exc}") from None
     try:
         await ctx.storage.download_file(key, path)
     except ObjectNotFound:
-        raise InputError(f"input.lora: no LoRA stored at {key}") from None
+        raise InputError(f"input.{field}: no LoRA stored at {key}") from None
     return path
 
 
@@ -139,4 +158,6 @@ async def generate(request: GenerateInput, ctx: JobContext) -> GenerateResult:
     return GenerateResult(
         images=[OutputFile.from_bytes(i.name, i.data, i.mime) for i in result.images],
         seed=result.seed,
+        steps=result.steps,
+        guidance_scale=result.guidance_scale,
     )

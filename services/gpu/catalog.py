@@ -8,7 +8,14 @@ from typing import Literal, get_args
 from services.errors import InputError
 
 BUILTIN_PREFIX = "builtin:"
-BUILTIN_MODELS = ("builtin:tiny-sd", "builtin:tiny-sdxl", "builtin:tiny-flux", "builtin:tiny-zimage")
+BUILTIN_MODELS = (
+    "builtin:tiny-sd",
+    "builtin:tiny-sdxl",
+    "builtin:tiny-flux",
+    "builtin:tiny-flux-schnell",  # guidance_embeds off, as FLUX.1-schnell: its generation defaults
+    "builtin:tiny-zimage",
+    "builtin:tiny-zimage-turbo",  # the same model named as Z-Image-Turbo: its generation defaults
+)
 DEFAULT_TINY_TRAIN_STEPS = 100  # the builtin models train in seconds on a CPU
 
 # RunPod mounts its cached models here (REFERENCE.md, "RunPod SDK").
@@ -31,9 +38,9 @@ SCHEDULER_NAMES: tuple[str, ...] = get_args(SchedulerName)
 
 MixedPrecision = Literal["auto", "no", "fp16", "bf16"]
 ExportFormat = Literal["diffusers", "kohya"]
-LoraTargets = Literal["attention", "attention+mlp"]
+LoraTargets = Literal["attention", "attention+mlp", "all"]
+TimestepSampling = Literal["shift", "sigmoid", "uniform"]
 ImageFormat = Literal["png", "jpeg", "webp"]
-
 
 
 def check_pixels(width: int, height: int, max_pixels: int) -> None:
