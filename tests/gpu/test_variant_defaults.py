@@ -236,3 +236,22 @@ def test_distilled_base_warns_and_the_training_adapter_is_merged_then_gone(tmp_p
         str(train(dataset, tmp_path / "c", base_model=schnell, lora_targets="attention", seed=3, rank=4).lora_path)
     )
     assert any(not torch.equal(tensors[k], again[k]) for k in tensors)
+
+
+def test_training_adapter_key_is_fetched_from_storage_through_test_input(tmp_path: Path) -> None:
+    """Catches a training_adapter input that is accepted but never fetched (the job would train
+    without it): a key with no LoRA behind it fails naming the field."""
+    pixel = (
+        "iVBORw0KGgoAAAANSUhEUgAAABAAAAAICAIAAAB/FOjAAAAAFklEQVR4nGM8ISfHQApgIkn1qAYiAQCamQEU0I3VvwAAAABJRU5ErkJggg=="
+    )
+    upload = {"action": "upload_training_files", "dataset": "ds", "files": [{"name": "a.png", "data": pixel}]}
+    assert run_worker(tmp_path, upload).returncode == 0
+    job = {
+        "action": "train_lora",
+        "dataset": "ds",
+        "output_name": "o",
+        "base_model": "builtin:tiny-flux-schnell",
+        "training_adapter": "no-such-adapter",
+    }
+    output = result_of(run_worker(tmp_path, job))
+    assert "input.training_adapter: no LoRA stored at loras/no-such-adapter/" in output
