@@ -103,6 +103,9 @@ class Settings(BaseSettings):
     max_train_steps: int = Field(10_000, ge=1)
     max_gen_steps: int = Field(150, ge=1)
     max_images_per_request: int = Field(8, ge=1, le=64)
+    max_caption_chars: int = Field(
+        2000, ge=1, le=100_000, description="Longest training caption (.txt) accepted, in characters."
+    )
 
     # --- GPU runner ---
     model_id: str = Field("builtin:tiny-sd", description="Default base model.")

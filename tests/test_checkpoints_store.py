@@ -448,6 +448,9 @@ def training_fields(**changes: Any) -> dict[str, Any]:
         "precision": "fp32",
         "cache_latents": True,
         "cache_text_embeddings": True,
+        "lora_targets": ["to_q", "to_k"],
+        "timestep_sampling": "uniform",
+        "training_adapter": None,
     }
     fields.update(changes)
     return fields

@@ -65,9 +65,22 @@ async def _train(request: TrainLoraInput, ctx: JobContext, lease: Lease) -> Trai
     )
     storage.finished_run = await checkpoints.finished() if resume is not None else None
     durable = Durable(storage, resume, ctx.deadline)
+    ctx.stage = "downloading the training adapter"
+    adapter = await _fetch_lora_file(
+        request.training_adapter, request.training_adapter_url, ctx, "training_adapter", "training-adapter"
+    )
     async with gpu_lock():
         result = await ctx.in_thread(
-            "training", run_training, request, dataset_dir, out_dir, ctx.settings, ctx.progress, ctx.stop, durable
+            "training",
+            run_training,
+            request,
+            dataset_dir,
+            out_dir,
+            ctx.settings,
+            ctx.progress,
+            ctx.stop,
+            durable,
+            adapter,
         )
     if lease.lost:
         raise OutputBusy(f"{lease.lost}; the trained LoRA of this job was not stored")
@@ -79,6 +92,7 @@ async def _train(request: TrainLoraInput, ctx: JobContext, lease: Lease) -> Trai
         samples=[OutputFile.from_bytes(s.name, s.data, s.mime) for s in result.samples],
         metrics=result.metrics,
         resumed_from_step=result.resumed_from_step,
+        warnings=result.warnings,
     )
     response.lora_format = result.lora_format
     for fmt, path in (("kohya", result.kohya_path), ("diffusers", result.diffusers_path)):
@@ -151,28 +165,33 @@ async def _find_resume(request: TrainLoraInput, ctx: JobContext, checkpoints: Ch
 
 
 async def _fetch_lora(request: GenerateInput, ctx: JobContext) -> Path | None:
-    path = ctx.workspace / "lora.safetensors"
-    if request.lora_url:
+    return await _fetch_lora_file(request.lora, request.lora_url, ctx, "lora", "lora")
+
+
+async def _fetch_lora_file(stored: str | None, url: str | None, ctx: JobContext, field: str, stem: str) -> Path | None:
+    """A LoRA given by storage key (or output_name) or URL, downloaded into the workspace."""
+    path = ctx.workspace / f"{stem}.safetensors"
+    if url:
         from services.ingest.fetch import download
 
-        await download(request.lora_url, path, ctx.settings, expect="any")
+        await download(url, path, ctx.settings, expect="any")
         return path
-    if not request.lora:
+    if not stored:
         return None
     try:
-        key = resolve_lora_key(request.lora)
+        key = resolve_lora_key(stored)
     except ValueError as exc:
-        raise InputError(f"input.lora: {exc}") from None
+        raise InputError(f"input.{field}: {exc}") from None
     info = await ctx.storage.head(key)
     if info is None:
-        raise InputError(f"input.lora: no LoRA stored at {key}")
+        raise InputError(f"input.{field}: no LoRA stored at {key}")
     cap = ctx.settings.max_lora_bytes
     if info.size > cap:
-        raise InputError(f"input.lora: {key} holds {info.size} bytes, more than MAX_LORA_BYTES ({cap})")
+        raise InputError(f"input.{field}: {key} holds {info.size} bytes, more than MAX_LORA_BYTES ({cap})")
     try:
         await ctx.storage.download_file(key, path)
     except ObjectNotFound:
-        raise InputError(f"input.lora: no LoRA stored at {key}") from None
+        raise InputError(f"input.{field}: no LoRA stored at {key}") from None
     return path
 
 
@@ -189,4 +208,6 @@ async def generate(request: GenerateInput, ctx: JobContext) -> GenerateResult:
     return GenerateResult(
         images=[OutputFile.from_bytes(i.name, i.data, i.mime) for i in result.images],
         seed=result.seed,
+        steps=result.steps,
+        guidance_scale=result.guidance_scale,
     )

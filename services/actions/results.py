@@ -118,6 +118,11 @@ class TrainLoraResult(BaseModel):
     diffusers_lora: OutputFile | None = Field(
         None, description="The diffusers copy (<output_name>.diffusers.safetensors): diffusers after another format."
     )
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="Things to know about the result, e.g. a distilled base (FLUX.1-schnell, Z-Image-Turbo) "
+        "trained without a training_adapter.",
+    )
 
     @model_serializer(mode="wrap")
     def _without_absent_copies(self, handler: Any) -> dict[str, Any]:
@@ -131,3 +136,7 @@ class TrainLoraResult(BaseModel):
 class GenerateResult(BaseModel):
     images: list[OutputFile] = Field(description="image-<i>.<format>, image i rendered with seed + i.")
     seed: int = Field(description="The seed of the first image (random when none was given).")
+    steps: int = Field(description="Denoising steps used (the input's, else the model variant's default).")
+    guidance_scale: float | None = Field(
+        description="Guidance used (the input's, else the model variant's default); null: the pipeline takes none."
+    )

@@ -52,6 +52,9 @@ TRAINING_HASH_FIELDS: dict[str, str] = {
     "precision": "the arithmetic (resolved: bf16/fp16/fp32, so auto on another device does not match)",
     "cache_latents": "cached posteriors and per-batch VAE encodes round differently",
     "cache_text_embeddings": "cached and per-batch text encodes round differently",
+    "lora_targets": "the adapter's layers",
+    "timestep_sampling": "the noise levels trained on",
+    "training_adapter": "sha256 of the LoRA merged into the base while training (null: none)",
 }
 # Left out on purpose: gradient_checkpointing and compile (the same math; changing them on resume
 # is how a job gets past an out-of-memory or a slow warm-up), and everything about what is saved

@@ -9,8 +9,10 @@ from services.errors import InputError
 from services.gpu.families import FAMILIES
 
 BUILTIN_PREFIX = "builtin:"
-# One per registered family, in registration order (a new family adds its own).
-BUILTIN_MODELS: tuple[str, ...] = tuple(family.builtin for family in FAMILIES)
+# One per registered family (its builtin, then its variants), in registration order.
+BUILTIN_MODELS: tuple[str, ...] = tuple(
+    name for family in FAMILIES for name in (family.builtin, *family.builtin_variants)
+)
 DEFAULT_TINY_TRAIN_STEPS = 100  # the builtin models train in seconds on a CPU
 
 # RunPod mounts its cached models here (REFERENCE.md, "RunPod SDK").
@@ -33,7 +35,8 @@ SCHEDULER_NAMES: tuple[str, ...] = get_args(SchedulerName)
 
 MixedPrecision = Literal["auto", "no", "fp16", "bf16"]
 ExportFormat = Literal["diffusers", "kohya"]
-LoraTargets = Literal["attention", "attention+mlp"]
+LoraTargets = Literal["attention", "attention+mlp", "all"]
+TimestepSampling = Literal["shift", "sigmoid", "uniform"]
 ImageFormat = Literal["png", "jpeg", "webp"]
 
 

@@ -32,7 +32,7 @@ from services.gpu.catalog import (
     RUNPOD_HF_CACHE,
     RUNPOD_VOLUME,
 )
-from services.gpu.families import ModelFamily, family_of, family_of_index
+from services.gpu.families import ModelFamily, family_of, family_of_builtin, family_of_index
 from services.gpu.quantize import QUANT_PREFIX, is_quantized, quantize_linear_layers
 from services.gpu.state import RUNNER_STATE
 
@@ -327,6 +327,27 @@ def _native_size(pipe: DiffusionPipeline, fallback: int = 1024) -> int:
         denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
         sample = getattr(getattr(denoiser, "config", None), "sample_size", None)
     return int(sample * factor) if isinstance(sample, int) else fallback
+
+
+def peek_family(model: str, settings: Settings) -> ModelFamily | None:
+    """The family of ``model`` without loading it: a builtin's, or the one its
+    ``model_index.json`` names (a directory, or a repo id in the local cache); None when unknown."""
+    if model in BUILTIN_MODELS:
+        return family_of_builtin(model)
+    if model.startswith("/"):
+        index = Path(model) / "model_index.json"
+    else:
+        folder = "models--" + model.replace("/", "--")
+        pattern = "snapshots/*/model_index.json"
+        found = [i for cache in hf_cache_dirs(settings) for i in sorted((cache / folder).glob(pattern))]
+        if not found:
+            return None
+        index = found[0]
+    try:
+        return family_of_index(json.loads(index.read_text(encoding="utf-8")))
+    except (OSError, ValueError) as exc:
+        log.info("%s: cannot read %s (%s); the loader reports it", model, index, exc)
+        return None
 
 
 def _load_kwargs(index: Path | None, dtype: torch.dtype) -> dict[str, Any]:

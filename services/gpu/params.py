@@ -6,12 +6,14 @@
      "trigger_word": "sks", "steps": 1000, "rank": 16, "export_formats": ["diffusers", "kohya"]}
     {"action": "train_lora", "dataset": "my-set", "output_name": "flux-lora",
      "base_model": "black-forest-labs/FLUX.1-dev", "resolution": [512, 768, 1024],
-     "lora_targets": "attention+mlp", "gradient_checkpointing": true}
+     "lora_targets": "all", "timestep_sampling": "sigmoid"}
 
 ``generate``::
 
     {"action": "generate", "prompt": "a photo of sks", "lora": "my-lora", "num_images": 2,
-     "width": 512, "height": 512, "steps": 25, "seed": 7, "format": "webp", "quality": 90}
+     "width": 512, "height": 512, "seed": 7, "format": "webp", "quality": 90}
+
+``steps`` and ``guidance_scale`` default to the model variant's (README, "Model families").
 
 Static bounds are checked by pydantic; bounds that come from the worker's settings
 (``MAX_TRAIN_STEPS``, ``MAX_GEN_STEPS``, ``MAX_IMAGES_PER_REQUEST``, ``MAX_IMAGE_PIXELS``) by
@@ -34,6 +36,7 @@ from services.gpu.catalog import (
     LoraTargets,
     MixedPrecision,
     SchedulerName,
+    TimestepSampling,
     check_pixels,
 )
 from services.ingest.urls import Url
@@ -52,6 +55,13 @@ def safe_name(value: str, field: str) -> str:
     """Letters, digits, ``-``, ``_`` and ``.``; 1..128 characters; no ``..``."""
     if not _SAFE_NAME.fullmatch(value) or ".." in value or value == ".":
         raise ValueError(f"{field} must be 1-128 letters, digits, '-', '_' or '.', without '..' or separators")
+    return value
+
+
+def storage_key(value: str) -> str:
+    """A stored LoRA: a storage key or a train_lora output_name."""
+    if not _STORAGE_KEY.fullmatch(value) or ".." in value or value.startswith("/") or "//" in value:
+        raise ValueError("must be a storage key or an output_name (letters, digits, '-', '_', '.', '/')")
     return value
 
 
@@ -112,14 +122,27 @@ class TrainLoraInput(BaseModel):
         description="Training side in pixels, or a list of sides for multi-resolution training: each image "
         "trains at its aspect-ratio bucket of about side x side pixels; default: the model's native size.",
     )
-    lora_targets: LoraTargets = Field(
-        "attention", description="Layers that get LoRA: attention, or attention+mlp (also the feed-forward layers)."
+    lora_targets: LoraTargets | None = Field(
+        None,
+        description="Layers that get LoRA: attention, attention+mlp (also the feed-forward layers), or all "
+        "(FLUX.1: every linear layer of its blocks); default: the family's (FLUX.1 all, others attention).",
+    )
+    timestep_sampling: TimestepSampling | None = Field(
+        None,
+        description="Training noise levels: shift (logit-normal, shifted as the model's scheduler shifts), "
+        "sigmoid (logit-normal, unshifted: ai-toolkit's) or uniform; default: the family's (FLUX.1 and "
+        "Z-Image shift, SD/SDXL uniform, the only one they take).",
     )
     batch_size: int = Field(1, ge=1, le=64)
     gradient_accumulation: int = Field(1, ge=1, le=64)
     seed: int = Field(0, ge=0, le=2**32 - 1)
-    mixed_precision: MixedPrecision = Field("auto", description="auto: bf16 on a CUDA GPU, fp32 on the CPU.")
-    gradient_checkpointing: bool = Field(False, description="Less memory, about 2x slower steps.")
+    mixed_precision: MixedPrecision = Field(
+        "auto", description="auto: bf16 on a CUDA GPU, fp32 on the CPU. fp16 is refused for FLUX.1 and Z-Image."
+    )
+    gradient_checkpointing: bool | None = Field(
+        None,
+        description="Less memory, about 2x slower steps; default: on for full-size FLUX.1 and Z-Image, else off.",
+    )
     quantize_base: Literal["none", "nf4"] = Field(
         "none",
         description="nf4: the frozen denoiser in 4-bit NF4 (bitsandbytes) for smaller GPUs; the LoRA trains "
@@ -132,7 +155,15 @@ class TrainLoraInput(BaseModel):
         max_length=8,
         description="Prompts rendered with the trained LoRA (and with each snapshot's, see save_every).",
     )
-    sample_steps: int = Field(25, ge=1, le=500)
+    sample_steps: int | None = Field(
+        None, ge=1, le=500, description="Denoising steps of the samples; default: the model variant's."
+    )
+    training_adapter: str | None = Field(
+        None,
+        description="Storage key of a LoRA merged into the base model while training and absent from the "
+        "saved file: a de-distillation adapter for FLUX.1-schnell or Z-Image-Turbo.",
+    )
+    training_adapter_url: Url | None = Field(None, description="URL of the training_adapter .safetensors file.")
     export_formats: list[ExportFormat] | None = Field(
         None,
         min_length=1,
@@ -182,6 +213,11 @@ class TrainLoraInput(BaseModel):
     def _base_model(cls, value: str | None) -> str | None:
         return check_base_model(value)
 
+    @field_validator("training_adapter")
+    @classmethod
+    def _adapter_key(cls, value: str | None) -> str | None:
+        return None if value is None else storage_key(value)
+
     @field_validator("trigger_word")
     @classmethod
     def _trigger_word(cls, value: str | None) -> str | None:
@@ -205,6 +241,10 @@ class TrainLoraInput(BaseModel):
     def _one_dataset(self) -> TrainLoraInput:
         if (self.dataset is None) == (self.dataset_url is None):
             raise ValueError("give exactly one of dataset or dataset_url")
+        if self.training_adapter is not None and self.training_adapter_url is not None:
+            raise ValueError("give at most one of training_adapter or training_adapter_url")
+        if self.quantize_base == "nf4" and (self.training_adapter or self.training_adapter_url):
+            raise ValueError("a training_adapter is merged into the base weights: not with quantize_base nf4")
         return self
 
     def resolutions(self) -> list[int]:
@@ -218,7 +258,7 @@ class TrainLoraInput(BaseModel):
         """Bounds from the worker's settings; raises :class:`InputError` naming the field."""
         if self.steps is not None:
             _limit("steps", self.steps, settings.max_train_steps, "MAX_TRAIN_STEPS")
-        if self.sample_prompts:
+        if self.sample_prompts and self.sample_steps is not None:
             _limit("sample_steps", self.sample_steps, settings.max_gen_steps, "MAX_GEN_STEPS")
         _limit("sample_prompts", len(self.sample_prompts), settings.max_images_per_request, "MAX_IMAGES_PER_REQUEST")
         for side in self.resolutions():
@@ -247,9 +287,19 @@ class GenerateInput(BaseModel):
     height: int | None = Field(
         None, ge=16, le=2048, multiple_of=8, description="Pixels; default: the model's native size."
     )
-    steps: int = Field(25, ge=1, le=500, description="Denoising steps.")
+    steps: int | None = Field(
+        None,
+        ge=1,
+        le=500,
+        description="Denoising steps; default: the model variant's (FLUX.1-dev 28, schnell 4, Z-Image 50, "
+        "Z-Image-Turbo 9, SD/SDXL 25).",
+    )
     guidance_scale: float | None = Field(
-        None, ge=0.0, le=30.0, description="Classifier-free guidance; default: the pipeline's."
+        None,
+        ge=0.0,
+        le=30.0,
+        description="Guidance; default: the model variant's (FLUX.1-dev 3.5, schnell 0, Z-Image 4, "
+        "Z-Image-Turbo 0, SD/SDXL the pipeline's: 7.5 / 5).",
     )
     seed: int | None = Field(
         None, ge=0, le=2**32 - 1, description="Seed of the first image (image i uses seed+i); chosen when absent."
@@ -266,11 +316,7 @@ class GenerateInput(BaseModel):
     @field_validator("lora")
     @classmethod
     def _lora(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        if not _STORAGE_KEY.fullmatch(value) or ".." in value or value.startswith("/") or "//" in value:
-            raise ValueError("must be a storage key or an output_name (letters, digits, '-', '_', '.', '/')")
-        return value
+        return None if value is None else storage_key(value)
 
     @model_validator(mode="after")
     def _one_lora(self) -> GenerateInput:
@@ -280,7 +326,8 @@ class GenerateInput(BaseModel):
 
     def check_limits(self, settings: Settings) -> None:
         """Bounds from the worker's settings; raises :class:`InputError` naming the field."""
-        _limit("steps", self.steps, settings.max_gen_steps, "MAX_GEN_STEPS")
+        if self.steps is not None:
+            _limit("steps", self.steps, settings.max_gen_steps, "MAX_GEN_STEPS")
         _limit("num_images", self.num_images, settings.max_images_per_request, "MAX_IMAGES_PER_REQUEST")
         if self.width is not None or self.height is not None:
             # One side alone: check it as a square (native sizes are square); the runner checks

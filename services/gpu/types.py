@@ -27,11 +27,15 @@ class TrainResult:
     samples: list[ImageFile] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
     resumed_from_step: int = 0  # 0: trained from the start
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
 class GenerateResult:
-    """Images of one ``generate`` job and the seed of the first image (image ``i`` used ``seed + i``)."""
+    """Images of one ``generate`` job, the seed of the first image (image ``i`` used ``seed + i``),
+    and the steps and guidance used (the caller's or the model variant's defaults)."""
 
     images: list[ImageFile]
     seed: int
+    steps: int = 0
+    guidance_scale: float | None = None

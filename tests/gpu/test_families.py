@@ -135,18 +135,24 @@ def test_diffusers_loader_reads_every_key_and_gives_the_workers_image(family_run
     assert set(loaded) == set(in_file)  # no missing, no unexpected keys
     assert all(torch.equal(loaded[key].float(), in_file[key].float()) for key in in_file)
 
-    seed, steps = 5, 4
+    seed, steps, guidance = 5, 4, 3.0  # guidance given: the worker's defaults are the variant's
     theirs = pipe(
         prompt="sks yellow bar",
         width=SIZE,
         height=SIZE,
         num_inference_steps=steps,
+        guidance_scale=guidance,
         generator=[torch.Generator("cpu").manual_seed(seed)],
         output_type="np",
     ).images[0]
     theirs = np.round(theirs * 255).astype(np.int16)
     params = GenerateInput(
-        action="generate", prompt="sks yellow bar", base_model=family_run.model, steps=steps, seed=seed
+        action="generate",
+        prompt="sks yellow bar",
+        base_model=family_run.model,
+        steps=steps,
+        seed=seed,
+        guidance_scale=guidance,
     )
     ours = decode(generate_images(params, path, settings).images[0].data)
     base = decode(generate_images(params, None, settings).images[0].data)

@@ -27,7 +27,8 @@ def generate(**fields: Any) -> GenerateInput:
 def test_defaults() -> None:
     job = train()
     assert (job.steps, job.rank, job.alpha, job.mixed_precision) == (None, None, None, "auto")
-    assert (job.learning_rate, job.resolution, job.lora_targets) == (None, None, "attention")
+    assert (job.learning_rate, job.resolution, job.lora_targets) == (None, None, None)  # the family's
+    assert (job.gradient_checkpointing, job.timestep_sampling, job.sample_steps) == (None, None, None)
     assert job.cache_latents and job.cache_text_embeddings
     assert job.export_formats is None  # the family's default, resolved by the runner
     gen = generate()

@@ -60,7 +60,7 @@ def family_of_index(index: dict[str, Any]) -> ModelFamily | None:
 def family_of_builtin(name: str) -> ModelFamily:
     """The family whose tiny built-in model is ``name``."""
     for family in FAMILIES:
-        if family.builtin == name:
+        if name == family.builtin or name in family.builtin_variants:
             return family
     raise InputError(f"input.base_model: unknown builtin model {name}")
 
@@ -82,7 +82,7 @@ def build_tiny_pipeline(name: str) -> DiffusionPipeline:
     family = family_of_builtin(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
-        pipe = family.build_tiny()
+        pipe = family.build_tiny_named(name)
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             component.eval().requires_grad_(False)

@@ -39,12 +39,34 @@ TINY_NATIVE_LIMIT = 256  # a model whose native side is below this is a tiny tes
 
 @dataclass(frozen=True)
 class TrainDefaults:
-    """A family's LoRA training defaults (``alpha`` None means: the rank)."""
+    """A family's LoRA training defaults (``alpha`` None means: the rank).
+
+    ``gradient_checkpointing`` applies to full-size models only (the tiny test models never
+    need it); ``timestep_sampling`` is one of the family's :attr:`ModelFamily.timestep_samplings`.
+    """
 
     rank: int = 16
     alpha: float | None = None
     learning_rate: float = 1e-4
     steps: int = 1000
+    lora_targets: str = "attention"
+    gradient_checkpointing: bool = False
+    timestep_sampling: str = "uniform"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A model variant's generation defaults (its reference call) and whether it is distilled.
+
+    ``guidance`` None keeps the pipeline's own default; ``distilled`` (non-empty) says why LoRA
+    training on it drifts, and is reported as a warning by ``train_lora``.
+    """
+
+    name: str
+    steps: int
+    guidance: float | None = None
+    max_sequence_length: int | None = None
+    distilled: str = ""
 
 
 # --- noise schedules --------------------------------------------------------------------------
@@ -64,6 +86,11 @@ class DdpmSchedule:
         self.sqrt_alpha = alphas.sqrt()
         self.sqrt_one_minus = (1.0 - alphas).sqrt()
         self.num_timesteps = int(scheduler.config.num_train_timesteps)
+
+    def use_sampling(self, sampling: str) -> None:
+        """Only ``uniform`` (integer timesteps drawn uniformly, as the DDPM recipes do)."""
+        if sampling != "uniform":
+            raise InputError(f"input.timestep_sampling: {sampling} is for flow models; use uniform here")
 
     def sample(self, batch: int, latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         import torch
@@ -95,15 +122,27 @@ class DdpmSchedule:
 class FlowSchedule:
     """Rectified flow (Flux, Z-Image): ``x_t = (1 - s) x + s noise``, target ``noise - x``.
 
-    Sigmas are drawn logit-normal (mean 0, std 1, as SD3's paper and SimpleTuner do) and then
-    shifted the way the model's own scheduler shifts them at inference: by ``exp(mu)`` from the
-    image's token count when the scheduler uses dynamic shifting (FLUX.1), else by its static
-    ``shift`` (Z-Image-Turbo: 3.0). The loss is unweighted.
+    Sigma sampling (``timestep_sampling``), the loss unweighted in every case:
+
+    - ``shift`` (the default): logit-normal (mean 0, std 1, as SD3's paper and SimpleTuner do),
+      then shifted the way the model's own scheduler shifts them at inference: by ``exp(mu)``
+      from the image's token count when the scheduler uses dynamic shifting (FLUX.1), else by its
+      static ``shift`` (Z-Image-Turbo: 3.0);
+    - ``sigmoid``: the same logit-normal draw, unshifted (ai-toolkit's default);
+    - ``uniform``: uniform in (0, 1).
     """
+
+    SAMPLINGS = ("shift", "sigmoid", "uniform")
 
     def __init__(self, scheduler_config: Any, tokens_per_latent: float) -> None:
         self.config = scheduler_config
         self.tokens_per_latent = tokens_per_latent
+        self.sampling = "shift"
+
+    def use_sampling(self, sampling: str) -> None:
+        if sampling not in self.SAMPLINGS:
+            raise InputError(f"input.timestep_sampling: use one of {', '.join(self.SAMPLINGS)}")
+        self.sampling = sampling
 
     def _shift(self, sigmas: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         config = self.config
@@ -119,8 +158,11 @@ class FlowSchedule:
     def sample(self, batch: int, latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         import torch
 
+        if self.sampling == "uniform":
+            return torch.rand((batch,), generator=generator, device=generator.device).to(latents.device)
         normal = torch.randn((batch,), generator=generator, device=generator.device).to(latents.device)
-        return self._shift(torch.sigmoid(normal), latents)
+        sigmas = torch.sigmoid(normal)
+        return self._shift(sigmas, latents) if self.sampling == "shift" else sigmas
 
     def at(self, fraction: float, batch: int, device: torch.device) -> torch.Tensor:
         import torch
@@ -150,6 +192,10 @@ class ModelFamily(ABC):
     lora_targets: ClassVar[dict[str, tuple[str, ...]]]  # "attention" and "attention+mlp"
     export_formats: ClassVar[tuple[str, ...]] = (DIFFUSERS,)  # offered; the first is the default
     text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)
+    builtin_variants: ClassVar[tuple[str, ...]] = ()  # more tiny builtins, e.g. a distilled one
+    lora_scope: ClassVar[tuple[str, ...]] = ()  # LoRA only under these module prefixes (empty: anywhere)
+    timestep_samplings: ClassVar[tuple[str, ...]] = ("uniform",)
+    fp16_trains: ClassVar[bool] = True  # False: fp16 overflows (T5, large activations)
 
     # recognition
 
@@ -164,6 +210,22 @@ class ModelFamily(ABC):
     @abstractmethod
     def build_tiny(self) -> DiffusionPipeline:
         """The tiny built-in pipeline (fp32, CPU); seeded by the caller."""
+
+    def build_tiny_named(self, name: str) -> DiffusionPipeline:
+        """The tiny built-in ``name`` (:attr:`builtin` or one of :attr:`builtin_variants`)."""
+        return self.build_tiny()
+
+    def variant(self, pipe: Any, model: str) -> Variant:
+        """The generation defaults of the loaded ``pipe`` (``model`` is its name as given)."""
+        return Variant(self.name, steps=25)
+
+    def check_precision(self, precision: str) -> None:
+        """Refuse fp16 training where the family overflows in it."""
+        if precision == "fp16" and not self.fp16_trains:
+            raise InputError(
+                f"input.mixed_precision: fp16 overflows in {self.label} (its text encoder and activations "
+                "exceed fp16's range); use bf16 (or auto)"
+            )
 
     # sizes
 
@@ -241,12 +303,26 @@ class ModelFamily(ABC):
     # LoRA files
 
     def target_modules(self, which: str) -> list[str]:
-        """peft target module names for ``attention`` or ``attention+mlp``."""
+        """peft target module names (suffixes) for ``attention``, ``attention+mlp`` or ``all``."""
+        if which not in self.lora_targets:
+            offered = " or ".join(self.lora_targets)
+            raise InputError(f"input.lora_targets: {which} is not offered for {self.label}; use {offered}")
         return list(self.lora_targets[which])
 
     def default_exports(self) -> list[str]:
         """``export_formats`` when the job gives none: the one format every loader reads in full."""
         return [self.export_formats[0]]
+
+    def lora_module_names(self, denoiser: Any, suffixes: Sequence[str]) -> list[str]:
+        """peft ``target_modules``: ``suffixes`` as they are, or, with a :attr:`lora_scope`, the
+        full names of the modules under it that end in one of them."""
+        if not self.lora_scope:
+            return list(suffixes)
+        return [
+            name
+            for name, _ in denoiser.named_modules()
+            if name.startswith(self.lora_scope) and any(name == s or name.endswith(f".{s}") for s in suffixes)
+        ]
 
     def check_exports(self, formats: Sequence[str]) -> None:
         unsupported = [f for f in formats if f not in self.export_formats]

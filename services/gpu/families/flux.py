@@ -6,6 +6,17 @@ packed 2x2 into tokens with their latent image ids, sigmas drawn logit-normal an
 the resolution-dependent ``mu`` of the model's scheduler, and, for FLUX.1-dev (guidance-
 distilled: ``guidance_embeds``), a guidance embedding of 1.0 as ai-toolkit and SimpleTuner use.
 
+Generation defaults follow the variant (read from the transformer: ``guidance_embeds`` is
+false on FLUX.1-schnell): dev 28 steps at guidance 3.5; schnell 4 steps, guidance 0, T5
+``max_sequence_length`` 256 (also when encoding its captions for training).
+
+LoRA targets: ``all`` (the default, as ai-toolkit) is every Linear inside ``transformer_blocks``
+and ``single_transformer_blocks``: attention, feed-forward, the blocks' modulation
+(``norm1.linear``, ``norm1_context.linear``, ``norm.linear``) and the single blocks'
+``proj_mlp`` and ``proj_out`` (494 modules, ~86 M parameters at rank 16 on FLUX.1); the
+model's top-level ``proj_out`` is not a block and stays out. Gradient checkpointing is on by
+default at full size.
+
 LoRA files default to the diffusers format in peft naming throughout (``transformer.<module>.
 lora_A.weight``: ai-toolkit's layout), which diffusers, ComfyUI (it maps diffusers-named FLUX.1
 keys onto BFL's fused modules) and kohya's ``convert_flux_lora.py`` read in full. ``kohya`` is
@@ -30,6 +41,7 @@ from services.gpu.families.base import (
     Tensors,
     Text,
     TrainDefaults,
+    Variant,
 )
 
 if TYPE_CHECKING:
@@ -38,8 +50,19 @@ if TYPE_CHECKING:
 
 ATTENTION = ("to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out")
 MLP = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp")
+NORMS = ("norm1.linear", "norm1_context.linear", "norm.linear", "proj_out")  # modulation, single-block out
 MAX_SEQUENCE_LENGTH = 512
 TRAIN_GUIDANCE = 1.0
+DEV = Variant("flux.1-dev", steps=28, guidance=3.5, max_sequence_length=MAX_SEQUENCE_LENGTH)
+SCHNELL = Variant(
+    "flux.1-schnell",
+    steps=4,
+    guidance=0.0,
+    max_sequence_length=256,
+    distilled="FLUX.1-schnell is step-distilled: a LoRA trained on it without a de-distillation "
+    "training_adapter breaks its 4-step sampling after a few hundred steps",
+)
+SCHNELL_BUILTIN = "builtin:tiny-flux-schnell"
 
 
 class Flux(ModelFamily):
@@ -47,13 +70,37 @@ class Flux(ModelFamily):
     label = "FLUX.1"
     pipeline_classes = ("FluxPipeline",)
     builtin = "builtin:tiny-flux"
-    defaults = TrainDefaults(rank=16, learning_rate=1e-4, steps=1000)
+    builtin_variants = (SCHNELL_BUILTIN,)
+    defaults = TrainDefaults(
+        rank=16,
+        learning_rate=1e-4,
+        steps=1000,
+        lora_targets="all",
+        gradient_checkpointing=True,
+        timestep_sampling="shift",
+    )
     native_resolution = 1024
-    lora_targets: ClassVar[dict[str, tuple[str, ...]]] = {"attention": ATTENTION, "attention+mlp": ATTENTION + MLP}
+    lora_targets: ClassVar[dict[str, tuple[str, ...]]] = {
+        "attention": ATTENTION,
+        "attention+mlp": ATTENTION + MLP,
+        "all": ATTENTION + MLP + NORMS,
+    }
+    lora_scope = ("transformer_blocks.", "single_transformer_blocks.")
+    timestep_samplings = FlowSchedule.SAMPLINGS
+    fp16_trains = False
     text_encoders = ("text_encoder", "text_encoder_2")
     export_formats = (DIFFUSERS, KOHYA)
 
+    def build_tiny_named(self, name: str) -> DiffusionPipeline:
+        return self._tiny(guidance_embeds=name != SCHNELL_BUILTIN)
+
+    def variant(self, pipe: Any, model: str) -> Variant:
+        return DEV if self.denoiser(pipe).config.guidance_embeds else SCHNELL
+
     def build_tiny(self) -> DiffusionPipeline:
+        return self._tiny(guidance_embeds=True)
+
+    def _tiny(self, guidance_embeds: bool) -> DiffusionPipeline:
         from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
         from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
@@ -84,7 +131,7 @@ class Flux(ModelFamily):
             num_attention_heads=2,
             joint_attention_dim=tiny.TEXT_HIDDEN,
             pooled_projection_dim=tiny.TEXT_HIDDEN,
-            guidance_embeds=True,  # like FLUX.1-dev
+            guidance_embeds=guidance_embeds,  # True: like FLUX.1-dev; False: like schnell
             axes_dims_rope=(4, 4, 8),
         )
         scheduler = FlowMatchEulerDiscreteScheduler(
@@ -114,7 +161,7 @@ class Flux(ModelFamily):
                 prompt_2=None,
                 device=self.denoiser(pipe).device,
                 num_images_per_prompt=1,
-                max_sequence_length=MAX_SEQUENCE_LENGTH,
+                max_sequence_length=self.variant(pipe, "").max_sequence_length or MAX_SEQUENCE_LENGTH,
             )
         return [{"t5": e, "pooled": p} for e, p in zip(embeds, pooled, strict=True)]
 

@@ -11,7 +11,14 @@ a list of unpadded caption embeddings (the second-to-last Qwen3 hidden state, ma
 predicts ``latents - noise``, so :meth:`ZImage.predict` negates it into the velocity
 ``noise - latents`` that :class:`FlowSchedule` targets. Sigmas use the scheduler's static
 shift (3.0 for Z-Image-Turbo). LoRA files are in the diffusers format (``transformer.`` keys).
-Z-Image-Turbo is step-distilled: long LoRA runs on it drift from its 8-step behaviour.
+
+Variants share one architecture, so the model's name tells them apart: a repo id or directory
+whose name holds ``turbo`` (``Tongyi-MAI/Z-Image-Turbo``, a cache snapshot of it, or
+``builtin:tiny-zimage-turbo``) is Z-Image-Turbo: CFG- and step-distilled, 9 steps (8 DiT
+forwards) at guidance 0; any other Z-Image is the base model: 50 steps at guidance 4.
+Z-Image-Turbo is step-distilled: long LoRA runs on it drift from its 8-step behaviour (the
+result warns; a de-distillation ``training_adapter`` helps). Gradient checkpointing is on by
+default at full size.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from services.gpu.families.base import FlowSchedule, ModelFamily, Text, TrainDefaults
+from services.gpu.families.base import FlowSchedule, ModelFamily, Text, TrainDefaults, Variant
 
 if TYPE_CHECKING:
     import torch
@@ -28,6 +35,14 @@ if TYPE_CHECKING:
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 MLP = ("w1", "w2", "w3")
 MAX_SEQUENCE_LENGTH = 512
+TURBO = Variant(
+    "z-image-turbo",
+    steps=9,
+    guidance=0.0,
+    distilled="Z-Image-Turbo is step- and CFG-distilled: a LoRA trained on it without a de-distillation "
+    "training_adapter drifts from its 8-step behaviour",
+)
+BASE = Variant("z-image", steps=50, guidance=4.0)
 
 
 class ZImage(ModelFamily):
@@ -35,9 +50,17 @@ class ZImage(ModelFamily):
     label = "Z-Image"
     pipeline_classes = ("ZImagePipeline",)
     builtin = "builtin:tiny-zimage"
-    defaults = TrainDefaults(rank=16, learning_rate=1e-4, steps=1000)
+    builtin_variants = ("builtin:tiny-zimage-turbo",)
+    defaults = TrainDefaults(
+        rank=16, learning_rate=1e-4, steps=1000, gradient_checkpointing=True, timestep_sampling="shift"
+    )
     native_resolution = 1024
     lora_targets: ClassVar[dict[str, tuple[str, ...]]] = {"attention": ATTENTION, "attention+mlp": ATTENTION + MLP}
+    timestep_samplings = FlowSchedule.SAMPLINGS
+    fp16_trains = False
+
+    def variant(self, pipe: Any, model: str) -> Variant:
+        return TURBO if "turbo" in model.lower() else BASE
 
     def build_tiny(self) -> DiffusionPipeline:
         from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
@@ -70,7 +93,9 @@ class ZImage(ModelFamily):
             n_kv_heads=2,
             cap_feat_dim=tiny.TEXT_HIDDEN,
             axes_dims=[2, 2, 4],
-            axes_lens=[256, 64, 64],
+            # as the full model: caption positions (up to 512 tokens, padded) and then the
+            # image's on axis 0, patch rows and columns (2048 px / 4 = 512) on axes 1 and 2
+            axes_lens=[1024, 512, 512],
         )
         scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=False)
         pipe = ZImagePipeline(

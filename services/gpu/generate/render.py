@@ -6,6 +6,11 @@ CPU generator seeded with ``seed + i``. A job's LoRA and scheduler are set for t
 denoiser runs through ``torch.compile`` in reduce-overhead mode; the first call for each new
 shape compiles, and its time is recorded as a warm-up (``gpu_info``).
 
+Defaults: ``steps`` and ``guidance_scale`` left out come from the model variant
+(:meth:`ModelFamily.variant`: FLUX.1-schnell 4 steps at guidance 0 with T5 length 256,
+FLUX.1-dev 28 at 3.5, Z-Image-Turbo 9 at 0, Z-Image 50 at 4, SD/SDXL 25 at the pipeline's own);
+a caller's values win. The result reports the values used.
+
 Progress and stop: after every denoising step (diffusers' ``callback_on_step_end``) the job's
 ``progress(update, final=False)`` gets ``{"step", "total_steps"}`` (the last step
 with ``final=True``; the caller throttles the others) and the job's
@@ -16,6 +21,7 @@ restored, adapter removed, scheduler and denoiser back).
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import secrets
@@ -39,6 +45,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from config.settings import Settings
+    from services.gpu.families.base import Variant
     from services.gpu.models import LoadedPipeline
     from services.gpu.params import GenerateInput
     from services.gpu.train.trainer import Progress
@@ -67,12 +74,42 @@ class GenerationRequest:
     width: int
     height: int
     seed: int
-    steps: int = 25
+    steps: int | None = None  # None: the model variant's
     num_images: int = 1
     negative_prompt: str | None = None
     guidance_scale: float | None = None
     scheduler: str = "default"
     lora_scale: float = 1.0
+
+
+DEFAULT_STEPS = 25  # a pipeline of no known family
+
+
+def variant_of(entry: LoadedPipeline) -> Variant | None:
+    """The loaded model's variant (generation defaults); None for a pipeline of no known family."""
+    return None if entry.family is None else entry.family.variant(entry.pipe, entry.key.model)
+
+
+def pipeline_guidance(pipe: Any) -> float | None:
+    """The ``guidance_scale`` default of the pipeline's ``__call__`` (None when it takes none)."""
+    parameter = inspect.signature(pipe.__call__).parameters.get("guidance_scale")
+    default = None if parameter is None else parameter.default
+    return float(default) if isinstance(default, int | float) else None
+
+
+def with_defaults(entry: LoadedPipeline, request: GenerationRequest, max_steps: int | None = None) -> GenerationRequest:
+    """``request`` with its steps and guidance resolved: the caller's, else the variant's
+    (steps within ``max_steps``), else the pipeline's own guidance."""
+    variant = variant_of(entry)
+    steps = request.steps
+    if steps is None:
+        steps = variant.steps if variant is not None else DEFAULT_STEPS
+        steps = min(steps, max_steps) if max_steps is not None else steps
+    guidance = request.guidance_scale
+    if guidance is None:
+        guidance = variant.guidance if variant is not None and variant.guidance is not None else None
+        guidance = pipeline_guidance(entry.pipe) if guidance is None else guidance
+    return dataclasses.replace(request, steps=steps, guidance_scale=guidance)
 
 
 def generate_images(
@@ -104,11 +141,12 @@ def generate_images(
             scheduler=params.scheduler,
             lora_scale=params.lora_scale,
         )
+        request = with_defaults(entry, request, settings.max_gen_steps)
         compile = models.resolve_compile(settings.compile, device)
         cache = models.compile_cache_dir(settings) if compile else None
         images = render(entry, request, lora_path, compile=compile, cache=cache, progress=progress, stop=stop)
     files = [encode_image(image, f"image-{i}", params.format, params.quality) for i, image in enumerate(images)]
-    return GenerateResult(images=files, seed=seed)
+    return GenerateResult(images=files, seed=seed, steps=request.steps, guidance_scale=request.guidance_scale)
 
 
 def render(
@@ -121,10 +159,12 @@ def render(
     progress: Progress | None = None,
     stop: StopSignal | None = None,
 ) -> list[Image.Image]:
-    """Run the pipeline for one request with its LoRA and scheduler; returns PIL images."""
+    """Run the pipeline for one request with its LoRA and scheduler; returns PIL images.
+    Steps and guidance left out take the variant's defaults (:func:`with_defaults`)."""
+    request = with_defaults(entry, request)
     kwargs = _call_kwargs(entry, request)
     if progress is not None or stop is not None:
-        kwargs["callback_on_step_end"] = step_callback(request.steps, progress, stop)
+        kwargs["callback_on_step_end"] = step_callback(request.steps or DEFAULT_STEPS, progress, stop)
     if stop is not None:
         stop.check("generate before the first step")
     with (
@@ -177,8 +217,11 @@ def _call_kwargs(entry: LoadedPipeline, request: GenerationRequest) -> dict[str,
         if "negative_prompt" not in accepted:
             raise InputError(f"input.negative_prompt: {type(entry.pipe).__name__} does not take one")
         kwargs["negative_prompt"] = request.negative_prompt
-    if request.guidance_scale is not None:
+    if request.guidance_scale is not None and "guidance_scale" in accepted:
         kwargs["guidance_scale"] = request.guidance_scale
+    variant = variant_of(entry)
+    if variant is not None and variant.max_sequence_length and "max_sequence_length" in accepted:
+        kwargs["max_sequence_length"] = variant.max_sequence_length
     return kwargs
 
 

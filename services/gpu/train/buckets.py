@@ -21,14 +21,19 @@ Size = tuple[int, int]  # (width, height) in pixels
 
 
 def bucket_sizes(side: int, step: int, max_ratio: float = MAX_RATIO) -> list[Size]:
-    """Sizes with about ``side * side`` pixels, sides multiples of ``step``, ratio at most ``max_ratio``."""
+    """Sizes with about ``side * side`` pixels, sides multiples of ``step``, ratio at most ``max_ratio``.
+
+    Symmetric: every size comes with its transpose, so a portrait image finds a bucket as close
+    to its ratio as the landscape one of the same ratio (stepping only the width would leave
+    portraits with coarser heights: a 2:3 image lost 14 % of its height at 512 px).
+    """
     area = side * side
     sizes: set[Size] = set()
     width = step
     while width <= side * max_ratio:
         height = max(step, round(area / width / step) * step)
         if max(width / height, height / width) <= max_ratio and width * height <= area * 1.1:
-            sizes.add((width, height))
+            sizes.update({(width, height), (height, width)})
         width += step
     sizes.add((side - side % step or step, side - side % step or step))
     return sorted(sizes)

@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 
 _MAX_NAMED = 10
 DEFAULT_MAX_PIXELS: int = Settings.model_fields["max_image_pixels"].default
+DEFAULT_MAX_CAPTION_CHARS: int = Settings.model_fields["max_caption_chars"].default
 
 
 @dataclass(frozen=True)
@@ -49,21 +50,34 @@ def with_trigger(caption: str, trigger_word: str | None) -> str:
     return f"{trigger_word}, {caption}" if caption else trigger_word
 
 
-def _caption(image: Path, root: Path, fallback: str) -> str:
+def _caption(image: Path, root: Path, fallback: str, max_chars: int) -> str:
+    """The caption file's text (else ``fallback``); at most ``max_chars`` characters."""
     text_file = image.with_suffix(CAPTION_EXTENSION)
     if not text_file.is_file():
         return fallback
+    name = text_file.relative_to(root).as_posix()
+    too_long = f"input.dataset: caption {name} is over {max_chars} characters (MAX_CAPTION_CHARS); shorten it"
+    if text_file.stat().st_size > 4 * max_chars + 64:  # UTF-8: at most 4 bytes a character (and padding)
+        raise InputError(too_long)
     try:
-        return text_file.read_text(encoding="utf-8").strip() or fallback
+        text = text_file.read_text(encoding="utf-8").strip()
     except UnicodeDecodeError as exc:
-        raise InputError(f"input.dataset: caption {text_file.relative_to(root)} is not UTF-8 text") from exc
+        raise InputError(f"input.dataset: caption {name} is not UTF-8 text") from exc
+    if len(text) > max_chars:
+        raise InputError(too_long)
+    return text or fallback
 
 
 def scan_dataset(
-    root: Path, caption: str = "", trigger_word: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+    root: Path,
+    caption: str = "",
+    trigger_word: str | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_caption_chars: int = DEFAULT_MAX_CAPTION_CHARS,
 ) -> list[Example]:
     """Every decodable image under ``root`` with its caption; :class:`InputError` naming the
-    files that do not decode or are over ``max_pixels``, or saying that there is no image at all."""
+    files that do not decode or are over ``max_pixels``, a caption over ``max_caption_chars``,
+    or saying that there is no image at all."""
     if not root.is_dir():
         raise InputError(f"input.dataset: {root.name} is not a folder of images")
     images: list[Path] = []
@@ -89,7 +103,9 @@ def scan_dataset(
         raise InputError(
             f"input.dataset: no images found (accepted: {', '.join(IMAGE_EXTENSIONS)}, captions in .txt files)"
         )
-    return [Example(path, with_trigger(_caption(path, root, caption), trigger_word)) for path in images]
+    return [
+        Example(path, with_trigger(_caption(path, root, caption, max_caption_chars), trigger_word)) for path in images
+    ]
 
 
 def load_rgb(path: Path) -> Image.Image:

@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,9 +32,11 @@ from typing import TYPE_CHECKING, Any
 from services.durable.manifest import corrupt, dataset_digest, training_config_hash
 from services.errors import CheckpointCorrupt, InputError
 from services.gpu import SOFTWARE_NAME, SOFTWARE_VERSION, models
+from services.gpu.adapters import fused_lora
 from services.gpu.catalog import BUILTIN_MODELS, DEFAULT_TINY_TRAIN_STEPS, check_pixels
 from services.gpu.encode import encode_image
 from services.gpu.families import ModelFamily, trainable
+from services.gpu.families.base import TINY_NATIVE_LIMIT
 from services.gpu.generate.render import GenerationRequest, render
 from services.gpu.guard import gpu_errors
 from services.gpu.lora_files import DIFFUSERS, KOHYA, save_lora
@@ -85,6 +88,33 @@ def resolve_precision(requested: str, device: torch.device) -> Precision:
     if requested == "fp16" and device.type != "cuda":
         raise InputError("input.mixed_precision: fp16 needs a CUDA GPU; use auto, no or bf16")
     return {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}[requested]
+
+
+def merge_training_adapter(stack: ExitStack, entry: LoadedPipeline, path: Path | None) -> None:
+    """Merge the ``training_adapter`` LoRA into the base weights until ``stack`` closes (the
+    weights are then restored bit for bit, so the saved LoRA and the samples are without it)."""
+    if path is None:
+        return
+    try:
+        stack.enter_context(fused_lora(entry, path, 1.0))
+    except InputError as exc:
+        raise InputError(str(exc).replace("input.lora:", "input.training_adapter:", 1)) from exc
+    log.info("training adapter %s merged into %s for training", path.name, entry.key)
+
+
+def distilled_warnings(entry: LoadedPipeline, family: ModelFamily, model: str, adapter: Path | None) -> list[str]:
+    """A warning when the base is distilled (schnell, Turbo) and no training adapter is merged."""
+    variant = family.variant(entry.pipe, model)
+    if not variant.distilled or adapter is not None:
+        return []
+    return [f"{variant.distilled}; pass a de-distillation training_adapter (or train on the undistilled model)"]
+
+
+def _close(trainer: LoraTrainer, adapter: ExitStack) -> None:
+    try:
+        trainer.close()
+    finally:
+        adapter.close()
 
 
 def _marker(cfg_key: str, cache: Path | None) -> Path | None:
@@ -190,8 +220,11 @@ class Durable:
     deadline: float | None = None  # time.monotonic() seconds; the run stops a margin before it
 
 
-def config_hash_of(cfg: TrainConfig, model: str, examples: list[Example], root: Path) -> str:
+def config_hash_of(
+    cfg: TrainConfig, model: str, examples: list[Example], root: Path, adapter: Path | None = None
+) -> str:
     """The hash a checkpoint must match to be resumed (see ``TRAINING_HASH_FIELDS``)."""
+    adapter_digest = None if adapter is None else file_sha256(adapter)
     digest = dataset_digest((e.path.relative_to(root).as_posix(), file_sha256(e.path), e.caption) for e in examples)
     return training_config_hash(
         {
@@ -208,6 +241,9 @@ def config_hash_of(cfg: TrainConfig, model: str, examples: list[Example], root: 
             "precision": cfg.precision,
             "cache_latents": cfg.cache_latents,
             "cache_text_embeddings": cfg.cache_text_embeddings,
+            "lora_targets": list(cfg.targets),
+            "timestep_sampling": cfg.timestep_sampling,
+            "training_adapter": adapter_digest,
         }
     )
 
@@ -220,21 +256,29 @@ def train_lora(
     progress: Progress | None = None,
     stop: StopSignal | None = None,
     durable: Durable | None = None,
+    training_adapter: Path | None = None,
 ) -> TrainResult:
     """Train a LoRA on the images in ``dataset_dir``; files go to ``work_dir``. Sync.
 
     ``progress(update, final=False)`` receives training progress (the last with final=True);
     ``stop`` is checked between optimizer steps and sample images (:class:`JobStopped`).
+    ``training_adapter`` (a LoRA file) is merged into the base while training.
     """
     started = time.perf_counter()
-    examples = scan_dataset(dataset_dir, params.caption, params.trigger_word, settings.max_image_pixels)
+    examples = scan_dataset(
+        dataset_dir, params.caption, params.trigger_word, settings.max_image_pixels, settings.max_caption_chars
+    )
     model = params.base_model or settings.model_id
     with gpu_errors("train_lora"):
+        hint = models.peek_family(model, settings)
+        if hint is not None:
+            hint.check_precision(params.mixed_precision)  # before loading, and before the CUDA check
         device = models.runtime_device()
         precision = resolve_precision(params.mixed_precision, device)
         quantize = params.quantize_base == "nf4"
         entry = models.load_pipeline(model, settings, torch_dtype(precision), device, quantize=quantize)
         family = trainable(entry.family, entry.pipe)
+        family.check_precision(precision)
         formats = export_formats(params, family)
         resolutions = params.resolutions() or [entry.native_size]
         images, sources = bucketed_images(
@@ -242,7 +286,7 @@ def train_lora(
         )
         captions = [examples[i].caption for i in sources]
         cache = models.compile_cache_dir(settings)
-        cfg = _train_config(params, model, family, settings, precision, resolutions, device, cache)
+        cfg = _train_config(params, model, entry, settings, precision, resolutions, device, cache)
         lora_path = work_dir / f"{params.output_name}.safetensors"
         metadata = lora_metadata(entry, cfg, params.output_name, params.trigger_word, len(examples))
         setup_started = time.perf_counter()
@@ -250,7 +294,7 @@ def train_lora(
             import torch
 
             torch.cuda.reset_peak_memory_stats(device)
-        config_hash = config_hash_of(cfg, model, examples, dataset_dir)
+        config_hash = config_hash_of(cfg, model, examples, dataset_dir, training_adapter)
         resume = durable.resume if durable is not None else None
         if resume is not None and resume.config_hash != config_hash:
             raise InputError(
@@ -260,9 +304,12 @@ def train_lora(
         if durable is not None:
             durable.storage.prepare(config_hash)  # every check above passed: the first delete may run
         lora_dtype = torch_dtype("fp32" if precision == "fp32" else "fp16")
+        warnings = distilled_warnings(entry, family, model, training_adapter)
+        adapter = ExitStack()
+        merge_training_adapter(adapter, entry, training_adapter)
         trainer = LoraTrainer(entry, cfg)
         try:
-            trainer.setup(images, captions)
+            trainer.setup(images, captions, stop)
             start, ema = _resume(trainer, resume, params.output_name) if resume is not None else (0, None)
             buckets = trainer.plan.counts
             setup_seconds = time.perf_counter() - setup_started
@@ -294,7 +341,7 @@ def train_lora(
                     durable.storage.wait()
             files = _export(entry, trainer, formats, lora_path, metadata, lora_dtype)
         finally:
-            trainer.close()
+            _close(trainer, adapter)
         samples = _samples(entry, params, resolutions[0], lora_path, stop)
         metrics = _metrics(cfg, stats, setup_seconds, started, device, len(examples), buckets, params.quantize_base)
     if cfg.compile:
@@ -309,6 +356,7 @@ def train_lora(
         samples=samples,
         metrics=metrics,
         resumed_from_step=start,
+        warnings=warnings,
     )
 
 
@@ -391,7 +439,7 @@ def _snapshot(
 def _train_config(
     params: TrainLoraInput,
     model: str,
-    family: ModelFamily,
+    entry: LoadedPipeline,
     settings: Settings,
     precision: Precision,
     resolutions: list[int],
@@ -399,23 +447,36 @@ def _train_config(
     cache: Path | None,
 ) -> TrainConfig:
     """The job's inputs with every default resolved (the family's), and the compile decision."""
+    family = trainable(entry.family, entry.pipe)
+    defaults = family.defaults
     steps = params.steps or default_steps(model, family, settings.max_train_steps)
+    targets = params.lora_targets or defaults.lora_targets
+    sampling = params.timestep_sampling or defaults.timestep_sampling
+    if sampling not in family.timestep_samplings:
+        raise InputError(
+            f"input.timestep_sampling: {sampling} is not offered for {family.label}; "
+            f"use {' or '.join(family.timestep_samplings)}"
+        )
+    checkpointing = params.gradient_checkpointing
+    if checkpointing is None:  # on where the model needs it, at full size only
+        checkpointing = defaults.gradient_checkpointing and entry.native_size >= TINY_NATIVE_LIMIT
     rank = params.rank or family.defaults.rank
     alpha = params.alpha if params.alpha is not None else (family.defaults.alpha or rank)
     sides = "/".join(str(r) for r in resolutions)
-    parts = (model, precision, sides, params.batch_size, rank, params.lora_targets, params.gradient_checkpointing)
+    parts = (model, precision, sides, params.batch_size, rank, targets, checkpointing)
     key = "|".join(str(part) for part in (*parts, params.quantize_base))
     return TrainConfig(
         steps=steps,
         rank=rank,
         alpha=float(alpha),
         learning_rate=params.learning_rate or family.defaults.learning_rate,
-        targets=tuple(family.target_modules(params.lora_targets)),
+        targets=tuple(family.target_modules(targets)),
         batch_size=params.batch_size,
         gradient_accumulation=params.gradient_accumulation,
         seed=params.seed,
         precision=precision,
-        gradient_checkpointing=params.gradient_checkpointing,
+        gradient_checkpointing=checkpointing,
+        timestep_sampling=sampling,
         cache_latents=params.cache_latents,
         cache_text_embeddings=params.cache_text_embeddings,
         compile=should_compile(settings.compile, device, steps, key, cache),
@@ -464,6 +525,9 @@ def _metrics(
         "learning_rate": cfg.learning_rate,
         "batch_size": cfg.batch_size,
         "precision": cfg.precision,
+        "lora_targets": list(cfg.targets),
+        "timestep_sampling": cfg.timestep_sampling,
+        "gradient_checkpointing": cfg.gradient_checkpointing,
         "device": device.type,
         "compiled": cfg.compile,
         "quantized_base": quantized,

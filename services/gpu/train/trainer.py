@@ -71,6 +71,7 @@ class TrainConfig:
     seed: int = 0
     precision: Precision = "fp32"
     gradient_checkpointing: bool = False
+    timestep_sampling: str | None = None  # None: the family's default
     cache_latents: bool = True
     cache_text_embeddings: bool = True
     compile: bool = False
@@ -142,16 +143,18 @@ class LoraTrainer:
 
     # setup
 
-    def setup(self, images: Sequence[Image.Image], captions: Sequence[str]) -> None:
+    def setup(self, images: Sequence[Image.Image], captions: Sequence[str], stop: StopSignal | None = None) -> None:
         """Attach the adapter, build the optimizer, the batch plan and the latent / text caches.
 
-        ``images`` are already at their bucket's size; each batch holds one size.
+        ``images`` are already at their bucket's size; each batch holds one size. ``stop`` is
+        checked between chunks of captions while they are encoded.
         """
         import torch
         from peft import LoraConfig
 
         cfg, denoiser = self.cfg, self.denoiser
-        targets = list(cfg.targets) or self.family.target_modules("attention")
+        suffixes = list(cfg.targets) or self.family.target_modules("attention")
+        targets = self.family.lora_module_names(denoiser, suffixes)
         config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian", target_modules=targets)
         # manual_seed seeds every device: fork the CUDA generator too, or the job would reseed it.
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
@@ -173,6 +176,7 @@ class LoraTrainer:
         self.amp_dtype = None if cfg.precision == "fp32" else torch_dtype(cfg.precision)
         self.forward = torch.compile(denoiser) if cfg.compile else denoiser
         self.schedule = self.family.schedule(self.pipe, self.device)
+        self.schedule.use_sampling(cfg.timestep_sampling or self.family.defaults.timestep_sampling)
         self.noise_generator = torch.Generator(self.device).manual_seed(cfg.seed)
         self.plan = BatchPlan.draw(
             [image.size for image in images], cfg.batch_size, cfg.steps * cfg.gradient_accumulation, cfg.seed
@@ -190,9 +194,18 @@ class LoraTrainer:
         unique = list(dict.fromkeys(captions))
         self.captions = list(captions)
         self.caption_index = [unique.index(c) for c in captions]
-        self.text = self.family.encode_text(self.pipe, unique) if cfg.cache_text_embeddings else None
+        self.text = self._encode_captions(unique, stop) if cfg.cache_text_embeddings else None
         if cfg.cache_latents and cfg.cache_text_embeddings and cuda:
             self._offload_encoders()
+
+    def _encode_captions(self, captions: list[str], stop: StopSignal | None) -> list[dict[str, Any]]:
+        """Encode in chunks of ``ENCODE_CHUNK`` (bounded memory), checking ``stop`` between them."""
+        encoded: list[dict[str, Any]] = []
+        for start in range(0, len(captions), ENCODE_CHUNK):
+            if stop is not None:
+                stop.check(f"train_lora encoding captions ({start} of {len(captions)} done)")
+            encoded += self.family.encode_text(self.pipe, captions[start : start + ENCODE_CHUNK])
+        return encoded
 
     def _offload_encoders(self) -> None:
         """Move the text encoders and the VAE to the CPU for the loop (back in :meth:`close`)."""
