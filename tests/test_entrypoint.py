@@ -42,10 +42,9 @@ def result_of(completed: subprocess.CompletedProcess) -> str:
 
 
 def printed_result(completed: subprocess.CompletedProcess) -> dict[str, Any]:
-    """The JSON result a local run prints on stdout (after the SDK's own lines)."""
-    start = completed.stdout.index("\n{") + 1
-    result, _ = json.JSONDecoder().raw_decode(completed.stdout[start:])
-    return result
+    """The JSON result a local run prints on stdout, which holds nothing else (the README's
+    ``| jq``): fails when the SDK's banner or a log line lands on stdout."""
+    return json.loads(completed.stdout)
 
 
 STORAGE_JOBS = [
@@ -72,13 +71,55 @@ def test_test_input_get_file_and_error_exit(tmp_path: Path) -> None:
     completed = run_worker(tmp_path, {"action": "get_file", "key": "datasets/g/a.txt"})
     assert completed.returncode == 0, result_of(completed)
     printed = printed_result(completed)
-    assert printed["file"]["file"] == "outputs/local_test/a.txt"
-    assert (tmp_path / "outputs" / "local_test" / "a.txt").read_bytes() == b"hi"
-    assert "saved outputs/local_test/a.txt" in completed.stdout
+    saved = Path(printed["file"]["file"])
+    assert saved.parent.parent == Path("outputs") and saved.name == "a.txt"
+    assert (tmp_path / saved).read_bytes() == b"hi"
+    assert f"saved {saved}" in completed.stderr
     failed = run_worker(tmp_path, {"action": "get_file", "key": "datasets/g/missing.txt"})
     assert failed.returncode == 1
     assert "does not exist" in printed_result(failed)["error"]
     assert "Traceback" not in result_of(failed)
+
+
+def test_local_runs_without_an_id_keep_their_own_outputs(tmp_path: Path) -> None:
+    """Two runs of the same job without an ``id``: each saves into a folder of its own (catches
+    every run writing ``outputs/local_test/`` over the last); a given ``id`` names its folder."""
+    upload = {"action": "upload_training_files", "dataset": "g", "files": [{"name": "a.txt", "data": "aGk="}]}
+    assert run_worker(tmp_path, upload).returncode == 0
+    get = {"action": "get_file", "key": "datasets/g/a.txt"}
+    first, second = (printed_result(run_worker(tmp_path, get))["file"]["file"] for _ in range(2))
+    assert first != second
+    assert (tmp_path / first).read_bytes() == (tmp_path / second).read_bytes() == b"hi"
+    named = subprocess.run(
+        [sys.executable, str(ROOT / "rp_handler.py"), "--test_input", json.dumps({"id": "mine", "input": get})],
+        cwd=tmp_path,
+        env=worker_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert printed_result(named)["file"]["file"] == "outputs/mine/a.txt"
+
+
+def test_malformed_test_input_is_one_line_and_a_failure(tmp_path: Path) -> None:
+    """A ``--test_input`` that is not JSON: one line naming the problem, exit 2, nothing on stdout
+    (catches the SDK's raw JSONDecodeError traceback)."""
+    for bad in ('{"input":', "[1, 2]"):
+        completed = subprocess.run(
+            [sys.executable, str(ROOT / "rp_handler.py"), "--test_input", bad],
+            cwd=tmp_path,
+            env=worker_env(tmp_path),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert completed.returncode == 2, result_of(completed)
+        assert completed.stdout == ""
+        [line] = completed.stderr.strip().splitlines()
+        assert line.startswith("error: --test_input ")
+        assert "Traceback" not in completed.stderr
 
 
 def test_bad_setting_stops_start_up_naming_the_variable(tmp_path: Path) -> None:
@@ -200,8 +241,9 @@ def test_test_input_trains_then_generates_on_the_tiny_model(tmp_path: Path) -> N
     assert generated.returncode == 0, result_of(generated)
     printed = printed_result(generated)
     assert printed["seed"] == 1
-    assert printed["images"][0]["file"] == "outputs/local_test/image-0.png"
-    assert (tmp_path / "outputs" / "local_test" / "image-0.png").read_bytes().startswith(b"\x89PNG")
+    saved = Path(printed["images"][0]["file"])
+    assert saved.parent.parent == Path("outputs") and saved.name == "image-0.png"
+    assert (tmp_path / saved).read_bytes().startswith(b"\x89PNG")
 
 
 def test_hub_handler_shim_runs_the_worker(tmp_path: Path) -> None:
