@@ -9,8 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -18,8 +16,10 @@ from typing import Any
 import pytest
 
 from tests.faultproxy import free_port
+from tests.procwatch import OutputWatcher
 
 ROOT = Path(__file__).resolve().parent.parent
+SERVING = "Uvicorn running on"  # what the local API prints once it accepts requests
 
 
 def worker_env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -186,15 +186,7 @@ def test_rp_serve_api_runsync(tmp_path: Path) -> None:
     )
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{base}/docs", timeout=2).close()  # noqa: S310
-                break
-            except (urllib.error.URLError, ConnectionError):
-                if time.monotonic() > deadline or process.poll() is not None:
-                    pytest.fail("the local API did not start")
-                time.sleep(0.3)
+        OutputWatcher(process).wait_for(SERVING)
         data = base64.b64encode(b"over http").decode()
         upload = {"action": "upload_training_files", "dataset": "api", "files": [{"name": "h.txt", "data": data}]}
         response = _post(f"{base}/runsync", {"input": upload})
