@@ -21,6 +21,7 @@ class OutputWatcher:
         self.process = process
         self.lines: list[str] = []
         self.closed = False
+        self.keep = True
         self._copy_to = copy_to
         self._changed = threading.Condition()
         self._thread = threading.Thread(target=self._read, name="output-watcher", daemon=True)
@@ -35,7 +36,8 @@ class OutputWatcher:
                     sink.write(line)
                     sink.flush()
                 with self._changed:
-                    self.lines.append(line)
+                    if self.keep:
+                        self.lines.append(line)
                     self._changed.notify_all()
         finally:
             if sink is not None:
@@ -55,6 +57,12 @@ class OutputWatcher:
             found = self._changed.wait_for(lambda: self.closed or any(text in line for line in self.lines), timeout)
             if not found or not any(text in line for line in self.lines):
                 raise AssertionError(f"{text!r} never printed (exit {self.process.poll()}):\n{''.join(self.lines)}")
+
+    def discard(self) -> None:
+        """From now on drop what the process prints (it is still read, so it never blocks)."""
+        with self._changed:
+            self.keep = False
+            self.lines.clear()
 
     def wait_closed(self, timeout: float = 60) -> str:
         """Until the process closed its output (it exited); everything it printed."""
