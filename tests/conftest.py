@@ -21,31 +21,43 @@ import pytest
 from botocore.config import Config
 from hypothesis import settings as hypothesis_settings
 from moto.server import ThreadedMotoServer
+from pydantic import AliasChoices
 
 from config.settings import Settings, build_settings, load_settings
 from services.storage import Storage, open_storage
 
 T = TypeVar("T")
 
-CONFIG_PREFIXES = (
-    "S3_",
-    "AWS_",
-    "BUCKET_",
-    "STORAGE_",
-    "UPLOAD_",
-    "PRESIGN_",
-    "INLINE_",
-    "RESPONSE_",
-    "MAX_",
-    "MODEL_",
+
+
+def setting_env_names() -> set[str]:
+    """Every environment variable :class:`Settings` reads: each field's name and aliases, with
+    the settings' ``env_prefix`` (none today), upper-cased."""
+    prefix = str(Settings.model_config.get("env_prefix") or "").upper()
+    names = set()
+    for name, field in Settings.model_fields.items():
+        names.add(prefix + name.upper())
+        alias = field.validation_alias
+        choices = alias.choices if isinstance(alias, AliasChoices) else [alias, field.alias]
+        names |= {c.upper() for c in choices if isinstance(c, str)}
+    return names
+
+
+# Read by the libraries the worker runs on: the RunPod SDK (every RUNPOD_*, the job URLs,
+# uvicorn's level), botocore (AWS_PROFILE, AWS_CONFIG_FILE, AWS_DEFAULT_REGION...) and the
+# Hugging Face hub cache (what HF_HOME's default is overridden by).
+THIRD_PARTY_ENV = (
     "RUNPOD_",
-    "MULTIPART_",
-    "DOWNLOAD_",
-    "ALLOW_",
-    "COMPILE",
-    "LOG_LEVEL",
-    "WORK_DIR",
+    "AWS_",
+    "JOB_DONE_URL",
+    "JOB_STREAM_URL",
+    "UVICORN_LOG_LEVEL",
+    "HF_HUB_CACHE",
+    "HUGGINGFACE_HUB_CACHE",
 )
+CONFIG_PREFIXES = tuple(sorted(setting_env_names())) + THIRD_PARTY_ENV
+"""Environment variables (names or prefixes) no test inherits from the machine."""
+
 # Reproducible fuzzing: CI runs derandomized and prints the blob that replays a failure
 # (``@reproduce_failure``); locally HYPOTHESIS_PROFILE=dev explores new examples each run.
 hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True, database=None)

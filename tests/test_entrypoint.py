@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import CONFIG_PREFIXES, THIRD_PARTY_ENV, setting_env_names
 from tests.faultproxy import free_port
 from tests.procwatch import OutputWatcher
 
@@ -23,7 +24,7 @@ SERVING = "Uvicorn running on"  # what the local API prints once it accepts requ
 
 
 def worker_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("S3_", "AWS_", "BUCKET_", "RUNPOD_"))}
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith(CONFIG_PREFIXES)}
     env.update({"STORAGE_DIR": str(tmp_path / "storage"), "PYTHONPATH": str(ROOT), **extra})
     return env
 
@@ -120,6 +121,17 @@ def test_malformed_test_input_is_one_line_and_a_failure(tmp_path: Path) -> None:
         [line] = completed.stderr.strip().splitlines()
         assert line.startswith("error: --test_input ")
         assert "Traceback" not in completed.stderr
+
+
+def test_no_setting_reaches_a_test_from_the_machine() -> None:
+    """Every variable Settings reads (names and aliases, JOB_TIMEOUT, CHECKPOINT_*, HF_HOME,
+    TORCHINDUCTOR_CACHE_DIR included) is cleared for tests and the workers they start: catches
+    a hand-written list that misses a setting added later."""
+    names = setting_env_names()
+    assert {"JOB_TIMEOUT", "CHECKPOINT_EVERY", "HF_HOME", "TORCHINDUCTOR_CACHE_DIR", "BUCKET_ENDPOINT_URL"} <= names
+    assert all(name.startswith(CONFIG_PREFIXES) for name in names)
+    assert "RUNPOD_" in THIRD_PARTY_ENV
+    assert not [name for name in os.environ if name.upper().startswith(CONFIG_PREFIXES)]
 
 
 def test_bad_setting_stops_start_up_naming_the_variable(tmp_path: Path) -> None:
