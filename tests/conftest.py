@@ -10,6 +10,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import asyncio
 import logging
+import subprocess
 import sys
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -27,6 +28,30 @@ from config.settings import Settings, build_settings, load_settings
 from services.storage import Storage, open_storage
 
 T = TypeVar("T")
+REPO = Path(__file__).resolve().parent.parent
+NOT_SOURCE = ("build", "dist", "storage", "outputs", "__pycache__")  # what running the README's steps leaves
+
+
+def project_files(suffix: str = "") -> list[str]:
+    """The repository's own files ending in ``suffix`` (relative POSIX paths): tracked ones and
+    new ones .gitignore does not exclude, never build outputs (``pip install .`` leaves
+    ``build/``), the venv or caches. Outside a git checkout, a walk that skips those."""
+    try:
+        listed = subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=REPO,
+            capture_output=True,
+            check=True,
+        ).stdout.decode()
+        paths = [p for p in listed.split("\0") if p and (REPO / p).is_file()]
+    except (OSError, subprocess.CalledProcessError):
+        paths = []
+        for directory, dirnames, filenames in os.walk(REPO):
+            dirnames[:] = [
+                d for d in dirnames if not d.startswith(".") and d not in NOT_SOURCE and not d.endswith(".egg-info")
+            ]
+            paths += [Path(directory, f).relative_to(REPO).as_posix() for f in filenames]
+    return sorted(p for p in paths if p.endswith(suffix) and p.split("/")[0] not in NOT_SOURCE)
 
 
 
