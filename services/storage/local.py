@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import itertools
 import json
@@ -327,6 +328,21 @@ class LocalStorageService(Storage):
             path.unlink()
         with contextlib.suppress(FileNotFoundError):
             self._meta_path(key).unlink()
+        self._remove_empty_folders(path.parent)
+
+    def _remove_empty_folders(self, folder: Path) -> None:
+        """Remove ``folder`` and its parents while empty, up to (never including) the root: S3 has
+        no folders, so a prefix whose last object is deleted leaves nothing here either."""
+        while folder != self.root and folder.is_relative_to(self.root):
+            try:
+                folder.rmdir()
+            except FileNotFoundError:
+                log.debug("folder %s was already removed", folder)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    log.warning("could not remove the empty folder %s: %s", folder, exc)
+                return  # still holds something (or cannot go): the folders above stay too
+            folder = folder.parent
 
     async def delete_many(self, keys: list[str]) -> DeleteResult:
         deleted: list[str] = []
