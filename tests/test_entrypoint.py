@@ -134,6 +134,23 @@ def test_no_setting_reaches_a_test_from_the_machine() -> None:
     assert not [name for name in os.environ if name.upper().startswith(CONFIG_PREFIXES)]
 
 
+@pytest.mark.parametrize(
+    ("resolution", "error"),
+    [
+        (100, "invalid input: input.resolution: Input should be a multiple of 8"),
+        ("big", "invalid input: input.resolution: must be an integer or a list of integers"),
+        ([512, 100], "invalid input: input.resolution[1]: Input should be a multiple of 8"),
+    ],
+)
+def test_a_value_of_a_union_field_gets_one_readable_error(tmp_path: Path, resolution: Any, error: str) -> None:
+    """``resolution`` is an integer or a list of them: catches pydantic's per-member lines
+    (``input.resolution.constrained-int: ...; input.resolution.list[constrained-int]: ...``)."""
+    job = {"action": "train_lora", "dataset": "d", "output_name": "x", "resolution": resolution}
+    completed = run_worker(tmp_path, job)
+    assert completed.returncode == 1
+    assert printed_result(completed) == {"error": error}
+
+
 def test_bad_setting_stops_start_up_naming_the_variable(tmp_path: Path) -> None:
     completed = run_worker(tmp_path, {"action": "health"}, S3_ADDRESSING_STYLE="sideways")
     assert completed.returncode != 0
