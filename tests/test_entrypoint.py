@@ -260,6 +260,8 @@ def test_test_input_trains_then_generates_on_the_tiny_model(tmp_path: Path) -> N
     generate = {"action": "generate", "prompt": "a red square", "lora": "tiny-lora", "steps": 2, "seed": 1}
     generated = run_worker(tmp_path, generate)
     assert generated.returncode == 0, result_of(generated)
+    for noise in ("requires torchvision", "No LoRA keys associated", "kernels-community"):  # services.job.logs
+        assert noise not in generated.stderr + trained.stderr
     printed = printed_result(generated)
     assert printed["seed"] == 1
     saved = Path(printed["images"][0]["file"])
