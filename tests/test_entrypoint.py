@@ -269,6 +269,21 @@ def test_test_input_trains_then_generates_on_the_tiny_model(tmp_path: Path) -> N
     assert (tmp_path / saved).read_bytes().startswith(b"\x89PNG")
 
 
+@pytest.mark.gpu
+def test_generate_on_the_cpu_refuses_a_size_it_cannot_finish(tmp_path: Path) -> None:
+    """2048x2048 on the CPU once ran 13 minutes inside its first step, past every stop check:
+    refused up front with a message that says why (catches the budget going missing)."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the CPU budget applies to workers without a GPU")
+    job = {"action": "generate", "prompt": "x", "steps": 1, "width": 2048, "height": 2048}
+    completed = run_worker(tmp_path, job, OMP_NUM_THREADS="1")
+    assert completed.returncode == 1, result_of(completed)
+    error = printed_result(completed)["error"]
+    assert error.startswith("input.width: 2048x2048 is too large to generate on the CPU"), error
+
+
 def test_hub_handler_shim_runs_the_worker(tmp_path: Path) -> None:
     completed = subprocess.run(
         [
