@@ -54,7 +54,6 @@ def project_files(suffix: str = "") -> list[str]:
     return sorted(p for p in paths if p.endswith(suffix) and p.split("/")[0] not in NOT_SOURCE)
 
 
-
 def setting_env_names() -> set[str]:
     """Every environment variable :class:`Settings` reads: each field's name and aliases, with
     the settings' ``env_prefix`` (none today), upper-cased."""
