@@ -112,16 +112,27 @@ def start(settings: Settings) -> None:
     """Hand the handler to the RunPod SDK (local test modes included)."""
     import runpod
 
-    from services.job.local_run import is_local_test_run, local_handler
+    from services.job.local_run import is_local_test_run, local_handler, result_stream
     from services.job.shutdown import stop_jobs_on_signals
 
     setup_logging(settings.log_level, settings.secret_values())  # again: runpod's logger now exists
     local = is_local_test_run(sys.argv)
-    entry = stop_jobs_on_signals(local_handler(handler) if local else handler, chain=not local)
+    entry = stop_jobs_on_signals(local_handler(handler, result_stream()) if local else handler, chain=not local)
     runpod.serverless.start({"handler": entry, "concurrency_modifier": concurrency_modifier})
 
 
+def check_test_input(argv: list[str]) -> None:
+    """Stop with one line on stderr (exit 2) when ``--test_input`` is not a JSON object."""
+    from services.job.local_run import BAD_TEST_INPUT_EXIT, test_input_problem
+
+    problem = test_input_problem(argv)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        raise SystemExit(BAD_TEST_INPUT_EXIT)
+
+
 if __name__ == "__main__":
+    check_test_input(sys.argv)
     # The SDK's own logger defaults to DEBUG, which prints job inputs: set it before import.
     os.environ.setdefault("RUNPOD_LOG_LEVEL", os.environ.get("LOG_LEVEL", "INFO").upper().replace("WARNING", "WARN"))
     worker_settings = load_settings()  # a bad setting stops here with a message naming it

@@ -10,6 +10,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import asyncio
 import logging
+import subprocess
 import sys
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -21,31 +22,66 @@ import pytest
 from botocore.config import Config
 from hypothesis import settings as hypothesis_settings
 from moto.server import ThreadedMotoServer
+from pydantic import AliasChoices
 
 from config.settings import Settings, build_settings, load_settings
 from services.storage import Storage, open_storage
 
 T = TypeVar("T")
+REPO = Path(__file__).resolve().parent.parent
+NOT_SOURCE = ("build", "dist", "storage", "outputs", "__pycache__")  # what running the README's steps leaves
 
-CONFIG_PREFIXES = (
-    "S3_",
-    "AWS_",
-    "BUCKET_",
-    "STORAGE_",
-    "UPLOAD_",
-    "PRESIGN_",
-    "INLINE_",
-    "RESPONSE_",
-    "MAX_",
-    "MODEL_",
+
+def project_files(suffix: str = "") -> list[str]:
+    """The repository's own files ending in ``suffix`` (relative POSIX paths): tracked ones and
+    new ones .gitignore does not exclude, never build outputs (``pip install .`` leaves
+    ``build/``), the venv or caches. Outside a git checkout, a walk that skips those."""
+    try:
+        listed = subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=REPO,
+            capture_output=True,
+            check=True,
+        ).stdout.decode()
+        paths = [p for p in listed.split("\0") if p and (REPO / p).is_file()]
+    except (OSError, subprocess.CalledProcessError):
+        paths = []
+        for directory, dirnames, filenames in os.walk(REPO):
+            dirnames[:] = [
+                d for d in dirnames if not d.startswith(".") and d not in NOT_SOURCE and not d.endswith(".egg-info")
+            ]
+            paths += [Path(directory, f).relative_to(REPO).as_posix() for f in filenames]
+    return sorted(p for p in paths if p.endswith(suffix) and p.split("/")[0] not in NOT_SOURCE)
+
+
+def setting_env_names() -> set[str]:
+    """Every environment variable :class:`Settings` reads: each field's name and aliases, with
+    the settings' ``env_prefix`` (none today), upper-cased."""
+    prefix = str(Settings.model_config.get("env_prefix") or "").upper()
+    names = set()
+    for name, field in Settings.model_fields.items():
+        names.add(prefix + name.upper())
+        alias = field.validation_alias
+        choices = alias.choices if isinstance(alias, AliasChoices) else [alias, field.alias]
+        names |= {c.upper() for c in choices if isinstance(c, str)}
+    return names
+
+
+# Read by the libraries the worker runs on: the RunPod SDK (every RUNPOD_*, the job URLs,
+# uvicorn's level), botocore (AWS_PROFILE, AWS_CONFIG_FILE, AWS_DEFAULT_REGION...) and the
+# Hugging Face hub cache (what HF_HOME's default is overridden by).
+THIRD_PARTY_ENV = (
     "RUNPOD_",
-    "MULTIPART_",
-    "DOWNLOAD_",
-    "ALLOW_",
-    "COMPILE",
-    "LOG_LEVEL",
-    "WORK_DIR",
+    "AWS_",
+    "JOB_DONE_URL",
+    "JOB_STREAM_URL",
+    "UVICORN_LOG_LEVEL",
+    "HF_HUB_CACHE",
+    "HUGGINGFACE_HUB_CACHE",
 )
+CONFIG_PREFIXES = tuple(sorted(setting_env_names())) + THIRD_PARTY_ENV
+"""Environment variables (names or prefixes) no test inherits from the machine."""
+
 # Reproducible fuzzing: CI runs derandomized and prints the blob that replays a failure
 # (``@reproduce_failure``); locally HYPOTHESIS_PROFILE=dev explores new examples each run.
 hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True, database=None)

@@ -70,8 +70,9 @@ class FaultProxy:
         self.forwarded = 0
         self.injected_errors = 0
         self.injected_resets = 0
+        self.in_flight = 0  # forwarded requests whose answer has not come back from upstream
         self._random = random.Random(seed)
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="fault-proxy", daemon=True)
@@ -136,21 +137,53 @@ class FaultProxy:
                 self.injected_resets += 1
                 return "reset"
             self.forwarded += 1
+            self.in_flight += 1
+            self._lock.notify_all()
             return "forward"
+
+    def _answered(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
+            self._lock.notify_all()
+
+    def wait_forwarded(self, count: int, timeout: float = 60) -> None:
+        """Until ``count`` requests were forwarded (``timeout``: a hang guard only)."""
+        with self._lock:
+            if not self._lock.wait_for(lambda: self.forwarded >= count, timeout):
+                raise AssertionError(f"only {self.forwarded} of {count} requests reached the proxy")
+
+    def quiesce(self, timeout: float = 60) -> None:
+        """Stop forwarding (later requests are reset) and wait until every request already
+        forwarded has its answer back: after this, nothing more reaches the upstream."""
+        with self._lock:
+            self.faults.down = True
+            if not self._lock.wait_for(lambda: self.in_flight == 0, timeout):
+                raise AssertionError(f"{self.in_flight} requests still in flight")
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         decision = self._decide(request.method, request.path_qs)
-        body = await request.read()
+        if decision == "forward":
+            try:
+                return await self._forward(request, await request.read())
+            finally:
+                self._answered()
+        await request.read()
         if decision == "down":
             return self._reset(request)
+        return await self._inject(request, decision)
+
+    async def _inject(self, request: web.Request, decision: str) -> web.StreamResponse:
         if self.faults.latency:
             await asyncio.sleep(self.faults.latency)
         if decision == "error":
             faults = self.faults
             body = SLOW_DOWN_BODY if faults.error_code == "SlowDown" else error_body(faults.error_code)
             return web.Response(status=faults.error_status, body=body, content_type="application/xml")
-        if decision == "reset":
-            return self._reset(request)
+        return self._reset(request)
+
+    async def _forward(self, request: web.Request, body: bytes) -> web.StreamResponse:
+        if self.faults.latency:
+            await asyncio.sleep(self.faults.latency)
         assert self._session is not None
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         headers["Host"] = request.headers.get("Host", "")

@@ -9,21 +9,22 @@ import os
 import shutil
 import subprocess
 import sys
-import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.conftest import CONFIG_PREFIXES, THIRD_PARTY_ENV, setting_env_names
 from tests.faultproxy import free_port
+from tests.procwatch import OutputWatcher
 
 ROOT = Path(__file__).resolve().parent.parent
+SERVING = "Uvicorn running on"  # what the local API prints once it accepts requests
 
 
 def worker_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("S3_", "AWS_", "BUCKET_", "RUNPOD_"))}
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith(CONFIG_PREFIXES)}
     env.update({"STORAGE_DIR": str(tmp_path / "storage"), "PYTHONPATH": str(ROOT), **extra})
     return env
 
@@ -42,10 +43,9 @@ def result_of(completed: subprocess.CompletedProcess) -> str:
 
 
 def printed_result(completed: subprocess.CompletedProcess) -> dict[str, Any]:
-    """The JSON result a local run prints on stdout (after the SDK's own lines)."""
-    start = completed.stdout.index("\n{") + 1
-    result, _ = json.JSONDecoder().raw_decode(completed.stdout[start:])
-    return result
+    """The JSON result a local run prints on stdout, which holds nothing else (the README's
+    ``| jq``): fails when the SDK's banner or a log line lands on stdout."""
+    return json.loads(completed.stdout)
 
 
 STORAGE_JOBS = [
@@ -72,13 +72,83 @@ def test_test_input_get_file_and_error_exit(tmp_path: Path) -> None:
     completed = run_worker(tmp_path, {"action": "get_file", "key": "datasets/g/a.txt"})
     assert completed.returncode == 0, result_of(completed)
     printed = printed_result(completed)
-    assert printed["file"]["file"] == "outputs/local_test/a.txt"
-    assert (tmp_path / "outputs" / "local_test" / "a.txt").read_bytes() == b"hi"
-    assert "saved outputs/local_test/a.txt" in completed.stdout
+    saved = Path(printed["file"]["file"])
+    assert saved.parent.parent == Path("outputs") and saved.name == "a.txt"
+    assert (tmp_path / saved).read_bytes() == b"hi"
+    assert f"saved {saved}" in completed.stderr
     failed = run_worker(tmp_path, {"action": "get_file", "key": "datasets/g/missing.txt"})
     assert failed.returncode == 1
     assert "does not exist" in printed_result(failed)["error"]
     assert "Traceback" not in result_of(failed)
+
+
+def test_local_runs_without_an_id_keep_their_own_outputs(tmp_path: Path) -> None:
+    """Two runs of the same job without an ``id``: each saves into a folder of its own (catches
+    every run writing ``outputs/local_test/`` over the last); a given ``id`` names its folder."""
+    upload = {"action": "upload_training_files", "dataset": "g", "files": [{"name": "a.txt", "data": "aGk="}]}
+    assert run_worker(tmp_path, upload).returncode == 0
+    get = {"action": "get_file", "key": "datasets/g/a.txt"}
+    first, second = (printed_result(run_worker(tmp_path, get))["file"]["file"] for _ in range(2))
+    assert first != second
+    assert (tmp_path / first).read_bytes() == (tmp_path / second).read_bytes() == b"hi"
+    named = subprocess.run(
+        [sys.executable, str(ROOT / "rp_handler.py"), "--test_input", json.dumps({"id": "mine", "input": get})],
+        cwd=tmp_path,
+        env=worker_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert printed_result(named)["file"]["file"] == "outputs/mine/a.txt"
+
+
+def test_malformed_test_input_is_one_line_and_a_failure(tmp_path: Path) -> None:
+    """A ``--test_input`` that is not JSON: one line naming the problem, exit 2, nothing on stdout
+    (catches the SDK's raw JSONDecodeError traceback)."""
+    for bad in ('{"input":', "[1, 2]"):
+        completed = subprocess.run(
+            [sys.executable, str(ROOT / "rp_handler.py"), "--test_input", bad],
+            cwd=tmp_path,
+            env=worker_env(tmp_path),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert completed.returncode == 2, result_of(completed)
+        assert completed.stdout == ""
+        [line] = completed.stderr.strip().splitlines()
+        assert line.startswith("error: --test_input ")
+        assert "Traceback" not in completed.stderr
+
+
+def test_no_setting_reaches_a_test_from_the_machine() -> None:
+    """Every variable Settings reads (names and aliases, JOB_TIMEOUT, CHECKPOINT_*, HF_HOME,
+    TORCHINDUCTOR_CACHE_DIR included) is cleared for tests and the workers they start: catches
+    a hand-written list that misses a setting added later."""
+    names = setting_env_names()
+    assert {"JOB_TIMEOUT", "CHECKPOINT_EVERY", "HF_HOME", "TORCHINDUCTOR_CACHE_DIR", "BUCKET_ENDPOINT_URL"} <= names
+    assert all(name.startswith(CONFIG_PREFIXES) for name in names)
+    assert "RUNPOD_" in THIRD_PARTY_ENV
+    assert not [name for name in os.environ if name.upper().startswith(CONFIG_PREFIXES)]
+
+
+@pytest.mark.parametrize(
+    ("resolution", "error"),
+    [
+        (100, "invalid input: input.resolution: Input should be a multiple of 8"),
+        ("big", "invalid input: input.resolution: must be an integer or a list of integers"),
+        ([512, 100], "invalid input: input.resolution[1]: Input should be a multiple of 8"),
+    ],
+)
+def test_a_value_of_a_union_field_gets_one_readable_error(tmp_path: Path, resolution: Any, error: str) -> None:
+    """``resolution`` is an integer or a list of them: catches pydantic's per-member lines
+    (``input.resolution.constrained-int: ...; input.resolution.list[constrained-int]: ...``)."""
+    job = {"action": "train_lora", "dataset": "d", "output_name": "x", "resolution": resolution}
+    completed = run_worker(tmp_path, job)
+    assert completed.returncode == 1
+    assert printed_result(completed) == {"error": error}
 
 
 def test_bad_setting_stops_start_up_naming_the_variable(tmp_path: Path) -> None:
@@ -145,15 +215,7 @@ def test_rp_serve_api_runsync(tmp_path: Path) -> None:
     )
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{base}/docs", timeout=2).close()  # noqa: S310
-                break
-            except (urllib.error.URLError, ConnectionError):
-                if time.monotonic() > deadline or process.poll() is not None:
-                    pytest.fail("the local API did not start")
-                time.sleep(0.3)
+        OutputWatcher(process).wait_for(SERVING)
         data = base64.b64encode(b"over http").decode()
         upload = {"action": "upload_training_files", "dataset": "api", "files": [{"name": "h.txt", "data": data}]}
         response = _post(f"{base}/runsync", {"input": upload})
@@ -198,10 +260,28 @@ def test_test_input_trains_then_generates_on_the_tiny_model(tmp_path: Path) -> N
     generate = {"action": "generate", "prompt": "a red square", "lora": "tiny-lora", "steps": 2, "seed": 1}
     generated = run_worker(tmp_path, generate)
     assert generated.returncode == 0, result_of(generated)
+    for noise in ("requires torchvision", "No LoRA keys associated", "kernels-community"):  # services.job.logs
+        assert noise not in generated.stderr + trained.stderr
     printed = printed_result(generated)
     assert printed["seed"] == 1
-    assert printed["images"][0]["file"] == "outputs/local_test/image-0.png"
-    assert (tmp_path / "outputs" / "local_test" / "image-0.png").read_bytes().startswith(b"\x89PNG")
+    saved = Path(printed["images"][0]["file"])
+    assert saved.parent.parent == Path("outputs") and saved.name == "image-0.png"
+    assert (tmp_path / saved).read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.gpu
+def test_generate_on_the_cpu_refuses_a_size_it_cannot_finish(tmp_path: Path) -> None:
+    """2048x2048 on the CPU once ran 13 minutes inside its first step, past every stop check:
+    refused up front with a message that says why (catches the budget going missing)."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the CPU budget applies to workers without a GPU")
+    job = {"action": "generate", "prompt": "x", "steps": 1, "width": 2048, "height": 2048}
+    completed = run_worker(tmp_path, job, OMP_NUM_THREADS="1")
+    assert completed.returncode == 1, result_of(completed)
+    error = printed_result(completed)["error"]
+    assert error.startswith("input.width: 2048x2048 is too large to generate on the CPU"), error
 
 
 def test_hub_handler_shim_runs_the_worker(tmp_path: Path) -> None:

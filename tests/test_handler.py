@@ -642,4 +642,4 @@ def test_delete_of_a_40k_object_dataset_stays_under_the_response_limit(
     assert len(json.dumps(result)) < settings.response_max_bytes
     stored = local_settings.storage_dir / result["result_file"]["key"]
     assert len(json.loads(stored.read_bytes())["deleted"]) == 40_000
-    assert not any(root.iterdir())
+    assert not root.exists()  # the emptied folder went too (local backend, like S3)

@@ -18,23 +18,22 @@ import base64
 import gc
 import hashlib
 import random
-import socket
 import subprocess
 import sys
 import threading
-import time
 import tracemalloc
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from aiohttp import web
 
 from config.settings import build_settings
 from tests.conftest import TEST_SECRET, run_jobs, s3_client, use_settings_env
 from tests.faultproxy import FaultProxy, Faults, free_port
+from tests.procwatch import OutputWatcher
 
 FILES_PER_JOB = 50
 
@@ -48,18 +47,11 @@ def moto_process() -> Iterator[str]:
     """moto's S3 server in its own process (its memory stays out of tracemalloc's count)."""
     port = free_port()
     command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        for _ in range(300):
-            if process.poll() is not None:
-                raise RuntimeError(f"moto server exited with {process.returncode}")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-                break
-            except OSError:
-                time.sleep(0.05)
-        else:
-            raise RuntimeError("moto server did not start in 15 s")
+        output = OutputWatcher(process)
+        output.wait_for("Running on", timeout=60)  # werkzeug's line once it listens
+        output.discard()  # its request log is read and dropped: no memory counted here
         yield f"http://127.0.0.1:{port}"
     finally:
         process.terminate()
@@ -186,46 +178,39 @@ def test_twenty_upload_jobs_at_once(moto_process: str, monkeypatch: pytest.Monke
 
 
 class WatchingProxy(FaultProxy):
-    """A FaultProxy that flags when a CreateMultipartUpload request arrives (before forwarding it)."""
+    """A FaultProxy that flags when it takes on a CreateMultipartUpload request (counted in
+    flight, before forwarding it: :meth:`quiesce` then waits for its delivery)."""
 
     def __init__(self, upstream: str, faults: Faults) -> None:
         super().__init__(upstream, faults)
         self.create_seen = threading.Event()
 
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
-        if request.method == "POST" and "uploads" in request.query:
+    def _decide(self, method: str, path_qs: str) -> str:
+        decision = super()._decide(method, path_qs)
+        query = parse_qs(urlsplit(path_qs).query, keep_blank_values=True)
+        if method == "POST" and "uploads" in query and decision == "forward":
             self.create_seen.set()
-        return await super()._handle(request)
+        return decision
 
 
-async def _cancel_when(job: dict[str, Any], ready: Callable[[], bool]) -> None:
-    """Run ``job`` through the handler and cancel it once ``ready()``; it must end cancelled."""
+async def _cancel_when(job: dict[str, Any], ready: Callable[[], object]) -> None:
+    """Run ``job`` through the handler and cancel it once ``ready()`` (blocking: it waits on
+    the proxy's count or event) returns; the job must end cancelled."""
     from rp_handler import handler
     from services.storage import close_storages
 
     task = asyncio.create_task(handler(job))
+    waiter = asyncio.ensure_future(asyncio.to_thread(ready))
     try:
-        async with asyncio.timeout(30):
-            while not ready():
-                assert not task.done(), f"the job ended before it could be cancelled: {task.result()}"
-                await asyncio.sleep(0.005)
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        assert not task.done(), f"the job ended before it could be cancelled: {task.result()}"
+        await waiter
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task  # nothing reported: RunPod gets no result from a cancelled job
     finally:
+        await asyncio.gather(waiter, return_exceptions=True)
         await close_storages()
-
-
-def _settle(endpoint: str, bucket: str, prefix: str) -> dict[str, str]:
-    """The bucket once requests still in flight through the proxy have landed (stable twice)."""
-    previous: dict[str, str] | None = None
-    for _ in range(25):
-        current = _bucket_hashes(endpoint, bucket, prefix)
-        if current == previous:
-            return current
-        previous = current
-        time.sleep(0.2)
-    raise AssertionError("the bucket kept changing after the job was cancelled")
 
 
 def _upload_job(dataset: str, payloads: dict[str, bytes]) -> dict[str, Any]:
@@ -244,15 +229,17 @@ def test_cancelled_job_leaves_a_clean_bucket_and_a_rerun_completes(
     with FaultProxy(moto_server, Faults(latency=0.1)) as proxy:
         _use_s3(monkeypatch, moto_server, bucket, tmp_path, S3_ENDPOINT_URL=proxy.url)
         # The LIST and a first wave of PUTs have reached the proxy: the cancel lands mid-batch.
-        asyncio.run(_cancel_when(job, lambda: proxy.forwarded >= 8))
+        asyncio.run(_cancel_when(job, lambda: proxy.wait_forwarded(8)))
         assert list((tmp_path / "work").iterdir()) == [], "the job workspace was left behind"
 
-        settled = _settle(moto_server, bucket, "datasets/cancel/")
+        proxy.quiesce()  # what was on its way has landed; nothing more gets through
+        settled = _bucket_hashes(moto_server, bucket, "datasets/cancel/")
         assert len(settled) < len(expected), "nothing was left to do after the cancel"
         for key, digest in settled.items():
             assert digest == expected[key], f"{key} holds bytes that were not sent"
 
         proxy.faults.latency = 0.0
+        proxy.faults.down = False
         [rerun] = run_jobs(job)
     assert "error" not in rerun, rerun.get("error")
     assert rerun["failed"] == []
@@ -276,7 +263,7 @@ def test_cancel_while_a_multipart_upload_is_being_created_leaves_none_open(
             MULTIPART_THRESHOLD=5 * 1024 * 1024,
             MULTIPART_CHUNK_SIZE=5 * 1024 * 1024,
         )
-        asyncio.run(_cancel_when(job, proxy.create_seen.is_set))  # the create is still on its way
-        time.sleep(0.3)  # let the proxy deliver it: the server now holds the upload
+        asyncio.run(_cancel_when(job, lambda: proxy.create_seen.wait(60)))  # the create is still on its way
+        proxy.quiesce()  # the proxy delivered it: the server now holds the upload, unless aborted
     assert list((tmp_path / "work").iterdir()) == []
     assert s3_client(moto_server).list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []

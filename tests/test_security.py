@@ -22,7 +22,6 @@ import base64
 import io
 import json
 import logging
-import os
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -35,7 +34,7 @@ from aiohttp import web
 from PIL import Image
 
 from config.settings import Settings, load_settings
-from tests.conftest import s3_client, use_settings_env
+from tests.conftest import project_files, s3_client, use_settings_env
 
 REPO = Path(__file__).resolve().parents[1]
 QUERY_SECRET = "hunter2-query-secret"  # pragma: allowlist secret (a test fake)
@@ -531,12 +530,9 @@ def test_the_env_scanner_catches_what_it_should() -> None:
 
 
 def _python_sources() -> list[str]:
-    """The repository's Python files (relative paths), without the venv, config/ and rp_handler.py."""
-    found = []
-    for directory, dirnames, filenames in os.walk(REPO):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in ("config", "__pycache__", "storage")]
-        found += [os.path.relpath(os.path.join(directory, f), REPO) for f in filenames if f.endswith(".py")]
-    return [path for path in found if path != "rp_handler.py"]
+    """The project's Python files (relative paths; build outputs such as ``build/lib/`` left by
+    ``pip install .`` are not project source), without config/ and rp_handler.py."""
+    return [path for path in project_files(".py") if path != "rp_handler.py" and not path.startswith("config/")]
 
 
 def test_no_credential_is_read_from_the_environment_outside_config() -> None:

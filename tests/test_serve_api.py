@@ -10,8 +10,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
-import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +19,8 @@ import pytest
 
 from tests.conftest import TEST_KEY_ID, TEST_SECRET
 from tests.faultproxy import free_port
-from tests.test_entrypoint import ROOT, worker_env
+from tests.procwatch import OutputWatcher
+from tests.test_entrypoint import ROOT, SERVING, worker_env
 
 
 def _post(url: str, body: dict[str, Any], timeout: float = 120) -> dict[str, Any]:
@@ -33,10 +32,14 @@ def _post(url: str, body: dict[str, Any], timeout: float = 120) -> dict[str, Any
 
 
 class Server:
-    def __init__(self, process: subprocess.Popen[str], base: str, log: Path) -> None:
+    def __init__(self, process: subprocess.Popen[str], base: str, output: OutputWatcher) -> None:
         self.process = process
         self.base = base
-        self.log = log
+        self.output = output
+
+    def log(self) -> str:
+        """Everything the server printed, up to its exit when it has exited."""
+        return self.output.wait_closed() if self.process.poll() is not None else self.output.text
 
 
 @contextlib.contextmanager
@@ -45,26 +48,19 @@ def _serving(tmp_path: Path, prelude: list[str], **env: str) -> Iterator[Server]
     port = free_port()
     log = tmp_path / "server.log"
     (tmp_path / "work").mkdir()
-    with log.open("w") as sink:
-        process = subprocess.Popen(
-            [*prelude, str(ROOT / "rp_handler.py"), "--rp_serve_api", "--rp_api_port", str(port)],
-            cwd=tmp_path,
-            env=worker_env(tmp_path, WORK_DIR=str(tmp_path / "work"), **env),
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+    process = subprocess.Popen(
+        [*prelude, str(ROOT / "rp_handler.py"), "--rp_serve_api", "--rp_api_port", str(port)],
+        cwd=tmp_path,
+        env=worker_env(tmp_path, WORK_DIR=str(tmp_path / "work"), **env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     base = f"http://127.0.0.1:{port}"
+    watcher = OutputWatcher(process, copy_to=log)
     try:
-        for _ in range(200):
-            try:
-                urllib.request.urlopen(f"{base}/docs", timeout=2).close()  # noqa: S310
-                break
-            except (urllib.error.URLError, ConnectionError):
-                if process.poll() is not None:
-                    pytest.fail(f"the local API did not start:\n{log.read_text()}")
-                time.sleep(0.3)
-        yield Server(process, base, log)
+        watcher.wait_for(SERVING)
+        yield Server(process, base, watcher)
     finally:
         if process.poll() is None:
             process.kill()
@@ -126,10 +122,7 @@ def test_sigterm_stops_a_long_generate_between_steps(server: Server, tmp_path: P
 
     caller = threading.Thread(target=submit)
     caller.start()
-    for _ in range(6000):  # until the runner has reported a step
-        if "progress: {'step'" in server.log.read_text() or not caller.is_alive():
-            break
-        time.sleep(0.1)
+    server.output.wait_for("progress: {'step'")  # the runner has reported a step
     assert caller.is_alive(), answer
     server.process.send_signal(signal.SIGTERM)
     caller.join(timeout=60)
@@ -140,7 +133,7 @@ def test_sigterm_stops_a_long_generate_between_steps(server: Server, tmp_path: P
     assert stopped_at < steps
     assert server.process.wait(timeout=60) is not None
     assert list((tmp_path / "work").iterdir()) == []  # workspace removed
-    assert "Traceback" not in server.log.read_text()
+    assert "Traceback" not in server.log()
 
 
 # Runs the worker with aiohttp's ClientSession instrumented: prints when a session opens and closes.
@@ -167,7 +160,7 @@ def test_shutdown_closes_the_s3_client(tmp_path: Path, moto_server: str, bucket:
         assert _post(f"{server.base}/runsync", {"input": PARTIAL})["status"] == "COMPLETED"
         server.process.send_signal(signum)
         server.process.wait(timeout=60)
-    log = server.log.read_text()
+    log = server.log()
     assert "probe: session opened" in log
     assert log.count("probe: session closed") == log.count("probe: session opened"), log
     assert "Unclosed" not in log

@@ -8,7 +8,6 @@ import hashlib
 import os
 import socket
 import threading
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -166,7 +165,7 @@ class TrickleServer:
         self.port = self._listener.getsockname()[1]
         self.active = 0
         self.most_active = 0
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -180,6 +179,12 @@ class TrickleServer:
         self._listener.close()
         for thread in self._threads:
             thread.join(5)
+
+    def wait_active(self, count: int, timeout: float = 60) -> None:
+        """Until ``count`` downloads are being answered at once (``timeout``: a hang guard only)."""
+        with self._lock:
+            if not self._lock.wait_for(lambda: self.active >= count, timeout):
+                raise AssertionError(f"only {self.active} of {count} downloads started")
 
     def _accept(self) -> None:
         while not self._stop.is_set():
@@ -197,6 +202,7 @@ class TrickleServer:
         with self._lock:
             self.active += 1
             self.most_active = max(self.most_active, self.active)
+            self._lock.notify_all()
         try:
             with conn:
                 conn.recv(65536)
@@ -212,7 +218,13 @@ class TrickleServer:
 
 def test_trickling_urls_do_not_hold_a_concurrent_small_upload(local_settings: Settings, tmp_path: Path) -> None:
     """32 URLs at 1 byte/s in one job: they download under that job's DOWNLOAD_CONCURRENCY and
-    hold none of the worker-wide upload slots, so another job's small upload goes straight through."""
+    hold none of the worker-wide upload slots, so another job's small upload goes straight through.
+
+    Told, not timed: the server says when the job's downloads are all being answered; the
+    small upload must then finish while every one of them is still open (none ended, the
+    attacking job still runs). The old code held the upload slots until DOWNLOAD_TOTAL_TIMEOUT,
+    so the small upload waited for a download to end: the guard below (a hang guard only,
+    far under that timeout) fails it, and so would the check that all downloads stayed open."""
     settings = local_settings.model_copy(update={"allow_private_urls": True})
     downloads = tmp_path / "downloads"
 
@@ -220,16 +232,12 @@ def test_trickling_urls_do_not_hold_a_concurrent_small_upload(local_settings: Se
         return (await download(url, downloads / uuid.uuid4().hex, settings, max_bytes=10_000)).path
 
     victim = [{"name": "victim.png", "data": b64(b"v" * 77)}]
-
-    async def timed(storage: Storage, dataset: str) -> tuple[dict[str, Any], float]:
-        started = time.monotonic()
-        return await upload_report(storage, victim, dataset), time.monotonic() - started
+    guard = settings.download_total_timeout / 5
 
     with TrickleServer() as server:
         attack = [{"name": f"slow_{i:02d}.bin", "url": f"http://127.0.0.1:{server.port}/{i}"} for i in range(32)]
 
-        async def scenario(storage: Storage) -> tuple[float, float, dict[str, Any]]:
-            _, unloaded = await timed(storage, "warm")
+        async def scenario(storage: Storage) -> tuple[dict[str, Any], int]:
             attacker = asyncio.create_task(
                 upload_batch(
                     storage,
@@ -241,22 +249,20 @@ def test_trickling_urls_do_not_hold_a_concurrent_small_upload(local_settings: Se
                 )
             )
             try:
-                async with asyncio.timeout(30):
-                    while server.active < settings.download_concurrency:
-                        await asyncio.sleep(0.05)
-                bound = max(20 * unloaded, 2.0)
-                async with asyncio.timeout(bound):  # old code: the slots were held for DOWNLOAD_TOTAL_TIMEOUT
-                    report, loaded = await timed(storage, "victim")
+                await asyncio.to_thread(server.wait_active, settings.download_concurrency)
+                async with asyncio.timeout(guard):
+                    report = await upload_report(storage, victim, "victim")
+                still_open = server.active
                 assert not attacker.done()
             finally:
                 attacker.cancel()
                 await asyncio.gather(attacker, return_exceptions=True)
-            return unloaded, loaded, report
+            return report, still_open
 
-        unloaded, loaded, report = run_with_storage(settings, scenario)
+        report, still_open = run_with_storage(settings, scenario)
         most_active = server.most_active
     assert [u["name"] for u in report["uploaded"]] == ["victim.png"]
-    assert loaded < max(20 * unloaded, 2.0)
+    assert still_open == settings.download_concurrency  # no download ended before the upload did
     assert most_active == settings.download_concurrency  # the job's own bound, not the worker's slots
 
 

@@ -11,6 +11,7 @@ Nothing here imports torch: the GPU actions load the runner inside their corouti
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Annotated, Any, Union, get_args
 
@@ -81,17 +82,68 @@ def _location(loc: tuple[int | str, ...]) -> str:
     return path
 
 
+# How pydantic names the members of a union in an error's location ("constrained-int",
+# "list[constrained-int]", a model's class name): never a field name, which is snake_case.
+_UNION_MEMBER = re.compile(r"none|int|float|str|bool|bytes|constrained-[a-z]+|[a-z-]+\[.*\]|[A-Z]\w*")
+_KINDS = {"int": "integer", "float": "number", "str": "string", "bool": "boolean", "bytes": "string"}
+
+
+def _member_kind(member: str) -> str:
+    """``list[constrained-int]`` -> ``a list of integers``; ``int`` -> ``an integer``."""
+    inner = re.fullmatch(r"list\[(.*)\]", member)
+    if inner:
+        return f"a list of {_KINDS.get(inner.group(1).removeprefix('constrained-'), 'item')}s"
+    kind = _KINDS.get(member.removeprefix("constrained-"), member)
+    return ("an " if kind[0] in "aeiou" else "a ") + kind
+
+
+def _is_type_error(item: Any) -> bool:
+    return str(item["type"]).endswith(("_type", "_parsing")) or item["type"] == "model_attributes_type"
+
+
+def _problem(item: Any) -> str:
+    message = item["msg"].removeprefix("Value error, ")
+    if item["type"] == "union_tag_invalid":
+        message = f"unknown action; choose one of {', '.join(ACTIONS)}"
+    elif item["type"] == "union_tag_not_found":
+        message = f"missing 'action'; choose one of {', '.join(ACTIONS)}"
+    return f"{_location(tuple(item['loc']))}: {message}"
+
+
+def _union_problems(loc: tuple[int | str, ...], members: dict[str, list[Any]]) -> list[str]:
+    """One union's errors as one problem: the members the value's type fits (the constraint it
+    broke), or, when it fits none, what it should have been."""
+    fitting = [item for items in members.values() if not all(map(_is_type_error, items)) for item in items]
+    if fitting:
+        return [_problem(item) for item in fitting]
+    expected = " or ".join(dict.fromkeys(_member_kind(member) for member in members))
+    return [f"{_location(loc)}: must be {expected}"]
+
+
 def format_validation_error(error: ValidationError) -> str:
-    """Every problem on one line each: ``input.files[3].name: Field required``."""
-    problems = []
+    """Every problem on one line each: ``input.files[3].name: Field required``; a union's
+    members read as one problem (``input.resolution: must be an integer or a list of integers``)."""
+    problems: list[str | tuple[int | str, ...]] = []  # a line, or where a union's problems go
+    unions: dict[tuple[int | str, ...], dict[str, list[Any]]] = {}
     for item in error.errors(include_url=False):
-        message = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "union_tag_invalid":
-            message = f"unknown action; choose one of {', '.join(ACTIONS)}"
-        elif item["type"] == "union_tag_not_found":
-            message = f"missing 'action'; choose one of {', '.join(ACTIONS)}"
-        problems.append(f"{_location(tuple(item['loc']))}: {message}")
-    return "invalid input: " + "; ".join(problems)
+        loc = tuple(item["loc"])
+        start = 1 if loc and loc[0] in ACTIONS else 0
+        at = next(
+            (i for i in range(start, len(loc)) if isinstance(loc[i], str) and _UNION_MEMBER.fullmatch(loc[i])), None
+        )
+        if at is None:
+            problems.append(_problem(item))
+            continue
+        if loc[:at] not in unions:
+            unions[loc[:at]] = {}
+            problems.append(loc[:at])
+        unions[loc[:at]].setdefault(str(loc[at]), []).append({**item, "loc": loc[:at] + loc[at + 1 :]})
+    lines = [
+        p
+        for problem in problems
+        for p in ([problem] if isinstance(problem, str) else _union_problems(problem, unions[problem]))
+    ]
+    return "invalid input: " + "; ".join(lines)
 
 
 def parse_job_input(raw: Any, settings: Settings) -> Any:

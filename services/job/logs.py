@@ -6,6 +6,9 @@ The filter removes configured secret values, presigned-URL credentials and signa
 base64 blobs longer than 256 characters. The RunPod SDK prints through its own logger (DEBUG
 by default, which prints job inputs): its level is set from ``LOG_LEVEL`` and its lines pass
 through the same redaction.
+
+Known library messages that read as errors but are not (:data:`KNOWN_NOISE`) are dropped at
+their source logger, each by its exact text; every other warning still prints.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -26,6 +30,54 @@ _SIGNER_SIGNATURE = re.compile(r"\b(Signature):\s*[A-Za-z0-9+/=]{16,}")
 _BASE64_BLOB = re.compile(r"[A-Za-z0-9+/]{257,}={0,2}")
 NOISY_LOGGERS = ("botocore", "aiobotocore", "urllib3", "werkzeug")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+# Library messages every GPU job printed although nothing is wrong: (logger, message regex, why).
+KNOWN_NOISE: tuple[tuple[str, str, str], ...] = (
+    (
+        "transformers.utils.import_utils",
+        r"`\w+ImageProcessor` requires torchvision \(not installed\); falling back to `\w+ImageProcessorPil`",
+        "the worker needs no torchvision: the PIL image processor is the one it uses",
+    ),
+    (
+        "bitsandbytes.backends.cpu.ops",
+        r"Failed to load CPU gemm_4bit_forward from kernels-community",
+        "the optional `kernels` package speeds up 4-bit CPU matmuls the worker never runs",
+    ),
+    (
+        "diffusers.loaders.lora_base",
+        r"No LoRA keys associated to \w+ found with the prefix='text_encoder(_2)?'",
+        "the worker's LoRAs adapt the UNet/transformer only: no text encoder keys is expected",
+    ),
+    (
+        "diffusers.loaders.peft",
+        r"No LoRA keys associated to \w+ found with the prefix='text_encoder(_2)?'",
+        "the same message from diffusers' other loader",
+    ),
+)
+# torchvision (preinstalled in some base images, built for another torch) warns at import.
+KNOWN_NOISE_WARNINGS: tuple[tuple[str, str], ...] = ((r"Failed to load image Python extension", r"torchvision"),)
+
+
+class KnownNoiseFilter(logging.Filter):
+    """Drops the records of one logger whose message matches ``pattern``."""
+
+    def __init__(self, pattern: str) -> None:
+        super().__init__()
+        self.pattern = re.compile(pattern)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.pattern.search(record.getMessage()) is None
+
+
+def quiet_known_noise() -> None:
+    """Install the :data:`KNOWN_NOISE` filters and warning filters; idempotent."""
+    for name, pattern, _why in KNOWN_NOISE:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, KnownNoiseFilter) and f.pattern.pattern == pattern for f in logger.filters):
+            logger.addFilter(KnownNoiseFilter(pattern))
+    for message, module in KNOWN_NOISE_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, module=module)
 
 
 # Shorter configured values are not treated as secrets: replacing a test key such as
@@ -91,6 +143,7 @@ def setup_logging(level: str = "INFO", secrets: Iterable[str] = ()) -> Redactor:
     for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(max(logging.getLevelName(level), logging.WARNING))
     _redact_runpod_logger(level)
+    quiet_known_noise()
     return _REDACTOR
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import hashlib
 import itertools
@@ -102,7 +103,7 @@ class LocalStorageService(Storage):
             stat = temp.stat()  # a rename keeps the inode and mtime: this is the file the sidecar names
             record = {**_identity(stat), "content_type": content_type, "metadata": meta}
             self._write_atomic(sidecar, json.dumps(record).encode())
-            os.replace(temp, path)  # the one step that commits bytes and sidecar together
+            _replace_into(temp, path)  # the one step that commits bytes and sidecar together
         finally:
             with contextlib.suppress(FileNotFoundError):
                 temp.unlink()
@@ -354,6 +355,21 @@ class LocalStorageService(Storage):
             path.unlink()
         with contextlib.suppress(FileNotFoundError):
             self._meta_path(key).unlink()
+        self._remove_empty_folders(path.parent)
+
+    def _remove_empty_folders(self, folder: Path) -> None:
+        """Remove ``folder`` and its parents while empty, up to (never including) the root: S3 has
+        no folders, so a prefix whose last object is deleted leaves nothing here either."""
+        while folder != self.root and folder.is_relative_to(self.root):
+            try:
+                folder.rmdir()
+            except FileNotFoundError:
+                log.debug("folder %s was already removed", folder)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    log.warning("could not remove the empty folder %s: %s", folder, exc)
+                return  # still holds something (or cannot go): the folders above stay too
+            folder = folder.parent
 
     async def delete_many(self, keys: list[str]) -> DeleteResult:
         deleted: list[str] = []
@@ -394,3 +410,17 @@ class LocalStorageService(Storage):
 def _identity(stat: os.stat_result) -> dict[str, int]:
     """What names one file's bytes: a rename keeps all four, a rewrite changes at least one."""
     return {"dev": stat.st_dev, "ino": stat.st_ino, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _replace_into(temp: Path, path: Path, attempts: int = 3) -> None:
+    """``os.replace(temp, path)``, making ``path``'s folder again when a delete that emptied it
+    removed it between our ``mkdir`` and the rename (deletes prune empty folders)."""
+    for attempt in range(attempts):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(temp, path)
+            return
+        except FileNotFoundError:
+            if attempt == attempts - 1 or not temp.exists():
+                raise
+            log.debug("folder of %s was pruned by a concurrent delete; making it again", path)

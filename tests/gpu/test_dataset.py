@@ -51,10 +51,13 @@ def test_undecodable_files_are_named(tmp_path: Path) -> None:
 
 
 def test_no_images(tmp_path: Path) -> None:
+    """A dataset whose only image is a dot-file: the error says dot-files are skipped (catches
+    a bare "no images found" that leaves the user guessing why ``.a.png`` did not count)."""
     (tmp_path / "readme.md").write_text("nothing", encoding="utf-8")
     (tmp_path / ".hidden.png").write_bytes(b"junk")
-    with pytest.raises(InputError, match=r"input\.dataset: no images found"):
+    with pytest.raises(InputError, match=r"input\.dataset: no images found") as caught:
         scan_dataset(tmp_path)
+    assert "names starting with '.'" in str(caught.value)
 
 
 def test_caption_must_be_utf8(tmp_path: Path) -> None:

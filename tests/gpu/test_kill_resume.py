@@ -1,13 +1,16 @@
 """The kill test: ``python rp_handler.py --test_input`` training on the tiny model is killed with
 SIGKILL once its first checkpoint pointer is in storage; the same input run again resumes and
-ends on the LoRA of an uninterrupted run, bit for bit. Both backends (local, moto's S3)."""
+ends on the LoRA of an uninterrupted run, bit for bit. Both backends (local, moto's S3).
+
+The killed run is told of its first checkpoint, not raced: it runs ``rp_handler.py`` with
+``CheckpointStore.save`` wrapped to print a line once the pointer is written and then block,
+so the SIGKILL always lands on a run that holds a checkpoint and has not finished."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +20,7 @@ import pytest
 
 from tests.conftest import TEST_KEY_ID, TEST_SECRET, s3_client
 from tests.gpu.conftest import write_dataset
+from tests.procwatch import OutputWatcher
 from tests.test_entrypoint import ROOT, printed_result, worker_env
 
 pytestmark = pytest.mark.gpu
@@ -42,6 +46,24 @@ def job(name: str) -> dict[str, Any]:
 
 def command(name: str) -> list[str]:
     return [sys.executable, str(ROOT / "rp_handler.py"), "--test_input", json.dumps(job(name))]
+
+
+SAVED = "kill-test: checkpoint pointer written"
+# rp_handler.py as users run it, with the checkpoint save wrapped: once the first pointer is
+# written it prints SAVED and blocks the worker (the event loop included) until it is killed.
+HOLD_AFTER_FIRST_CHECKPOINT = f"""
+import runpy, sys, threading
+from services.durable.checkpoints import CheckpointStore
+save = CheckpointStore.save
+async def save_then_hold(self, *args, **kwargs):
+    result = await save(self, *args, **kwargs)
+    print({SAVED!r}, file=sys.stderr, flush=True)
+    threading.Event().wait()
+    return result
+CheckpointStore.save = save_then_hold
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 
 
 def run(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -95,18 +117,21 @@ def test_killed_worker_resumes_bit_for_bit(backend: Any, tmp_path: Path) -> None
     assert printed_result(reference)["resumed_from_step"] == 0
     assert not exists(POINTER.format(name="ref"))  # removed on completion
 
-    worker = subprocess.Popen(command("k"), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    worker = subprocess.Popen(
+        [sys.executable, "-c", HOLD_AFTER_FIRST_CHECKPOINT, *command("k")[1:]],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
-        waited = 0
-        while not exists(POINTER.format(name="k")):
-            assert worker.poll() is None, worker.stderr.read().decode() if worker.stderr else ""
-            assert waited < 3000, "no checkpoint pointer after 300 s"
-            time.sleep(0.1)
-            waited += 1
+        OutputWatcher(worker).wait_for(SAVED, timeout=300)
     finally:
         worker.kill()
         worker.wait(timeout=60)
-    assert worker.returncode == -9  # killed, not finished
+    assert worker.returncode == -9  # killed while held after its checkpoint, never finished
+    assert exists(POINTER.format(name="k"))
     assert not exists(LORA.format(name="k"))
 
     again = run(command("k"), tmp_path, env)

@@ -101,7 +101,8 @@ def scan_dataset(
         raise InputError(f"input.dataset: {len(bad)} files are not decodable images: {named}{more}")
     if not images:
         raise InputError(
-            f"input.dataset: no images found (accepted: {', '.join(IMAGE_EXTENSIONS)}, captions in .txt files)"
+            f"input.dataset: no images found (accepted: {', '.join(IMAGE_EXTENSIONS)}, captions in .txt files; "
+            "names starting with '.' and __MACOSX folders are skipped)"
         )
     return [
         Example(path, with_trigger(_caption(path, root, caption, max_caption_chars), trigger_word)) for path in images
