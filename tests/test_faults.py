@@ -279,8 +279,8 @@ def test_cancelled_batch_aborts_multipart_and_rerun_completes(
     """task.cancel() mid-batch (RunPod's per-job stop): no open upload, nothing half-written."""
     files = make_files(5, (6 * MIB, 6 * MIB), seed=3)  # over the 5 MiB threshold: two parts each
     settings = s3_settings.model_copy(update={**MULTIPART, "upload_concurrency": 3})
-    hold = HoldAfterFirstChunk(s3_module._memory_chunks, let_through=1)
-    monkeypatch.setattr(s3_module, "_memory_chunks", hold)
+    hold = HoldAfterFirstChunk(s3_module.memory_chunks, let_through=1)
+    monkeypatch.setattr(s3_module, "memory_chunks", hold)
     prefix = "datasets/cancel/"
 
     async def scenario(storage: Storage) -> tuple[list[str], dict[str, Any]]:
@@ -316,8 +316,8 @@ def test_cancelled_put_file_and_put_stream_abort_multipart(
     payload = random.Random(4).randbytes(12 * MIB)
     source = tmp_path / "big.bin"
     source.write_bytes(payload)
-    hold = HoldAfterFirstChunk(s3_module._read_file_chunks)
-    monkeypatch.setattr(s3_module, "_read_file_chunks", hold)
+    hold = HoldAfterFirstChunk(s3_module.read_file_chunks)
+    monkeypatch.setattr(s3_module, "read_file_chunks", hold)
     stream_holding = asyncio.Event()
 
     async def stream() -> AsyncIterator[bytes]:

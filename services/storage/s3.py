@@ -37,12 +37,12 @@ from services.storage.base import (
 from services.storage.breaker import S3Breaker, safe_s3_operation
 from services.storage.hashing import bytes_sha256, file_sha256
 from services.storage.keys import validate_key, validate_prefix
+from services.storage.s3_multipart import MultipartUploads, memory_chunks, read_file_chunks, rechunk
 
 log = logging.getLogger(__name__)
 
 DELETE_BATCH = 1000  # S3 DeleteObjects limit
 READ_CHUNK = 1024 * 1024
-MULTIPART_PART_CONCURRENCY = 4
 
 
 def build_client_config(settings: Settings) -> AioConfig:
@@ -64,13 +64,7 @@ def _secret(value: Any) -> str | None:
     return value.get_secret_value() if value is not None else None
 
 
-async def _read_file_chunks(path: Path, chunk_size: int) -> AsyncIterator[bytes]:
-    with path.open("rb") as handle:
-        while chunk := await asyncio.to_thread(handle.read, chunk_size):
-            yield chunk
-
-
-class RealStorageService(Storage):
+class RealStorageService(MultipartUploads, Storage):
     """S3 storage. Create with :meth:`create` (opens the shared client); ``close`` when done."""
 
     backend: ClassVar[str] = "s3"
@@ -141,7 +135,7 @@ class RealStorageService(Storage):
         meta = {**(metadata or {}), SHA256_METADATA_KEY: digest}
         if len(data) > self.settings.multipart_threshold:
             return await self._multipart(
-                key, _memory_chunks(data, self.settings.multipart_chunk_size), content_type, meta
+                key, memory_chunks(data, self.settings.multipart_chunk_size), content_type, meta
             )
         args = self._put_args(key, content_type, meta)
         if self.settings.s3_object_checksum:
@@ -199,7 +193,7 @@ class RealStorageService(Storage):
         digest = await asyncio.to_thread(file_sha256, path)
         meta = {**(metadata or {}), SHA256_METADATA_KEY: digest}
         return await self._multipart(
-            key, _read_file_chunks(path, self.settings.multipart_chunk_size), content_type, meta
+            key, read_file_chunks(path, self.settings.multipart_chunk_size), content_type, meta
         )
 
     async def put_stream(
@@ -233,132 +227,11 @@ class RealStorageService(Storage):
                 hasher.update(more)
                 yield more
 
-        chunked = _rechunk(rest(), self.settings.multipart_chunk_size)
+        chunked = rechunk(rest(), self.settings.multipart_chunk_size)
         info = await self._multipart(key, chunked, content_type, dict(metadata or {}))
         meta = {**(metadata or {}), SHA256_METADATA_KEY: hasher.hexdigest()}
         await self._copy(key, key, metadata=meta, content_type=content_type)
         return ObjectInfo(key=key, size=info.size, etag=info.etag, content_type=content_type, metadata=meta)
-
-    async def _multipart(
-        self,
-        key: str,
-        chunks: AsyncIterable[bytes],
-        content_type: str | None,
-        metadata: Mapping[str, str],
-    ) -> ObjectInfo:
-        """Create, upload parts (a few at a time), complete; abort on any failure or cancel."""
-        upload_id = await self._create_multipart(key, content_type, metadata)
-        parts: dict[int, str] = {}
-        tasks: list[asyncio.Task[None]] = []
-        try:
-            size = await self._upload_parts(key, upload_id, chunks, parts, tasks)
-            response = await self._complete_multipart(key, upload_id, parts)
-        except BaseException:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await asyncio.shield(self._abort_multipart(key, upload_id))
-            raise
-        return ObjectInfo(
-            key=key, size=size, etag=response.get("ETag"), content_type=content_type, metadata=dict(metadata)
-        )
-
-    async def _create_multipart(self, key: str, content_type: str | None, metadata: Mapping[str, str]) -> str:
-        """Start a multipart upload; its id. A cancel while it is in flight aborts what it created."""
-        uri = self._uri(key)
-        create = asyncio.ensure_future(
-            safe_s3_operation(
-                self.breaker,
-                "create_multipart_upload",
-                self._client.create_multipart_upload,
-                deadline=self.deadline,
-                resource=uri,
-                **self._put_args(key, content_type, metadata),
-            )
-        )
-        try:
-            created = await asyncio.shield(create)
-        except asyncio.CancelledError:
-            # Cancelled while the server may already have created the upload: let the request
-            # finish, then abort what it created, so no open multipart upload is left behind.
-            try:
-                orphan = await create
-            except StorageError as exc:
-                log.warning("create_multipart_upload of %s failed during cancellation: %s", uri, exc)
-            else:
-                await self._abort_multipart(key, orphan["UploadId"])
-            raise
-        return str(created["UploadId"])
-
-    async def _upload_parts(
-        self,
-        key: str,
-        upload_id: str,
-        chunks: AsyncIterable[bytes],
-        parts: dict[int, str],
-        tasks: list[asyncio.Task[None]],
-    ) -> int:
-        """Send each chunk as a part (at most a few in memory at once); fills ``parts`` (number ->
-        ETag) and ``tasks`` (for the caller to cancel on failure); returns the bytes sent."""
-        in_memory = asyncio.Semaphore(MULTIPART_PART_CONCURRENCY)
-
-        async def send(number: int, body: bytes) -> None:
-            try:
-                response = await safe_s3_operation(
-                    self.breaker,
-                    "upload_part",
-                    self._client.upload_part,
-                    Bucket=self.bucket,
-                    Key=key,
-                    UploadId=upload_id,
-                    PartNumber=number,
-                    Body=body,
-                    deadline=self.deadline,
-                    resource=f"{self._uri(key)} part {number}",
-                )
-                parts[number] = response["ETag"]
-            finally:
-                in_memory.release()
-
-        size = number = 0
-        async for chunk in chunks:
-            number += 1
-            size += len(chunk)
-            await in_memory.acquire()
-            tasks.append(asyncio.create_task(send(number, chunk)))
-            if failed := next((t for t in tasks if t.done() and t.exception()), None):
-                await failed  # raises the part's error
-        await asyncio.gather(*tasks)
-        return size
-
-    async def _complete_multipart(self, key: str, upload_id: str, parts: Mapping[int, str]) -> dict[str, Any]:
-        return await safe_s3_operation(
-            self.breaker,
-            "complete_multipart_upload",
-            self._client.complete_multipart_upload,
-            Bucket=self.bucket,
-            Key=key,
-            UploadId=upload_id,
-            MultipartUpload={"Parts": [{"PartNumber": n, "ETag": parts[n]} for n in sorted(parts)]},
-            deadline=self.deadline,
-            resource=self._uri(key),
-        )
-
-    async def _abort_multipart(self, key: str, upload_id: str) -> None:
-        try:
-            await safe_s3_operation(
-                self.breaker,
-                "abort_multipart_upload",
-                self._client.abort_multipart_upload,
-                Bucket=self.bucket,
-                Key=key,
-                UploadId=upload_id,
-                deadline=self.deadline,
-                resource=self._uri(key),
-            )
-        except StorageError as exc:
-            # The upload stays open until the bucket's lifecycle rule removes it.
-            log.warning("could not abort multipart upload %s of %s: %s", upload_id, self._uri(key), exc)
 
     # --- reads ----------------------------------------------------------------------
 
@@ -535,21 +408,3 @@ def _condition_failed(cause: BaseException | None) -> bool:
     status = cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
     code = str(error.get("Code", ""))
     return status in (304, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict", "304", "412")
-
-
-async def _memory_chunks(data: bytes, size: int) -> AsyncIterator[bytes]:
-    view = memoryview(data)
-    for start in range(0, len(data), size):
-        yield bytes(view[start : start + size])
-
-
-async def _rechunk(chunks: AsyncIterable[bytes], size: int) -> AsyncIterator[bytes]:
-    """Regroup a stream into parts of ``size`` bytes (S3 needs >= 5 MiB but the last)."""
-    buffer = bytearray()
-    async for chunk in chunks:
-        buffer += chunk
-        while len(buffer) >= size:
-            yield bytes(buffer[:size])
-            del buffer[:size]
-    if buffer:
-        yield bytes(buffer)
