@@ -30,7 +30,10 @@ LORA = "loras/{name}/{name}.safetensors"
 
 
 def job(name: str) -> dict[str, Any]:
+    # One job id per output_name: RunPod retries a job whose worker died under the same id, and
+    # that retry takes over the dead worker's lease on the name (a new job would wait for it).
     return {
+        "id": f"kill-test-{name}",
         "input": {
             "action": "train_lora",
             "dataset": "d",
