@@ -43,7 +43,7 @@ def job(name: str) -> dict[str, Any]:
             "checkpoint_every": 2,
             "learning_rate": 3e-3,
             "seed": 1,
-        }
+        },
     }
 
 
