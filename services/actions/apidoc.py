@@ -17,7 +17,7 @@ from typing import Any
 
 from services.actions import RESULTS, input_json_schema
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 SCHEMA_FILE = ROOT / "docs" / "job-input.schema.json"
 PIPE = "\\|"

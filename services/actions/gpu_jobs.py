@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from services.actions.results import GenerateResult, StoredSnapshot, TrainLoraResult
+from services.actions.results import GenerateResult, LossCurve, StoredSnapshot, TrainLoraResult
 from services.durable.checkpoints import CheckpointStore
 from services.durable.snapshots import SnapshotStore
 from services.durable.training_store import TrainingStorage
@@ -21,7 +21,7 @@ from services.ingest.datasets import fetch_dataset
 from services.job.context import JobContext, gpu_lock
 from services.output.files import OutputFile
 from services.storage.base import DeleteResult
-from services.storage.keys import lora_key, resolve_lora_key
+from services.storage.keys import lora_key, lora_sample_grid_key, resolve_lora_key
 
 if TYPE_CHECKING:
     from services.gpu.train.job import Resume
@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 async def train_lora(request: TrainLoraInput, ctx: JobContext) -> TrainLoraResult:
     """Train (resuming from a matching checkpoint), store the LoRA under ``loras/<output_name>/``,
-    return it with samples, snapshots and metrics; the checkpoints go unless ``keep_checkpoints``."""
+    return it with samples, snapshots, metrics, the loss curve and the sample grid (stored beside
+    the LoRA); a diverged run raises before anything is stored; the checkpoints go unless ``keep_checkpoints``."""
     from services.gpu.train.job import Durable
     from services.gpu.train.job import train_lora as run_training
 
@@ -57,12 +58,19 @@ async def train_lora(request: TrainLoraInput, ctx: JobContext) -> TrainLoraResul
         samples=[OutputFile.from_bytes(s.name, s.data, s.mime) for s in result.samples],
         metrics=result.metrics,
         resumed_from_step=result.resumed_from_step,
+        loss_curve=LossCurve(**result.loss_curve),
     )
     if result.kohya_path is not None:
         kohya = lora_key(request.output_name, kohya=True)
         await ctx.storage.put_file(kohya, result.kohya_path, content_type="application/octet-stream")
         response.kohya_lora = OutputFile.from_path(
             kohya.rsplit("/", 1)[1], result.kohya_path, "application/octet-stream", key=kohya
+        )
+    if result.sample_grid is not None:
+        grid = lora_sample_grid_key(request.output_name)
+        await ctx.storage.put_bytes(grid, result.sample_grid.data, content_type=result.sample_grid.mime)
+        response.sample_grid = OutputFile.from_bytes(
+            grid.rsplit("/", 1)[1], result.sample_grid.data, result.sample_grid.mime, key=grid
         )
     if request.save_every:
         response.snapshots = [

@@ -35,7 +35,6 @@ LoraTargets = Literal["attention", "attention+mlp"]
 ImageFormat = Literal["png", "jpeg", "webp"]
 
 
-
 def check_pixels(width: int, height: int, max_pixels: int) -> None:
     """Raise :class:`InputError` when ``width x height`` is over ``MAX_IMAGE_PIXELS``."""
     if width * height > max_pixels:

@@ -25,6 +25,8 @@ class TrainResult:
     samples: list[ImageFile] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
     resumed_from_step: int = 0  # 0: trained from the start
+    loss_curve: dict[str, Any] = field(default_factory=dict)  # LossLog.curve(): this run's steps
+    sample_grid: ImageFile | None = None  # rows = steps, columns = sample prompts (with save_every)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,10 @@
 order of work is: validate the dataset (no model loaded yet), load the cached pipeline and its
 model family, put every image in its aspect-ratio bucket at each training resolution, train
 (:mod:`services.gpu.train.trainer`), save the diffusers LoRA and the optional kohya copy, render the
-sample prompts through the generation path with the saved file, and report.
+sample prompts through the generation path with the saved file, and report: metrics, the loss
+curve and, with ``save_every`` and ``sample_prompts``, a grid of the samples by step
+(:mod:`services.gpu.train.grid`). A run whose loss or weights stop being finite raises
+:class:`~services.errors.TrainingDiverged` before anything of that state is written.
 
 Durability (with a :class:`Durable`, which the ``train_lora`` action passes): the run resumes
 from a downloaded checkpoint when its training config hash (:func:`config_hash_of`) matches,
@@ -40,12 +43,14 @@ from services.gpu.state import RUNNER_STATE
 from services.gpu.train.buckets import bucket_sizes, nearest_bucket
 from services.gpu.train.dataset import Example, fit, load_rgb, scan_dataset
 from services.gpu.train.durable import Durability
+from services.gpu.train.grid import SampleGrid
 from services.gpu.train.trainer import (
     LoraTrainer,
     Precision,
     Progress,
     ProgressReporter,
     TrainConfig,
+    diverged,
     run_steps,
     torch_dtype,
 )
@@ -263,10 +268,15 @@ def train_lora(
             buckets = trainer.plan.counts
             setup_seconds = time.perf_counter() - setup_started
             reporter = ProgressReporter(progress, cfg.steps, start_step=start)
+            grid = SampleGrid(len(params.sample_prompts), resolutions[0]) if params.sample_prompts else None
 
             def snapshot(step: int) -> None:
                 assert durable is not None
-                _snapshot(entry, trainer, params, resolutions[0], work_dir, step, metadata, lora_dtype, durable)
+                rendered = _snapshot(
+                    entry, trainer, params, resolutions[0], work_dir, step, metadata, lora_dtype, durable
+                )
+                if grid is not None:
+                    grid.add(step, rendered)
 
             hook = Durability(
                 trainer,
@@ -288,23 +298,43 @@ def train_lora(
             finally:
                 if durable is not None:
                     durable.storage.wait()
+            trainer.check_finite(cfg.steps)
             save_diffusers_lora(
                 entry, trainer.lora_state_dict(), trainer.adapter_config(), lora_path, metadata, lora_dtype
             )
+            check_saved_weights(lora_path, cfg.steps, cfg)
+            curve = trainer.losses.curve() if trainer.losses is not None else {}
         finally:
             trainer.close()
         kohya_path = None
         if "kohya" in params.export_formats:
             kohya_path = export_kohya(lora_path, work_dir / f"{params.output_name}_kohya.safetensors", metadata)
         samples = _samples(entry, params, resolutions[0], lora_path, stop)
+        sample_grid = grid.render(cfg.steps, samples) if grid is not None and params.save_every else None
         metrics = _metrics(cfg, stats, setup_seconds, started, device, len(examples), buckets, params.quantize_base)
     if cfg.compile:
         RUNNER_STATE.record_warmup(f"train {model} {resolutions[0]}px b{cfg.batch_size}", stats.first_step_seconds)
         _remember_warm(cfg.compile_key, stats.first_step_seconds, cache)
     log.info("trained %s: %s", params.output_name, metrics)
     return TrainResult(
-        lora_path=lora_path, kohya_path=kohya_path, samples=samples, metrics=metrics, resumed_from_step=start
+        lora_path=lora_path,
+        kohya_path=kohya_path,
+        samples=samples,
+        metrics=metrics,
+        resumed_from_step=start,
+        loss_curve=curve,
+        sample_grid=sample_grid,
     )
+
+
+def check_saved_weights(path: Path, step: int, cfg: TrainConfig) -> None:
+    """Raise :class:`TrainingDiverged` when a tensor of the written LoRA file is not finite (a
+    weight that overflows the file's fp16, say), before the file is handed to storage."""
+    import torch
+    from safetensors.torch import load_file
+
+    if not all(bool(torch.isfinite(tensor).all()) for tensor in load_file(str(path)).values()):
+        raise diverged(step, cfg, f"a weight of the LoRA file is not finite once saved ({path.name})")
 
 
 def _snapshot(
@@ -317,25 +347,29 @@ def _snapshot(
     metadata: dict[str, str],
     dtype: torch.dtype,
     durable: Durable,
-) -> None:
+) -> list[ImageFile]:
     """Write the LoRA of ``step`` and its sample images (rendered with the training adapter, on
-    their own RNG: training's stays untouched) and hand them to storage."""
+    their own RNG: training's stays untouched) and hand them to storage; returns the samples."""
     folder = work_dir / f"snapshot-{step}"
     folder.mkdir()
+    images: list[ImageFile] = []
     try:
         lora = save_diffusers_lora(
             entry, trainer.lora_state_dict(), trainer.adapter_config(), folder / "lora.safetensors", metadata, dtype
         )
+        check_saved_weights(lora, step, trainer.cfg)
         paths = []
         if params.sample_prompts:
             with trainer.sampling():
-                for image in _samples(entry, params, resolution, None, None):
-                    path = folder / image.name
-                    path.write_bytes(image.data)
-                    paths.append(path)
+                images = _samples(entry, params, resolution, None, None)
+            for image in images:
+                path = folder / image.name
+                path.write_bytes(image.data)
+                paths.append(path)
         durable.storage.save_snapshot(step, lora, paths)
     finally:
         durable.storage.discard(folder)
+    return images
 
 
 def _train_config(
@@ -401,7 +435,7 @@ def _metrics(
     metrics: dict[str, Any] = {
         "steps": cfg.steps,
         "resumed_from_step": stats.start_step,
-        "final_loss": round(stats.final_loss, 6),
+        "final_loss": None if stats.final_loss is None else round(stats.final_loss, 6),
         "seconds": round(time.perf_counter() - started, 3),
         "train_seconds": round(stats.seconds, 3),
         "setup_seconds": round(setup_seconds, 3),
