@@ -51,10 +51,18 @@ class GpuOutOfMemory(GpuError):
     refresh_worker = True
 
 
+class TrainingDiverged(GpuError):
+    """The training loss or a LoRA weight stopped being finite; nothing of that state was stored."""
+
+
 class ModelStateError(GpuError):
     """The model or CUDA state is broken; the worker is refreshed."""
 
     refresh_worker = True
+
+
+class ResultNotJson(WorkerError):
+    """A result holds a number strict JSON cannot carry (NaN, infinity); it is not returned."""
 
 
 class JobStopped(WorkerError):

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from services.actions.results import GenerateResult, StoredSnapshot, TrainLoraResult
+from services.actions.results import GenerateResult, LossCurve, StoredSnapshot, TrainLoraResult
 from services.durable.checkpoints import CheckpointStore
 from services.durable.lease import Lease, worker_name
 from services.durable.snapshots import SnapshotStore
@@ -22,7 +22,7 @@ from services.gpu.params import GenerateInput, TrainLoraInput
 from services.ingest.datasets import fetch_dataset
 from services.job.context import JobContext, gpu_lock
 from services.output.files import OutputFile
-from services.storage.keys import lora_key, resolve_lora_key
+from services.storage.keys import lora_key, lora_sample_grid_key, resolve_lora_key
 
 if TYPE_CHECKING:
     from services.gpu.train.job import Resume
@@ -32,7 +32,9 @@ log = logging.getLogger(__name__)
 
 async def train_lora(request: TrainLoraInput, ctx: JobContext) -> TrainLoraResult:
     """Train (resuming from a matching checkpoint), store the LoRA under ``loras/<output_name>/``,
-    return it with samples, snapshots and metrics; the checkpoints go unless ``keep_checkpoints``.
+    return it with samples, snapshots, metrics, the loss curve and the sample grid (stored beside
+    the LoRA); a diverged run raises before anything is stored; the checkpoints go unless
+    ``keep_checkpoints``.
 
     Order: the time check, the lease on ``output_name`` (one writer), the dataset, the checkpoint
     read; then the runner checks the model, exports, precision and decodes the dataset, and only
@@ -93,6 +95,7 @@ async def _train(request: TrainLoraInput, ctx: JobContext, lease: Lease) -> Trai
         metrics=result.metrics,
         resumed_from_step=result.resumed_from_step,
         warnings=result.warnings,
+        loss_curve=LossCurve(**result.loss_curve),
     )
     response.lora_format = result.lora_format
     for fmt, path in (("kohya", result.kohya_path), ("diffusers", result.diffusers_path)):
@@ -101,6 +104,12 @@ async def _train(request: TrainLoraInput, ctx: JobContext, lease: Lease) -> Trai
             await ctx.storage.put_file(copy, path, content_type="application/octet-stream")
             stored = OutputFile.from_path(copy.rsplit("/", 1)[1], path, "application/octet-stream", key=copy)
             setattr(response, f"{fmt}_lora", stored)
+    if result.sample_grid is not None:
+        grid = lora_sample_grid_key(request.output_name)
+        await ctx.storage.put_bytes(grid, result.sample_grid.data, content_type=result.sample_grid.mime)
+        response.sample_grid = OutputFile.from_bytes(
+            grid.rsplit("/", 1)[1], result.sample_grid.data, result.sample_grid.mime, key=grid
+        )
     if request.save_every:
         response.snapshots = [
             StoredSnapshot(step=s.step, lora=s.lora.key if s.lora else None, samples=[o.key for o in s.samples])

@@ -21,6 +21,7 @@ __all__ = [
     "HealthResult",
     "ListFilesResult",
     "ListedFile",
+    "LossCurve",
     "PresignResult",
     "PresignedUploadOut",
     "TrainLoraResult",
@@ -97,6 +98,18 @@ class StoredSnapshot(BaseModel):
     samples: list[str] = Field(default_factory=list, description="Keys of its sample images.")
 
 
+class LossCurve(BaseModel):
+    """This run's training loss (a resumed run's starts after ``start_step``)."""
+
+    steps: list[int] = Field(default_factory=list, description="The step of each point.")
+    loss: list[float] = Field(
+        default_factory=list, description="The loss at that step; the mean of the last `every` steps' losses."
+    )
+    ema: list[float] = Field(default_factory=list, description="The smoothed loss (EMA, 0.9) at that step.")
+    every: int = Field(1, description="Steps per point: 1, or more when the run had over 500 steps.")
+    start_step: int = Field(0, description="The step this run started from.")
+
+
 class TrainLoraResult(BaseModel):
     lora: OutputFile = Field(
         description="The LoRA file (the first of export_formats), stored at loras/<output_name>/<output_name>"
@@ -124,10 +137,17 @@ class TrainLoraResult(BaseModel):
         "trained without a training_adapter.",
     )
 
+    loss_curve: LossCurve = Field(default_factory=LossCurve, description="Per-step loss and its EMA.")
+    sample_grid: OutputFile | None = Field(
+        None,
+        description="With save_every and sample_prompts: one PNG, a row per snapshot step and the final "
+        "step, a column per prompt; stored at loras/<output_name>/<output_name>.samples.png.",
+    )
+
     @model_serializer(mode="wrap")
-    def _without_absent_copies(self, handler: Any) -> dict[str, Any]:
+    def _without_absent_files(self, handler: Any) -> dict[str, Any]:
         data = handler(self)
-        for name in ("kohya_lora", "diffusers_lora"):
+        for name in ("kohya_lora", "diffusers_lora", "sample_grid"):
             if getattr(self, name) is None:
                 data.pop(name, None)
         return data

@@ -28,6 +28,8 @@ class TrainResult:
     metrics: dict[str, Any] = field(default_factory=dict)
     resumed_from_step: int = 0  # 0: trained from the start
     warnings: list[str] = field(default_factory=list)
+    loss_curve: dict[str, Any] = field(default_factory=dict)  # LossLog.curve(): this run's steps
+    sample_grid: ImageFile | None = None  # rows = steps, columns = sample prompts (with save_every)
 
 
 @dataclass(frozen=True)

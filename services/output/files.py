@@ -5,7 +5,8 @@ An action returns a pydantic result model whose fields may hold :class:`OutputFi
 fields, asks the plan which travel inline (``{"type": "base64", ...}``) and which as a
 presigned redirect (``{"type": "redirect", ..., "url"}``, stored under ``outputs/<job id>/``
 unless already stored, like a LoRA), and returns the response dict. The size checked is
-``len(json.dumps(...))`` of what is actually returned.
+``len(json.dumps(...))`` of what is actually returned. Every number in a response is finite
+(strict JSON): a NaN or infinity anywhere fails the job with :class:`ResultNotJson`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import math
 import mimetypes
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +23,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, model_serializer
 
 from config.settings import Settings
+from services.errors import ResultNotJson
 from services.output.plan import Delivery, initial_plan, shrink_plan
 from services.storage.base import Storage
 from services.storage.keys import output_key
@@ -110,6 +113,19 @@ def output_files(value: Any) -> Iterator[OutputFile]:
             yield from output_files(item)
 
 
+def non_finite(value: Any, where: str = "output") -> str | None:
+    """The path of the first NaN or infinite number in ``value`` (strict JSON has none), or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where
+    if isinstance(value, dict):
+        items = ((f"{where}.{key}", item) for key, item in value.items())
+    elif isinstance(value, list | tuple):
+        items = ((f"{where}[{index}]", item) for index, item in enumerate(value))
+    else:
+        return None
+    return next((found for path, item in items if (found := non_finite(item, path)) is not None), None)
+
+
 def response_size(response: dict[str, Any]) -> int:
     """Bytes of the JSON RunPod will post."""
     return len(json.dumps(response, separators=(",", ":")).encode()) + 64  # envelope: id, status
@@ -155,6 +171,8 @@ class OutputPolicy:
         plan = initial_plan(sizes, self.settings.inline_max_bytes)
         await self._carry_out(files, plan)
         response = result.model_dump()
+        if (where := non_finite(response)) is not None:
+            raise ResultNotJson(f"the result holds a non-finite number at {where}; it is not valid JSON")
         while "inline" in plan and (excess := response_size(response) - self.settings.response_max_bytes) > 0:
             new = shrink_plan(sizes, plan, excess)
             moved = [f"{f.name} ({f.size} bytes)" for f, old, d in zip(files, plan, new, strict=True) if old != d]

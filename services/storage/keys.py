@@ -169,6 +169,11 @@ def lora_name_of(key: str) -> str | None:
     return name if key == lora_key(name) else None
 
 
+def lora_sample_grid_key(output_name: str) -> str:
+    """``loras/<name>/<name>.samples.png``: a training run's samples by step (rows) and prompt (columns)."""
+    return f"{lora_prefix(output_name)}{output_name}.samples.png"
+
+
 def lora_checkpoint_prefix(output_name: str) -> str:
     """``loras/<output_name>/checkpoints/``: where training checkpoints of that LoRA go."""
     return f"{lora_prefix(output_name)}checkpoints/"

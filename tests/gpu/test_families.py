@@ -1,6 +1,7 @@
-"""Every model family through the same runner: training learns, the file loads in diffusers'
-own loader to the same image, the base comes back bit for bit, non-square images train in
-non-square buckets, progress and stop work between steps, and only the seam names a family."""
+"""Every model family through the same runner: the file loads in diffusers' own loader to the
+same image, the base comes back bit for bit, non-square images train in non-square buckets,
+progress and stop work between steps, and only the seam names a family (that training learns:
+tests/gpu/test_learning.py)."""
 
 from __future__ import annotations
 
@@ -22,9 +23,9 @@ from services.gpu.adapters import tuner_layers
 from services.gpu.families import FAMILIES, build_tiny_pipeline, family_of_builtin
 from services.gpu.generate.render import generate_images
 from services.gpu.params import GenerateInput, TrainLoraInput
-from services.gpu.train.dataset import fit, load_rgb, scan_dataset
+from services.gpu.train.dataset import fit, load_rgb
 from services.gpu.train.job import train_lora
-from services.gpu.train.trainer import LoraTrainer, ProgressReporter, TrainConfig, evaluation_loss, run_steps
+from services.gpu.train.trainer import LoraTrainer, ProgressReporter, TrainConfig, run_steps
 from services.job.stop import StopSignal
 from tests.gpu.conftest import SIZE, decode, write_dataset
 
@@ -86,21 +87,6 @@ def family_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
     )
     result = train_lora(params, dataset, tmp_path_factory.mktemp("work"), settings)
     return FamilyRun(model=model, result=result, dataset=dataset, base_digest=before)
-
-
-def test_training_lowers_a_held_out_loss(family_run: FamilyRun, settings) -> None:
-    entry = models.load_pipeline(family_run.model, settings, torch.float32, CPU)
-    held_out = write_dataset(family_run.dataset.parent / f"held-{family_run.model[-5:]}", count=2)
-    examples = scan_dataset(held_out, trigger_word="sks")
-    images = [fit(load_rgb(example.path), (SIZE, SIZE)) for example in examples]
-    captions = [example.caption for example in examples]
-    before = evaluation_loss(entry, images, captions, seed=3)
-    from services.gpu.adapters import fused_lora
-
-    with fused_lora(entry, family_run.result.lora_path, 1.0):
-        after = evaluation_loss(entry, images, captions, seed=3)
-    print(f"{family_run.model}: held-out loss {before:.4f} -> {after:.4f}")
-    assert after < before * 0.995, (before, after)  # SDXL's tiny UNet moves least: ~0.99 at 40 steps
 
 
 def test_non_square_image_trains_in_a_non_square_bucket(family_run: FamilyRun) -> None:

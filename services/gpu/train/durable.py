@@ -11,7 +11,9 @@ steps done so far and the loss EMA. In order:
 3. Checkpoint every ``every`` steps or ``minutes`` after the last one, whichever comes first:
    captured here (the GPU thread), uploaded in the background (:mod:`services.durable.training_store`).
 
-Nothing is saved at the step a run resumed from (it is in storage already).
+Nothing is saved at the step a run resumed from (it is in storage already), and nothing of a
+diverged run: before a snapshot or checkpoint, :meth:`LoraTrainer.check_finite` raises
+:class:`~services.errors.TrainingDiverged` when a loss so far or a LoRA weight is not finite.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ class Durability:
             self._stop(done, ema, "deadline", now)
         if done > self.start_step:
             if self.snapshot is not None and self.save_every and done % self.save_every == 0:
+                self.trainer.check_finite(done)
                 self.snapshot(done)
             due = done % self.every == 0 or now - self.last_checkpoint_time >= self.minutes * 60
             if self.storage is not None and due:
@@ -72,6 +75,7 @@ class Durability:
 
     def _checkpoint(self, done: int, ema: torch.Tensor | None, wait: bool) -> None:
         assert self.storage is not None
+        self.trainer.check_finite(done)  # a diverged state never becomes the checkpoint to resume
         self.last_checkpoint_time = monotonic()
         files = capture(self.trainer.parts(), self.trainer.loop_state(done, ema), self.workspace / f"ckpt-{done}")
         self.storage.save_checkpoint(done, files, self.config_hash, wait=wait)

@@ -3,9 +3,12 @@
 ``train_lora`` is synchronous; the caller runs it in a worker thread under the GPU lock. The
 order of work is: validate the dataset (no model loaded yet), load the cached pipeline and its
 model family, put every image in its aspect-ratio bucket at each training resolution, train
-(:mod:`services.gpu.train.trainer`), save the LoRA in each export format, render the
-sample prompts through the generation path with the saved file, and report. LoRA files: one per
-``export_formats`` entry (the family's default when none is given; the first is the main file).
+(:mod:`services.gpu.train.trainer`), save the LoRA in each ``export_formats`` entry (the
+family's default when none is given; the first is the main file), render the
+sample prompts through the generation path with the saved file, and report: metrics, the loss
+curve and, with ``save_every`` and ``sample_prompts``, a grid of the samples by step
+(:mod:`services.gpu.train.grid`). A run whose loss or weights stop being finite raises
+:class:`~services.errors.TrainingDiverged` before anything of that state is written.
 
 Durability (with a :class:`Durable`, which the ``train_lora`` action passes): the run resumes
 from a downloaded checkpoint when its training config hash (:func:`config_hash_of`) matches,
@@ -44,12 +47,14 @@ from services.gpu.state import RUNNER_STATE
 from services.gpu.train.buckets import bucket_sizes, nearest_bucket
 from services.gpu.train.dataset import Example, fit, load_rgb, scan_dataset
 from services.gpu.train.durable import Durability
+from services.gpu.train.grid import SampleGrid
 from services.gpu.train.trainer import (
     LoraTrainer,
     Precision,
     Progress,
     ProgressReporter,
     TrainConfig,
+    diverged,
     run_steps,
     torch_dtype,
 )
@@ -314,10 +319,15 @@ def train_lora(
             buckets = trainer.plan.counts
             setup_seconds = time.perf_counter() - setup_started
             reporter = ProgressReporter(progress, cfg.steps, start_step=start)
+            grid = SampleGrid(len(params.sample_prompts), resolutions[0]) if params.sample_prompts else None
 
             def snapshot(step: int) -> None:
                 assert durable is not None
-                _snapshot(entry, trainer, params, resolutions[0], work_dir, step, metadata, lora_dtype, durable)
+                rendered = _snapshot(
+                    entry, trainer, params, resolutions[0], work_dir, step, metadata, lora_dtype, durable
+                )
+                if grid is not None:
+                    grid.add(step, rendered)
 
             hook = Durability(
                 trainer,
@@ -339,10 +349,15 @@ def train_lora(
             finally:
                 if durable is not None:
                     durable.storage.wait()
+            trainer.check_finite(cfg.steps)
             files = _export(entry, trainer, formats, lora_path, metadata, lora_dtype)
+            for path in files.values():
+                check_saved_weights(path, cfg.steps, cfg)
+            curve = trainer.losses.curve() if trainer.losses is not None else {}
         finally:
             _close(trainer, adapter)
         samples = _samples(entry, params, resolutions[0], lora_path, stop)
+        sample_grid = grid.render(cfg.steps, samples) if grid is not None and params.save_every else None
         metrics = _metrics(cfg, stats, setup_seconds, started, device, len(examples), buckets, params.quantize_base)
     if cfg.compile:
         RUNNER_STATE.record_warmup(f"train {model} {resolutions[0]}px b{cfg.batch_size}", stats.first_step_seconds)
@@ -357,6 +372,8 @@ def train_lora(
         metrics=metrics,
         resumed_from_step=start,
         warnings=warnings,
+        loss_curve=curve,
+        sample_grid=sample_grid,
     )
 
 
@@ -405,6 +422,16 @@ def _resume(trainer: LoraTrainer, resume: Resume, output_name: str) -> tuple[int
     return start, ema
 
 
+def check_saved_weights(path: Path, step: int, cfg: TrainConfig) -> None:
+    """Raise :class:`TrainingDiverged` when a tensor of the written LoRA file is not finite (a
+    weight that overflows the file's fp16, say), before the file is handed to storage."""
+    import torch
+    from safetensors.torch import load_file
+
+    if not all(bool(torch.isfinite(tensor).all()) for tensor in load_file(str(path)).values()):
+        raise diverged(step, cfg, f"a weight of the LoRA file is not finite once saved ({path.name})")
+
+
 def _snapshot(
     entry: LoadedPipeline,
     trainer: LoraTrainer,
@@ -415,25 +442,29 @@ def _snapshot(
     metadata: dict[str, str],
     dtype: torch.dtype,
     durable: Durable,
-) -> None:
+) -> list[ImageFile]:
     """Write the LoRA of ``step`` and its sample images (rendered with the training adapter, on
-    their own RNG: training's stays untouched) and hand them to storage."""
+    their own RNG: training's stays untouched) and hand them to storage; returns the samples."""
     folder = work_dir / f"snapshot-{step}"
     folder.mkdir()
+    images: list[ImageFile] = []
     try:
         fmt = export_formats(params, trainable(entry.family, entry.pipe))[0]
         layers, config = trainer.lora_state_dict(), trainer.adapter_config()
         lora = save_lora(entry, layers, config, folder / "lora.safetensors", metadata, dtype, fmt)
+        check_saved_weights(lora, step, trainer.cfg)
         paths = []
         if params.sample_prompts:
             with trainer.sampling():
-                for image in _samples(entry, params, resolution, None, None):
-                    path = folder / image.name
-                    path.write_bytes(image.data)
-                    paths.append(path)
+                images = _samples(entry, params, resolution, None, None)
+            for image in images:
+                path = folder / image.name
+                path.write_bytes(image.data)
+                paths.append(path)
         durable.storage.save_snapshot(step, lora, paths)
     finally:
         durable.storage.discard(folder)
+    return images
 
 
 def _train_config(
@@ -512,7 +543,7 @@ def _metrics(
     metrics: dict[str, Any] = {
         "steps": cfg.steps,
         "resumed_from_step": stats.start_step,
-        "final_loss": round(stats.final_loss, 6),
+        "final_loss": None if stats.final_loss is None else round(stats.final_loss, 6),
         "seconds": round(time.perf_counter() - started, 3),
         "train_seconds": round(stats.seconds, 3),
         "setup_seconds": round(setup_seconds, 3),

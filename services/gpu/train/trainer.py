@@ -20,6 +20,7 @@ noise and timesteps) used by the tests and the benchmark to show that training l
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from services.errors import CheckpointCorrupt, ModelStateError
+from services.errors import CheckpointCorrupt, ModelStateError, TrainingDiverged
 from services.gpu.adapters import tuner_layers
 from services.gpu.families import trainable
 from services.gpu.models import PIPELINES, LoadedPipeline
@@ -49,6 +50,8 @@ WEIGHT_DECAY = 1e-2
 LOSS_EMA = 0.9
 ENCODE_CHUNK = 8
 EVAL_FRACTIONS = (0.05, 0.2, 0.4, 0.6, 0.8, 0.95)
+MAX_CURVE_POINTS = 500  # a longer run's loss curve is averaged into this many points
+CHECK_SECONDS = 1.0  # on a GPU the loss is checked for divergence (a host sync) this often
 
 
 class Progress(Protocol):
@@ -140,6 +143,7 @@ class LoraTrainer:
         self._attached = False
         self._checkpointing = False
         self._offloaded: list[str] = []
+        self.losses: LossLog | None = None  # set by run_steps
 
     # setup
 
@@ -263,6 +267,18 @@ class LoraTrainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total
+
+    # divergence
+
+    def check_finite(self, step: int) -> None:
+        """Raise :class:`TrainingDiverged` when a loss so far or a LoRA weight is not finite
+        (a host sync): run before anything of the trained state is saved."""
+        import torch
+
+        if self.losses is not None:
+            self.losses.check()
+        if self.params and not bool(torch.stack([p.detach().isfinite().all() for p in self.params]).all()):
+            raise diverged(step, self.cfg, "a LoRA weight is not finite")
 
     # checkpoint state
 
@@ -392,7 +408,7 @@ class ProgressReporter:
         update = {
             "step": step,
             "total_steps": self.total,
-            "loss": round(loss(), 6),
+            "loss": _finite(loss()),
             "steps_per_second": None if rate is None else round(rate, 3),
             "eta_seconds": None if rate is None else round((self.total - step) / rate, 1),
             "last_checkpoint_step": self.last_checkpoint_step,
@@ -400,12 +416,17 @@ class ProgressReporter:
         self.callback(update, final=final)
 
 
+def _finite(value: float) -> float | None:
+    """Rounded; None for NaN or infinity (progress updates are strict JSON)."""
+    return round(value, 6) if math.isfinite(value) else None
+
+
 @dataclass(frozen=True)
 class TrainStats:
     """Measured by :func:`run_steps` (``steps`` counts this run's steps, ``start_step`` the resumed ones)."""
 
     steps: int
-    final_loss: float
+    final_loss: float | None  # None: no step ran (resumed at the last step without a loss)
     seconds: float
     first_step_seconds: float
     start_step: int = 0
@@ -426,13 +447,17 @@ def run_steps(
     """Run optimizer steps ``start_step + 1 .. cfg.steps``; the loss is an EMA kept on the device.
 
     Before every step, ``before_step(steps_done, ema)`` runs when given (checkpoints, and the
-    stop signal: it raises :class:`JobStopped`); without it ``stop`` is checked there.
+    stop signal: it raises :class:`JobStopped`); without it ``stop`` is checked there. Every
+    step's loss goes to ``trainer.losses`` (a :class:`LossLog`), checked for divergence after
+    every step on the CPU, every ``CHECK_SECONDS`` on a GPU, and at the end.
     """
     import torch
 
     total = trainer.cfg.steps
-    sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
-    started = clock()
+    cpu = trainer.device.type != "cuda"
+    sync = (lambda: None) if cpu else torch.cuda.synchronize
+    losses = trainer.losses = LossLog(trainer.cfg, start_step, trainer.device)
+    started = checked = clock()
     first = 0.0
     for step in range(start_step + 1, total + 1):
         if before_step is not None:
@@ -441,15 +466,81 @@ def run_steps(
             stop.check(f"train_lora at step {step - 1} of {total}")
         loss = trainer.step()
         ema = loss if ema is None else ema * LOSS_EMA + loss * (1 - LOSS_EMA)
+        losses.record(loss, ema)
         if step == start_step + 1:
             sync()
             first = clock() - started
+        if cpu or clock() - checked >= CHECK_SECONDS:
+            losses.check()
+            checked = clock()
         if reporter is not None:
             current = ema
             reporter.update(step, lambda current=current: float(current))
+    losses.check()
     sync()
-    final = float(ema) if ema is not None else float("nan")
+    final = float(ema) if ema is not None else None
     return TrainStats(total - start_step, final, clock() - started, first, start_step)
+
+
+def diverged(step: int, cfg: TrainConfig, what: str) -> TrainingDiverged:
+    return TrainingDiverged(
+        f"train_lora diverged at step {step} of {cfg.steps}: {what}; nothing of the diverged state was "
+        f"stored (an earlier LoRA of this name is unchanged). Lower learning_rate (now {cfg.learning_rate:g}) "
+        f"or alpha (now {cfg.alpha:g})"
+    )
+
+
+class LossLog:
+    """This run's per-step losses and their EMA, on the device (recording costs no host sync).
+
+    :meth:`check` syncs and raises :class:`TrainingDiverged` naming the first non-finite step;
+    :meth:`curve` is the result's loss curve, at most ``MAX_CURVE_POINTS`` points.
+    """
+
+    def __init__(self, cfg: TrainConfig, start_step: int, device: torch.device) -> None:
+        import torch
+
+        self.cfg = cfg
+        self.start = start_step
+        self.loss = torch.full((max(cfg.steps - start_step, 0),), math.nan, device=device)
+        self.ema = torch.full_like(self.loss, math.nan)
+        self.count = 0
+        self.checked = 0
+
+    def record(self, loss: torch.Tensor, ema: torch.Tensor) -> None:
+        self.loss[self.count] = loss
+        self.ema[self.count] = ema
+        self.count += 1
+
+    def check(self) -> None:
+        import torch
+
+        if self.count == self.checked:
+            return
+        finite = torch.isfinite(self.loss[self.checked : self.count])
+        if not bool(finite.all()):
+            index = self.checked + int((~finite).nonzero()[0, 0])
+            value = float(self.loss[index])
+            raise diverged(self.start + index + 1, self.cfg, f"the loss is {value}")
+        self.checked = self.count
+
+    def curve(self, max_points: int = MAX_CURVE_POINTS) -> dict[str, Any]:
+        """``{"steps", "loss", "ema", "every", "start_step"}``: with more steps than ``max_points``
+        each point is the mean loss of ``every`` consecutive steps (``steps``: the last of them)
+        and the EMA at that step."""
+        count = self.count
+        every = max(1, math.ceil(count / max_points))
+        loss = self.loss[:count].double().cpu()
+        ema = self.ema[:count].double().cpu()
+        starts = range(0, count, every)
+        ends = [min(begin + every, count) for begin in starts]
+        return {
+            "steps": [self.start + end for end in ends],
+            "loss": [round(float(loss[b:e].mean()), 6) for b, e in zip(starts, ends, strict=True)],
+            "ema": [round(float(ema[end - 1]), 6) for end in ends],
+            "every": every,
+            "start_step": self.start,
+        }
 
 
 # --- evaluation -------------------------------------------------------------------------------
