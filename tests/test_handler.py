@@ -273,7 +273,10 @@ def test_response_budget_sends_the_largest_files_to_storage(s3_env: Settings, bu
 
     async def render(storage: Storage) -> dict[str, Any]:
         result = GenerateResult(
-            images=[OutputFile.from_bytes(f"img{i}.png", p) for i, p in enumerate(payloads)], seed=0
+            images=[OutputFile.from_bytes(f"img{i}.png", p) for i, p in enumerate(payloads)],
+            seed=0,
+            steps=25,
+            guidance_scale=None,
         )
         return await OutputPolicy(storage, settings, "job-77").render(result)
 

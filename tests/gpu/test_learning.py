@@ -35,8 +35,7 @@ def _strict_json(text: str) -> Any:
     def refuse(constant: str) -> None:
         raise ValueError(f"non-finite number {constant} in the printed result")
 
-    start = text.index("\n{") + 1
-    return json.loads(text[start : text.rindex("}") + 1], parse_constant=refuse)
+    return json.loads(text, parse_constant=refuse)  # stdout holds the result JSON alone
 
 
 def _png(colour: tuple[int, int, int], seed: int) -> str:
@@ -59,26 +58,30 @@ def test_a_diverged_run_fails_prints_strict_json_and_keeps_the_stored_lora(tmp_p
     files = [{"name": f"{i}.png", "data": _png((40 * i, 60, 200), i)} for i in range(2)]
     upload = {"action": "upload_training_files", "dataset": "d", "files": files}
     assert run_worker(tmp_path, upload).returncode == 0
-    good = {
+    with_grid = {
         "action": "train_lora",
         "dataset": "d",
-        "output_name": "x",
+        "output_name": "g",
         "steps": 4,
         "rank": 2,
         "save_every": 2,
         "sample_prompts": ["a red square", "a blue square"],
         "sample_steps": 2,
     }
-    trained = run_worker(tmp_path, good)
+    trained = run_worker(tmp_path, with_grid)
     assert trained.returncode == 0, result_of(trained)
     result = _strict_json(trained.stdout)
     curve = result["loss_curve"]
     assert curve["steps"] == [1, 2, 3, 4] and (curve["every"], curve["start_step"]) == (1, 0)
     assert len(curve["loss"]) == len(curve["ema"]) == 4
     assert all(math.isfinite(v) and v > 0 for v in curve["loss"] + curve["ema"])
-    assert result["sample_grid"]["key"] == "loras/x/x.samples.png"
-    with Image.open(tmp_path / "storage" / "loras" / "x" / "x.samples.png") as grid:
+    assert result["sample_grid"]["key"] == "loras/g/g.samples.png"
+    with Image.open(tmp_path / "storage" / "loras" / "g" / "g.samples.png") as grid:
         assert grid.size == (64 + 2 * 32, 2 * 32)  # label column + 2 prompts; rows: step 2, step 4
+    # The LoRA a diverging run must not touch (no snapshots: a new run over another run's
+    # snapshots is refused before training unless it sends overwrite, which deletes them).
+    good = {"action": "train_lora", "dataset": "d", "output_name": "x", "steps": 4, "rank": 2}
+    assert run_worker(tmp_path, good).returncode == 0
     lora_dir = tmp_path / "storage" / "loras" / "x"
     before = _stored(lora_dir)
 
