@@ -81,3 +81,99 @@ def test_train_lora_auto_caption_trains_on_generated_captions(tmp_path: Path) ->
     assert {r["image"]: r["caption"] for r in record["captions"]} == {
         e["image"]: e["caption"] for e in captions["generated"]
     }
+
+
+def _train(tmp_path: Path, dataset: Path, settings, name: str, **options) -> tuple[bytes, object]:
+    from services.gpu.params import TrainLoraInput
+    from services.gpu.train.job import train_lora
+
+    params = TrainLoraInput(
+        action="train_lora", dataset="shapes", output_name=name, trigger_word="sks", steps=3, rank=2, seed=5, **options
+    )
+    work = tmp_path / name
+    work.mkdir()
+    result = train_lora(params, dataset, work, settings)
+    return result.lora_path.read_bytes(), params
+
+
+def test_caption_dropout_and_shuffle_are_seeded_and_change_the_weights(tmp_path: Path, settings) -> None:
+    """Catches: dropout/shuffle drawn from an unseeded RNG (two runs of one input differ), the
+    options silently ignored (the weights equal the plain run's), or the cached and uncached
+    text paths training on different texts."""
+    folder = tmp_path / "shapes"
+    folder.mkdir()
+    for i in range(2):
+        Image.new("RGB", (32, 32), (100 * i, 50, 200)).save(folder / f"s{i}.png")
+        (folder / f"s{i}.txt").write_text(f"tag{i}, red, square, blue, bright", encoding="utf-8")
+    options = {"caption_dropout": 0.5, "shuffle_caption": True, "keep_tokens": 1}
+    first, _ = _train(tmp_path, folder, settings, "a", **options)
+    second, _ = _train(tmp_path, folder, settings, "b", **options)
+    plain, _ = _train(tmp_path, folder, settings, "c")
+    uncached, _ = _train(tmp_path, folder, settings, "d", cache_text_embeddings=False, **options)
+    weights = [_tensors(blob) for blob in (first, second, plain, uncached)]
+    assert _same(weights[0], weights[1])
+    assert not _same(weights[0], weights[2])
+    assert _same(weights[0], weights[3], atol=1e-5)
+
+
+def _tensors(blob: bytes) -> dict:
+    from safetensors.torch import load
+
+    return load(blob)
+
+
+def _same(a: dict, b: dict, atol: float = 0.0) -> bool:
+    import torch
+
+    return a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=atol, rtol=0) for k in a)
+
+
+def test_caption_options_are_in_the_config_hash(tmp_path: Path) -> None:
+    """Catches: a resume across a changed caption_dropout / shuffle_caption / keep_tokens (they
+    change the weights, so the checkpoint must not match)."""
+    from dataclasses import replace
+
+    from services.gpu.train.dataset import Example
+    from services.gpu.train.job import config_hash_of
+    from services.gpu.train.trainer import TrainConfig
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    examples = [Example(tmp_path / "a.png", "a, b, c")]
+    base = TrainConfig(steps=2)
+    hashes = {
+        config_hash_of(cfg, "builtin:tiny-sd", examples, tmp_path)
+        for cfg in (
+            base,
+            replace(base, caption_dropout=0.1),
+            replace(base, shuffle_caption=True),
+            replace(base, shuffle_caption=True, keep_tokens=1),
+        )
+    }
+    assert len(hashes) == 4
+
+
+def test_captioning_stops_between_batches_keeping_the_batches_done(tmp_path: Path, settings) -> None:
+    """Catches: a cancel / SIGTERM / deadline not honoured until every image is captioned, or the
+    captions of the finished batches lost with the stop (a resend carries on from them)."""
+    from services.errors import JobStopped
+    from services.gpu.caption.run import CaptionJob, caption_images
+    from services.job.stop import StopSignal
+
+    paths = []
+    for i in range(5):
+        paths.append(tmp_path / f"i{i}.png")
+        Image.new("RGB", (24, 24), (50 * i, 0, 0)).save(paths[-1])
+    stop = StopSignal()
+    stored: list[list[str]] = []
+    progress: list[dict] = []
+
+    def on_batch(batch) -> None:
+        stored.append([c.name for c in batch])
+        stop.set("cancelled")  # the job is cancelled while the first batch is being stored
+
+    job = CaptionJob(model="builtin:tiny-florence2", batch_size=2)
+    with pytest.raises(JobStopped, match="after 2 of 5 images"):
+        caption_images(paths, job, settings, lambda update, final=False: progress.append(update), stop, on_batch)
+    assert stored == [["i0.png", "i1.png"]]
+    assert progress[-1]["images_done"] == 2 and progress[-1]["total_images"] == 5
+    assert progress[-1]["eta_seconds"] is not None
