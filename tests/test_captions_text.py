@@ -100,3 +100,29 @@ def test_without_options_each_image_gets_its_own_caption() -> None:
     variants = CaptionVariants.build(["x", "y", "x"])
     assert variants.texts == ["x", "y"]
     assert variants.choose([2, 1, 0], 5) == [0, 1, 0]
+
+
+def test_caption_inputs_are_validated_before_any_work() -> None:
+    """Catches: a max_length over MAX_CAPTION_CHARS, a multi-line prefix or an unknown option
+    reaching the captioner instead of a clear input error."""
+    from config.settings import build_settings
+    from services.actions import parse_job_input
+    from services.errors import InputError
+
+    settings = build_settings(max_caption_chars=100)
+    request = parse_job_input({"action": "caption_dataset", "dataset": "cats", "max_length": 90}, settings)
+    assert request.max_length == 90 and request.overwrite is False
+    cases = [
+        ({"action": "caption_dataset", "dataset": "cats", "max_length": 200}, "input.max_length: 200 is over"),
+        ({"action": "caption_dataset", "dataset": "cats", "prefix": "a\nb"}, "input.prefix: must be text on one line"),
+        ({"action": "caption_dataset", "dataset": "../x"}, "input.dataset"),
+        ({"action": "caption_dataset", "dataset": "cats", "detail": "huge"}, "input.detail"),
+        (
+            {"action": "train_lora", "dataset": "d", "output_name": "o", "auto_caption": {"max_length": 200}},
+            "input.auto_caption.max_length: 200 is over",
+        ),
+        ({"action": "train_lora", "dataset": "d", "output_name": "o", "caption_dropout": 1.0}, "input.caption_dropout"),
+    ]
+    for job, message in cases:
+        with pytest.raises(InputError, match=message.replace(".", r"\.")):
+            parse_job_input(job, settings)
