@@ -24,6 +24,7 @@ from services.actions.caption_results import (
     TrainingCaptions,
 )
 from services.durable.manifest import dataset_digest
+from services.errors import StorageError
 from services.gpu.caption.options import CaptionDatasetInput, CaptionOptions, auto_caption_options
 from services.gpu.caption.run import Captioned, CaptionJob, CaptionRun
 from services.ingest.datasets import plan_stored_dataset
@@ -186,9 +187,13 @@ async def record_captions(
     rows = [(e.path.relative_to(root).as_posix(), file_sha256(e.path), e.caption) for e in examples]
     digest = dataset_digest(rows)
     record = {"dataset_digest": digest, "captions": [{"image": r[0], "caption": r[2]} for r in rows]}
-    key = lora_captions_key(request.output_name)
+    key: str | None = lora_captions_key(request.output_name)
     data = json.dumps(record, ensure_ascii=False, indent=1).encode()
-    await ctx.storage.put_bytes(key, data, content_type="application/json")
+    try:
+        await ctx.storage.put_bytes(lora_captions_key(request.output_name), data, content_type="application/json")
+    except StorageError as exc:  # the LoRA is stored: the job succeeds without the record
+        log.warning("job %s: captions record %s not stored: %s", ctx.key_id, key, exc)
+        key = None
     done, failed = generated
     return TrainingCaptions(
         record=key,

@@ -177,3 +177,26 @@ def test_captioning_stops_between_batches_keeping_the_batches_done(tmp_path: Pat
     assert stored == [["i0.png", "i1.png"]]
     assert progress[-1]["images_done"] == 2 and progress[-1]["total_images"] == 5
     assert progress[-1]["eta_seconds"] is not None
+
+
+def test_a_cached_florence2_checkpoint_loads_through_the_real_loader(tmp_path: Path) -> None:
+    """Catches: CAPTION_MODEL repo ids not found in the Hugging Face cache, or the real loader
+    (AutoProcessor + AutoModelForImageTextToText, offline) diverging from the builtin's path; the
+    tiny model saved in the cache layout stands in for florence-community/Florence-2-base."""
+    import torch
+
+    from config.settings import build_settings
+    from services.errors import InputError
+    from services.gpu.caption.model import build_tiny_florence2, load_captioner
+
+    model, processor = build_tiny_florence2()
+    snapshot = tmp_path / "hub" / "models--florence-community--Florence-2-base" / "snapshots" / "abc"
+    model.save_pretrained(snapshot)
+    processor.save_pretrained(snapshot)
+    settings = build_settings(hf_home=tmp_path)
+    loaded = load_captioner("florence-community/Florence-2-base", settings, torch.device("cpu"), torch.float32)
+    assert loaded.florence and type(loaded.model).__name__ == "Florence2ForConditionalGeneration"
+    texts = loaded.caption([Image.new("RGB", (40, 30)), Image.new("RGB", (20, 50))], "short")
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+    with pytest.raises(InputError, match="never downloads models"):
+        load_captioner("org/not-cached", settings, torch.device("cpu"), torch.float32)

@@ -96,6 +96,9 @@ def load_captioner(name: str, settings: Settings, device: torch.device, dtype: t
         return Captioner(name, model.to(device, dtype).eval(), processor, device, dtype, florence=True)
     folder = _model_folder(name, settings)
     from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # bars would flood the worker's logs
 
     try:
         processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
