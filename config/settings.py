@@ -112,6 +112,12 @@ class Settings(BaseSettings):
     model_cache_size: int = Field(1, ge=1, le=16, description="Pipelines kept loaded per worker.")
     compile: bool | None = Field(None, description="torch.compile the UNet; default on with CUDA, off on CPU.")
     hf_home: Path | None = None
+    caption_model: str = Field(
+        "florence-community/Florence-2-base",
+        description="Captioning VLM (caption_dataset, auto_caption): a cached repo id, a directory or "
+        "builtin:tiny-florence2.",
+    )
+    caption_batch_size: int = Field(8, ge=1, le=64, description="Images per captioning batch.")
     torchinductor_cache_dir: Path | None = Field(
         None, description="torch.compile cache folder; default: on the network volume when mounted."
     )

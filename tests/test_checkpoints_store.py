@@ -451,6 +451,9 @@ def training_fields(**changes: Any) -> dict[str, Any]:
         "lora_targets": ["to_q", "to_k"],
         "timestep_sampling": "uniform",
         "training_adapter": None,
+        "caption_dropout": 0.0,
+        "shuffle_caption": False,
+        "keep_tokens": 0,
     }
     fields.update(changes)
     return fields

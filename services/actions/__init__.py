@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Union, get_args
 
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
+from services.actions.caption_results import CaptionDatasetResult
+from services.actions.captions import caption_dataset
 from services.actions.files import delete_files, get_file, list_files
 from services.actions.gpu_jobs import generate, train_lora
 from services.actions.health import health
@@ -40,6 +42,7 @@ from services.actions.schemas import (
 )
 from services.actions.uploads import presign_uploads, upload_training_files
 from services.errors import InputError
+from services.gpu.caption.options import CaptionDatasetInput
 from services.gpu.params import GenerateInput, TrainLoraInput
 from services.job.context import JobContext
 
@@ -56,6 +59,7 @@ REGISTRY: tuple[tuple[type[BaseModel], Runner, type[BaseModel]], ...] = (
     (GetFileInput, get_file, GetFileResult),
     (TrainLoraInput, train_lora, TrainLoraResult),
     (GenerateInput, generate, GenerateResult),
+    (CaptionDatasetInput, caption_dataset, CaptionDatasetResult),
     (HealthInput, health, HealthResult),
 )
 

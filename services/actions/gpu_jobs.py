@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from services.actions.captions import auto_caption, record_captions
 from services.actions.results import GenerateResult, LossCurve, StoredSnapshot, TrainLoraResult
 from services.durable.checkpoints import CheckpointStore
 from services.durable.lease import Lease, worker_name
@@ -53,6 +54,7 @@ async def _train(request: TrainLoraInput, ctx: JobContext, lease: Lease) -> Trai
     checkpoints = CheckpointStore(ctx.storage, request.output_name, max_bytes=ctx.settings.max_checkpoint_bytes)
     snapshots = SnapshotStore(ctx.storage, request.output_name)
     dataset_dir = await fetch_dataset(request, ctx)
+    captioned = await auto_caption(request, ctx, dataset_dir)
     resume = await _find_resume(request, ctx, checkpoints)
     out_dir = ctx.workspace / "train"
     out_dir.mkdir()
@@ -115,6 +117,7 @@ async def _train(request: TrainLoraInput, ctx: JobContext, lease: Lease) -> Trai
             StoredSnapshot(step=s.step, lora=s.lora.key if s.lora else None, samples=[o.key for o in s.samples])
             for s in await snapshots.current()
         ]
+    response.captions = await record_captions(request, ctx, dataset_dir, captioned)
     await _finish_checkpoints(request, ctx, checkpoints, storage.run, result.metrics.get("steps"))
     return response
 

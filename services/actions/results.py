@@ -10,6 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, model_serializer
 
+from services.actions.caption_results import TrainingCaptions
 from services.ingest.batch_upload import BatchResult
 from services.output.files import OutputFile
 
@@ -136,6 +137,7 @@ class TrainLoraResult(BaseModel):
         description="Things to know about the result, e.g. a distilled base (FLUX.1-schnell, Z-Image-Turbo) "
         "trained without a training_adapter.",
     )
+    captions: TrainingCaptions | None = Field(None, description="The captions trained on (README, Captions).")
 
     loss_curve: LossCurve = Field(default_factory=LossCurve, description="Per-step loss and its EMA.")
     sample_grid: OutputFile | None = Field(

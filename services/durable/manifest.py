@@ -55,6 +55,9 @@ TRAINING_HASH_FIELDS: dict[str, str] = {
     "lora_targets": "the adapter's layers",
     "timestep_sampling": "the noise levels trained on",
     "training_adapter": "sha256 of the LoRA merged into the base while training (null: none)",
+    "caption_dropout": "the share of samples trained on the empty caption",
+    "shuffle_caption": "the tag orders trained on",
+    "keep_tokens": "the tags shuffle_caption keeps in place",
 }
 # Left out on purpose: gradient_checkpointing and compile (the same math; changing them on resume
 # is how a job gets past an out-of-memory or a slow warm-up), and everything about what is saved

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from services.errors import InputError
+from services.gpu.caption.options import CaptionOptions
 from services.gpu.catalog import (
     BUILTIN_MODELS,
     BUILTIN_PREFIX,
@@ -197,6 +198,18 @@ class TrainLoraInput(BaseModel):
     keep_last: int | None = Field(
         None, ge=1, le=1000, description="Keep only the newest N snapshots (save_every); default: all."
     )
+    auto_caption: bool | CaptionOptions = Field(
+        False,
+        description="Caption the images without a .txt caption with CAPTION_MODEL before training (true, or "
+        "caption_dataset's options); the captions are stored beside the images. README, Captions.",
+    )
+    caption_dropout: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Share of training samples on the empty caption (ai-toolkit's); 0: off."
+    )
+    shuffle_caption: bool = Field(
+        False, description="Shuffle each caption's comma-separated tags (kohya's shuffle_caption); off by default."
+    )
+    keep_tokens: int = Field(0, ge=0, le=64, description="With shuffle_caption: the first N tags stay in place.")
 
     @field_validator("dataset")
     @classmethod
@@ -261,6 +274,8 @@ class TrainLoraInput(BaseModel):
         if self.sample_prompts and self.sample_steps is not None:
             _limit("sample_steps", self.sample_steps, settings.max_gen_steps, "MAX_GEN_STEPS")
         _limit("sample_prompts", len(self.sample_prompts), settings.max_images_per_request, "MAX_IMAGES_PER_REQUEST")
+        if isinstance(self.auto_caption, CaptionOptions):
+            self.auto_caption.check_caption_limits(settings, "auto_caption.")
         for side in self.resolutions():
             if side * side > settings.max_image_pixels:
                 raise InputError(

@@ -226,3 +226,14 @@ def resolve_lora_key(reference: str) -> str:
 def output_key(job_id: str, name: str) -> str:
     """``outputs/<job id>/<name>``: an output too large to return inline."""
     return validate_key(f"{OUTPUT_ROOT}/{job_id}/{name}")
+
+
+def caption_key(dataset: str, image_name: str) -> str:
+    """``datasets/<dataset>/<image stem>.txt``: the caption beside an image (what training reads)."""
+    stem = image_name.rsplit(".", 1)[0] if "." in image_name.lstrip(".") else image_name
+    return dataset_key(dataset, f"{stem}.txt")
+
+
+def lora_captions_key(output_name: str) -> str:
+    """``loras/<output_name>/captions.json``: the captions a training run used."""
+    return lora_prefix(output_name) + "captions.json"

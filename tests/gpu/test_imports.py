@@ -17,6 +17,7 @@ HEAVY = ("torch", "diffusers", "transformers", "peft", "safetensors")
 PROBE = f"""
 import json, sys
 import services.gpu, services.gpu.params, services.gpu.info, services.gpu.types, services.gpu.state
+import services.actions, services.gpu.caption.options, services.gpu.caption.text, services.gpu.train.caption_variants
 from services.gpu.info import gpu_info
 info = gpu_info()
 print(json.dumps({{"loaded": sorted(m for m in sys.modules if m.split(".")[0] in {HEAVY!r}), "info": info}}))

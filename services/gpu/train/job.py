@@ -249,6 +249,7 @@ def config_hash_of(
             "lora_targets": list(cfg.targets),
             "timestep_sampling": cfg.timestep_sampling,
             "training_adapter": adapter_digest,
+            **{k: getattr(cfg, k) for k in ("caption_dropout", "shuffle_caption", "keep_tokens")},
         }
     )
 
@@ -513,6 +514,9 @@ def _train_config(
         compile=should_compile(settings.compile, device, steps, key, cache),
         compile_key=key,
         resolutions=tuple(resolutions),
+        caption_dropout=params.caption_dropout,
+        shuffle_caption=params.shuffle_caption,
+        keep_tokens=params.keep_tokens if params.shuffle_caption else 0,
     )
 
 

@@ -33,6 +33,7 @@ from services.gpu.adapters import tuner_layers
 from services.gpu.families import trainable
 from services.gpu.models import PIPELINES, LoadedPipeline
 from services.gpu.train.buckets import BatchPlan
+from services.gpu.train.caption_variants import CaptionVariants
 from services.gpu.train.checkpoint_state import LoopState, TrainerParts, restore
 
 if TYPE_CHECKING:
@@ -80,6 +81,9 @@ class TrainConfig:
     compile: bool = False
     compile_key: str = ""  # identifies the compiled graph for the warm-cache marker
     resolutions: tuple[int, ...] = field(default_factory=tuple)  # for the metadata
+    caption_dropout: float = 0.0  # see services.gpu.train.caption_variants
+    shuffle_caption: bool = False
+    keep_tokens: int = 0
 
 
 def torch_dtype(precision: Precision) -> torch.dtype:
@@ -195,10 +199,10 @@ class LoraTrainer:
                 for row, index in enumerate(indices):
                     self.latent_dist[index] = (mean[row], std[row])
             self.pixels = []
-        unique = list(dict.fromkeys(captions))
-        self.captions = list(captions)
-        self.caption_index = [unique.index(c) for c in captions]
-        self.text = self._encode_captions(unique, stop) if cfg.cache_text_embeddings else None
+        self.variants = CaptionVariants.build(
+            captions, cfg.caption_dropout, cfg.shuffle_caption, cfg.keep_tokens, cfg.seed
+        )
+        self.text = self._encode_captions(self.variants.texts, stop) if cfg.cache_text_embeddings else None
         if cfg.cache_latents and cfg.cache_text_embeddings and cuda:
             self._offload_encoders()
 
@@ -234,9 +238,11 @@ class LoraTrainer:
         return self.family.to_model_latents(self.pipe, sample)
 
     def _text(self, index: list[int]) -> dict[str, Any]:
+        chosen = self.variants.choose(index, self.plan.cursor)
         if self.text is not None:
-            return self.family.collate_text([self.text[self.caption_index[i]] for i in index])
-        return self.family.collate_text(self.family.encode_text(self.pipe, [self.captions[i] for i in index]))
+            return self.family.collate_text([self.text[t] for t in chosen])
+        texts = [self.variants.texts[t] for t in chosen]
+        return self.family.collate_text(self.family.encode_text(self.pipe, texts))
 
     def step(self) -> torch.Tensor:
         """One optimizer step (``gradient_accumulation`` micro-batches); the mean loss, on the device."""
