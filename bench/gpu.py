@@ -871,7 +871,7 @@ def projections(report: Report, args: argparse.Namespace) -> None:
                 f"| {steps}-step job {family} b{batch}, {variant} (s, incl. setup and "
                 f"warm-up) | {recipe:.1f} s | {total:.1f} s | {recipe / total:.2f}x | | {note} |"
             )
-    from services.gpu.train.job import TRAIN_COMPILE_MIN_STEPS, TRAIN_COMPILE_MIN_STEPS_WARM
+    from services.gpu.train.compile_policy import TRAIN_COMPILE_MIN_STEPS, TRAIN_COMPILE_MIN_STEPS_WARM
 
     report.line(
         f"| policy | | | | | with COMPILE unset the worker compiles training from {TRAIN_COMPILE_MIN_STEPS} "

@@ -134,7 +134,7 @@ def test_caption_options_are_in_the_config_hash(tmp_path: Path) -> None:
     from dataclasses import replace
 
     from services.gpu.train.dataset import Example
-    from services.gpu.train.job import config_hash_of
+    from services.gpu.train.setup import config_hash_of
     from services.gpu.train.trainer import TrainConfig
 
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")

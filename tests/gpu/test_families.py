@@ -25,7 +25,8 @@ from services.gpu.generate.render import generate_images
 from services.gpu.params import GenerateInput, TrainLoraInput
 from services.gpu.train.dataset import fit, load_rgb
 from services.gpu.train.job import train_lora
-from services.gpu.train.trainer import LoraTrainer, ProgressReporter, TrainConfig, run_steps
+from services.gpu.train.loop import ProgressReporter, run_steps
+from services.gpu.train.trainer import LoraTrainer, TrainConfig
 from services.job.stop import StopSignal
 from tests.gpu.conftest import SIZE, decode, write_dataset
 

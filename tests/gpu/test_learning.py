@@ -187,8 +187,8 @@ def held_out_losses(model: str, tmp_path: Path, settings: Any) -> tuple[float, f
     from services.gpu.adapters import fused_lora
     from services.gpu.families import family_of_builtin
     from services.gpu.params import TrainLoraInput
+    from services.gpu.train.evaluation import evaluation_loss
     from services.gpu.train.job import train_lora
-    from services.gpu.train.trainer import evaluation_loss
 
     entry = models.load_pipeline(model, settings, torch.float32, torch.device("cpu"))
     images = [disc_image(seed) for seed in HELD_OUT_SEEDS]
@@ -232,7 +232,8 @@ def test_loss_log_names_the_first_non_finite_step_and_bounds_the_curve() -> None
     """Catches: a NaN loss passing the check, the wrong step named, an unbounded or wrongly
     averaged curve for a long run."""
     from services.errors import TrainingDiverged
-    from services.gpu.train.trainer import MAX_CURVE_POINTS, LossLog, TrainConfig
+    from services.gpu.train.loop import MAX_CURVE_POINTS, LossLog
+    from services.gpu.train.trainer import TrainConfig
 
     log = LossLog(TrainConfig(steps=1210, learning_rate=0.5), 10, torch.device("cpu"))
     for step in range(11, 1211):

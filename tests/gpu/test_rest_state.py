@@ -17,7 +17,8 @@ from services.gpu.families import FAMILIES
 from services.gpu.params import TrainLoraInput
 from services.gpu.quantize import quantize_linear_layers
 from services.gpu.train.job import train_lora
-from services.gpu.train.trainer import LoraTrainer, TrainConfig, run_steps
+from services.gpu.train.loop import run_steps
+from services.gpu.train.trainer import LoraTrainer, TrainConfig
 from services.job.stop import StopSignal
 from tests.gpu.conftest import write_dataset
 

@@ -15,7 +15,7 @@ from services.gpu.adapters import tuner_layers
 from services.gpu.lora_files import read_metadata
 from services.gpu.params import TrainLoraInput
 from services.gpu.train.job import train_lora
-from services.gpu.train.trainer import ProgressReporter
+from services.gpu.train.loop import ProgressReporter
 from tests.gpu.conftest import SIZE, TRAIN_RANK, TRAIN_STEPS, Trained, decode, gpu_settings, write_dataset
 
 pytestmark = pytest.mark.gpu
@@ -154,10 +154,10 @@ def test_fp16_needs_cuda(tmp_path: Path, settings, dataset: Path) -> None:
 
 
 def test_training_compile_policy(tmp_path: Path) -> None:
-    from services.gpu.train.job import (
+    from services.gpu.train.compile_policy import (
         TRAIN_COMPILE_MIN_STEPS,
         TRAIN_COMPILE_MIN_STEPS_WARM,
-        _remember_warm,
+        remember_warm,
         should_compile,
     )
 
@@ -169,14 +169,14 @@ def test_training_compile_policy(tmp_path: Path) -> None:
     assert not should_compile(None, cuda, TRAIN_COMPILE_MIN_STEPS - 1, "k", cache)  # cold: not worth the warm-up
     assert should_compile(None, cuda, TRAIN_COMPILE_MIN_STEPS, "k", cache)
     assert not should_compile(None, cuda, TRAIN_COMPILE_MIN_STEPS_WARM, "k", cache)
-    _remember_warm("k", 150.0, cache)  # an earlier worker compiled this configuration
+    remember_warm("k", 150.0, cache)  # an earlier worker compiled this configuration
     assert should_compile(None, cuda, TRAIN_COMPILE_MIN_STEPS_WARM, "k", cache)
     assert not should_compile(None, cuda, TRAIN_COMPILE_MIN_STEPS_WARM, "other", cache)
 
 
 def test_default_steps_follow_the_model_and_the_limit() -> None:
     from services.gpu.families import FLUX
-    from services.gpu.train.job import default_steps
+    from services.gpu.train.setup import default_steps
 
     assert default_steps("builtin:tiny-flux", FLUX, 10_000) == 100
     assert default_steps("org/model", FLUX, 10_000) == FLUX.defaults.steps == 1000

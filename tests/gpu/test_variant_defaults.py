@@ -20,7 +20,8 @@ from services.gpu.generate.render import GenerationRequest, generate_images, wit
 from services.gpu.params import GenerateInput, TrainLoraInput
 from services.gpu.train.buckets import bucket_sizes, nearest_bucket
 from services.gpu.train.dataset import scan_dataset
-from services.gpu.train.job import _train_config, train_lora
+from services.gpu.train.job import train_lora
+from services.gpu.train.setup import train_config
 from services.gpu.train.trainer import LoraTrainer, TrainConfig
 from services.job.stop import StopSignal
 from tests.gpu.conftest import decode, gpu_settings, write_dataset
@@ -125,20 +126,20 @@ def test_gradient_checkpointing_default_at_full_size(family: Any, checkpointing:
     input not turning it off."""
     entry = SimpleNamespace(family=family, pipe=None, native_size=1024)
     params = TrainLoraInput(action="train_lora", dataset="d", output_name="o", steps=1)
-    cfg = _train_config(params, "m", entry, SETTINGS, "bf16", [1024], CPU, None)  # type: ignore[arg-type]
+    cfg = train_config(params, "m", entry, SETTINGS, "bf16", [1024], CPU, None)  # type: ignore[arg-type]
     assert cfg.gradient_checkpointing is checkpointing
     off = params.model_copy(update={"gradient_checkpointing": False})
-    assert _train_config(off, "m", entry, SETTINGS, "bf16", [1024], CPU, None).gradient_checkpointing is False  # type: ignore[arg-type]
+    assert train_config(off, "m", entry, SETTINGS, "bf16", [1024], CPU, None).gradient_checkpointing is False  # type: ignore[arg-type]
 
 
 def test_timestep_sampling_offered_per_family() -> None:
     """Catches a flow-only sampling accepted for a DDPM model, or an offered one refused."""
     params = TrainLoraInput(action="train_lora", dataset="d", output_name="o", steps=1, timestep_sampling="sigmoid")
     flux = SimpleNamespace(family=FLUX, pipe=None, native_size=32)
-    assert _train_config(params, "m", flux, SETTINGS, "fp32", [32], CPU, None).timestep_sampling == "sigmoid"  # type: ignore[arg-type]
+    assert train_config(params, "m", flux, SETTINGS, "fp32", [32], CPU, None).timestep_sampling == "sigmoid"  # type: ignore[arg-type]
     sd = SimpleNamespace(family=SD, pipe=None, native_size=32)
     with pytest.raises(InputError, match=r"input\.timestep_sampling: sigmoid is not offered for SD"):
-        _train_config(params, "m", sd, SETTINGS, "fp32", [32], CPU, None)  # type: ignore[arg-type]
+        train_config(params, "m", sd, SETTINGS, "fp32", [32], CPU, None)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(("model", "label"), [("builtin:tiny-flux", "FLUX.1"), ("builtin:tiny-zimage", "Z-Image")])

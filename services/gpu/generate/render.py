@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from services.gpu.families.base import Variant
     from services.gpu.models import LoadedPipeline
     from services.gpu.params import GenerateInput
-    from services.gpu.train.trainer import Progress
+    from services.gpu.train.loop import Progress
     from services.job.stop import StopSignal
 
 log = logging.getLogger(__name__)

@@ -32,7 +32,8 @@ if TYPE_CHECKING:
     import torch
 
     from services.durable.training_store import TrainingStorage
-    from services.gpu.train.trainer import LoraTrainer, ProgressReporter
+    from services.gpu.train.loop import ProgressReporter
+    from services.gpu.train.trainer import LoraTrainer
     from services.job.stop import StopSignal
 
 log = logging.getLogger(__name__)
