@@ -45,6 +45,8 @@ class CaptionJob:
 
 @dataclass(frozen=True)
 class Captioned:
+    """One image's generated caption and where the image lies."""
+
     name: str  # the image's file name
     caption: str
     path: Path  # the image's local file

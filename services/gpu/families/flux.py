@@ -66,6 +66,8 @@ SCHNELL_BUILTIN = "builtin:tiny-flux-schnell"
 
 
 class Flux(ModelFamily):
+    """FLUX.1 dev and schnell (see the module docstring)."""
+
     name = "flux"
     label = "FLUX.1"
     pipeline_classes = ("FluxPipeline",)

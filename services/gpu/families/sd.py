@@ -22,6 +22,8 @@ MLP = ("ff.net.0.proj", "ff.net.2")
 
 
 class StableDiffusion(ModelFamily):
+    """Stable Diffusion 1.x and 2.x (epsilon and v-prediction)."""
+
     name = "sd"
     label = "SD 1.x/2.x"
     pipeline_classes = ("StableDiffusionPipeline",)

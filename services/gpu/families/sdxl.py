@@ -14,6 +14,8 @@ if TYPE_CHECKING:
 
 
 class StableDiffusionXL(StableDiffusion):
+    """SDXL: two CLIP text encoders, pooled embeddings and size conditioning."""
+
     name = "sdxl"
     label = "SDXL"
     pipeline_classes = ("StableDiffusionXLPipeline",)

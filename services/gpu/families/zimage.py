@@ -46,6 +46,8 @@ BASE = Variant("z-image", steps=50, guidance=4.0)
 
 
 class ZImage(ModelFamily):
+    """Z-Image and Z-Image-Turbo (see the module docstring)."""
+
     name = "zimage"
     label = "Z-Image"
     pipeline_classes = ("ZImagePipeline",)

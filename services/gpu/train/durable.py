@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Durability:
+    """The hook run before every optimizer step: checkpoint, snapshot, or stop before the deadline."""
+
     trainer: LoraTrainer
     storage: TrainingStorage | None
     config_hash: str
