@@ -24,7 +24,14 @@ from tests.gpu import original_layout as ol
 pytestmark = pytest.mark.gpu
 
 MODELS = [SD.builtin, SDXL.builtin, FLUX.builtin, ZIMAGE.builtin]
-TARGETS = ["attention", "attention+mlp"]
+TARGETS = ["attention", "attention+mlp"]  # every family; FLUX.1 also offers "all" (its default)
+
+
+def targets_of(model: str) -> list[str]:
+    """Every ``lora_targets`` value the model's family offers, its default included."""
+    return list(family_of_builtin(model).lora_targets)
+
+
 RANK = 2
 # fp32 on the CPU: the same LoRA read through two importers runs through different but equal
 # arithmetic (split vs fused matrices); a wrong or missing module moves pixels far more.
@@ -46,7 +53,8 @@ def random_adapter(pipe: Any, model: str, targets: str) -> tuple[dict[str, torch
 
     family = family_of_builtin(model)
     denoiser = family.denoiser(pipe)
-    config = LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=family.target_modules(targets))
+    modules = family.lora_module_names(denoiser, family.target_modules(targets))  # as the trainer picks them
+    config = LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=modules)
     denoiser.add_adapter(config, adapter_name="t")
     generator = torch.Generator().manual_seed(7)
     with torch.no_grad():
@@ -64,7 +72,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], 
     torch.manual_seed(0)
     for model in MODELS:
         family = family_of_builtin(model)
-        for targets in TARGETS:
+        for targets in targets_of(model):
             pipe = build_tiny_pipeline(model)
             layout = layout_of(model, family.denoiser(pipe))
             state = {k: v for k, v in family.denoiser(pipe).state_dict().items()}
@@ -166,7 +174,7 @@ def test_flux_original_layout_converts_back_at_flux1_width() -> None:
 # --- every exported key applies ----------------------------------------------------------------
 
 
-CASES = [(m, f, t) for m in MODELS for f in family_of_builtin(m).export_formats for t in TARGETS]
+CASES = [(m, f, t) for m in MODELS for f in family_of_builtin(m).export_formats for t in targets_of(m)]
 
 
 @pytest.mark.parametrize(("model", "fmt", "targets"), CASES)
@@ -249,7 +257,7 @@ def test_kohya_file_loads_in_diffusers_to_the_diffusers_files_image(exported, mo
     assert int(np.abs(kohya - base).max()) > 4 * SAME_IMAGE_TOLERANCE  # the LoRA does something
 
 
-@pytest.mark.parametrize("targets", TARGETS)
+@pytest.mark.parametrize("targets", list(FLUX.lora_targets))
 def test_flux_kohya_file_round_trips_to_the_peft_files_image(exported, targets: str) -> None:
     """Catches a BFL export or import that loses or mixes up q/k/v or MLP rows: the kohya file,
     read back through the family's import hook (what ``generate`` does), renders the peft file's
