@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from services.gpu.families.base import ModelFamily
     from services.gpu.models import LoadedPipeline
 
-__all__ = ["DIFFUSERS", "FORMAT_KEY", "KOHYA", "read_metadata", "save_diffusers_lora", "save_lora"]
+__all__ = ["DIFFUSERS", "FORMAT_KEY", "KOHYA", "read_metadata", "save_lora"]
 
 
 def read_metadata(path: Path) -> dict[str, str]:
@@ -126,15 +126,3 @@ def save_lora(
         _rewrite_with_metadata(written, header)
         written.replace(path)
     return path
-
-
-def save_diffusers_lora(
-    entry: LoadedPipeline,
-    layers: dict[str, torch.Tensor],
-    adapter_config: dict[str, Any],
-    path: Path,
-    metadata: dict[str, str],
-    dtype: torch.dtype,
-) -> Path:
-    """:func:`save_lora` in the diffusers format."""
-    return save_lora(entry, layers, adapter_config, path, metadata, dtype, DIFFUSERS)
