@@ -43,6 +43,7 @@ from services.gpu.families.base import TINY_NATIVE_LIMIT
 from services.gpu.generate.render import GenerationRequest, render
 from services.gpu.guard import gpu_errors
 from services.gpu.lora_files import DIFFUSERS, KOHYA, save_lora
+from services.gpu.memory.jobs import apply_train_plan
 from services.gpu.state import RUNNER_STATE
 from services.gpu.train.buckets import bucket_sizes, nearest_bucket
 from services.gpu.train.dataset import Example, fit, load_rgb, scan_dataset
@@ -275,6 +276,7 @@ def train_lora(
         dataset_dir, params.caption, params.trigger_word, settings.max_image_pixels, settings.max_caption_chars
     )
     model = params.base_model or settings.model_id
+    params, memory_plan = apply_train_plan(params, settings, len(examples))  # explicit inputs win
     with gpu_errors("train_lora"):
         hint = models.peek_family(model, settings)
         if hint is not None:
@@ -360,6 +362,7 @@ def train_lora(
         samples = _samples(entry, params, resolutions[0], lora_path, stop)
         sample_grid = grid.render(cfg.steps, samples) if grid is not None and params.save_every else None
         metrics = _metrics(cfg, stats, setup_seconds, started, device, len(examples), buckets, params.quantize_base)
+        metrics["memory_plan"] = memory_plan.metrics() if memory_plan is not None else None
     if cfg.compile:
         RUNNER_STATE.record_warmup(f"train {model} {resolutions[0]}px b{cfg.batch_size}", stats.first_step_seconds)
         _remember_warm(cfg.compile_key, stats.first_step_seconds, cache)
