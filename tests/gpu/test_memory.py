@@ -1,0 +1,158 @@
+"""The memory planner: counts from the real configs, the activation model against measurement,
+the plans it picks, explicit inputs, refusals and the dry run through the entrypoint."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from services.errors import InputError
+from services.gpu.families import FLUX, SD, SDXL, ZIMAGE
+from services.gpu.memory import configs, specs
+from services.gpu.memory.estimate import ACTIVATION_ERROR, activation_bytes
+from services.gpu.memory.measure import measure
+from services.gpu.memory.planner import TrainJob, plan_training
+
+ROOT = Path(__file__).resolve().parents[2]
+FAMILY = {"flux": FLUX, "zimage": ZIMAGE, "sdxl": SDXL, "sd": SD}
+
+
+@pytest.mark.parametrize("spec", specs.KNOWN, ids=[s.name for s in specs.KNOWN])
+def test_parameter_counts_are_those_of_the_real_configs(spec: specs.ModelSpec) -> None:
+    """Catches a count in specs.py that drifts from its config (a typo, a changed library):
+    every component is built on the meta device from configs.py and counted."""
+    family = FAMILY[spec.family]
+    for name, (library, cls, config) in configs.MODELS[spec.name].items():
+        module = configs.build_empty(library, cls, config)
+        assert configs.count_parameters(module) == spec.components[name], name
+        if name == spec.denoiser:
+            for targets, per_rank in spec.lora_per_rank.items():
+                names = family.target_modules(targets)
+                assert configs.lora_parameters_per_rank(module, names, family.lora_scope) == per_rank, targets
+
+
+# --- the activation model against measurement (meta device: full width, no FLOPs) -----------
+
+BF16 = torch.bfloat16
+
+
+def _empty(*shape: int) -> torch.Tensor:
+    return torch.empty(*shape, device="meta", dtype=BF16)
+
+
+def _denoiser(cls: str, config: dict[str, Any], family: Any) -> torch.nn.Module:
+    from peft import LoraConfig
+
+    model = configs.build_empty("diffusers", cls, config).to(BF16).requires_grad_(False)
+    model.add_adapter(LoraConfig(r=16, lora_alpha=16, target_modules=family.target_modules(family.defaults.lora_targets)))
+    return model.train()
+
+
+def _flux_step(config: dict[str, Any], side: int) -> tuple[torch.nn.Module, Any]:
+    model, tokens = _denoiser("FluxTransformer2DModel", config, FLUX), (side // 16) ** 2
+    inputs = {
+        "hidden_states": _empty(1, tokens, 64),
+        "encoder_hidden_states": _empty(1, 512, 4096),
+        "pooled_projections": _empty(1, 768),
+        "timestep": _empty(1),
+        "img_ids": _empty(tokens, 3),
+        "txt_ids": _empty(512, 3),
+        "guidance": _empty(1),
+    }
+    return model, lambda: model(**inputs, return_dict=False)
+
+
+def _zimage_step(config: dict[str, Any], side: int) -> tuple[torch.nn.Module, Any]:
+    model = _denoiser("ZImageTransformer2DModel", config, ZIMAGE)
+    latents = [_empty(16, 1, side // 8, side // 8)]
+    return model, lambda: model(latents, _empty(1), [_empty(512, 2560)], return_dict=False)
+
+
+def _unet_step(config: dict[str, Any], side: int, family: Any) -> tuple[torch.nn.Module, Any]:
+    model = _denoiser("UNet2DConditionModel", config, family)
+    text = _empty(1, 77, config.get("cross_attention_dim", 768))
+    extra = {"added_cond_kwargs": {"text_embeds": _empty(1, 1280), "time_ids": _empty(1, 6)}} if family is SDXL else {}
+    latents = _empty(1, 4, side // 8, side // 8)
+    return model, lambda: model(latents, _empty(1), encoder_hidden_states=text, return_dict=False, **extra)
+
+
+SHALLOW = {  # full width; one or two blocks of each kind (the UNets whole: cheap on meta)
+    "flux": ({**configs.FLUX_DEV, "num_layers": 1, "num_single_layers": 1}, _flux_step),
+    "zimage": ({**configs.ZIMAGE, "n_layers": 1, "n_refiner_layers": 1}, _zimage_step),
+    "sdxl": (configs.SDXL_UNET, lambda c, s: _unet_step(c, s, SDXL)),
+    "sd": (configs.SD15_UNET, lambda c, s: _unet_step(c, s, SD)),
+}
+REFERENCE = {"flux": specs.FLUX_DEV, "zimage": specs.ZIMAGE_TURBO, "sdxl": specs.SDXL, "sd": specs.SD15}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+@pytest.mark.parametrize("side", [256, 512])
+@pytest.mark.parametrize("family", list(SHALLOW))
+def test_activation_estimate_is_within_its_error_of_the_measurement(family: str, side: int, checkpointing: bool) -> None:
+    """Catches an activation coefficient (or the checkpointing formula) that no longer matches
+    what autograd keeps for backward in the real blocks: the estimate for the shallow config
+    must be within ACTIVATION_ERROR (10 %) of the bytes counted by saved_tensors_hooks."""
+    config, step = SHALLOW[family]
+    model, run = step(config, side)
+    measured = measure(model, run, checkpointing).peak(checkpointing)
+    spec = replace(REFERENCE[family], config=config)
+    estimate = activation_bytes(spec, side, side, 1, checkpointing)
+    assert abs(estimate - measured) <= ACTIVATION_ERROR * measured, (estimate / 2**20, measured / 2**20)
+
+
+# --- the planner, a pure function --------------------------------------------------------------
+
+# (model, card GB) -> (gradient checkpointing, quantize_base, estimated peak GiB) at 1024 px, batch 1
+EXPECTED = {
+    ("flux-dev", 80): (False, "none", 57.99),
+    ("flux-dev", 48): (True, "none", 32.76),
+    ("flux-dev", 24): (True, "nf4", 16.83),
+    ("zimage-turbo", 80): (False, "none", 45.84),
+    ("zimage-turbo", 48): (True, "none", 20.3),
+    ("zimage-turbo", 24): (True, "none", 20.3),
+    ("sdxl", 80): (False, "none", 10.99),
+    ("sdxl", 24): (False, "none", 10.99),
+}
+
+
+@pytest.mark.parametrize(("name", "card"), list(EXPECTED), ids=[f"{s}-{gb}" for s, gb in EXPECTED])
+def test_planner_picks_the_cheapest_plan_that_fits(name: str, card: int) -> None:
+    """Catches a planner that picks a slower plan than needed (checkpointing or NF4 on a card
+    where bf16 without fits) or one that does not fit (e.g. bf16 FLUX.1 on 24 GB)."""
+    spec = next(s for s in specs.KNOWN if s.name == name)
+    plan = plan_training(spec, TrainJob(1024, 1024), card)
+    assert (plan.gradient_checkpointing, plan.quantize_base, plan.peak_gib) == EXPECTED[name, card]
+    assert plan.fits and plan.chosen == ["gradient_checkpointing", "quantize_base"]
+
+
+def test_explicit_inputs_win_over_the_plan() -> None:
+    """Catches the plan overriding a caller's setting: checkpointing asked on an 80 GB card stays
+    on; a bf16 FLUX.1 job asked on 24 GB is refused, naming the plan that would fit."""
+    plan = plan_training(specs.FLUX_DEV, TrainJob(1024, 1024), 80, checkpointing=True)
+    assert (plan.gradient_checkpointing, plan.quantize_base, plan.chosen) == (True, "none", ["quantize_base"])
+    with pytest.raises(InputError) as caught:
+        plan_training(specs.FLUX_DEV, TrainJob(1024, 1024), 24, quantize="none")
+    assert "Without the explicit setting it fits this card with gradient_checkpointing True and quantize_base nf4" in str(
+        caught.value
+    )
+
+
+def test_a_job_no_plan_fits_fails_naming_estimate_card_and_smallest_card() -> None:
+    """Catches a refusal that does not tell the user what would fit: the estimate, the card's
+    memory and the smallest rented card, or that none fits."""
+    with pytest.raises(InputError) as caught:
+        plan_training(specs.FLUX_DEV, TrainJob(1024, 1024, batch=8), 24)
+    text = str(caught.value)
+    assert "does not fit this GPU" in text and "the card has 24.0 GiB" in text
+    assert "peaks at about 30.8 GiB" in text and "The smallest card that fits it: 48 GB" in text
+    with pytest.raises(InputError, match="No rented card fits it"):
+        plan_training(specs.FLUX_DEV, TrainJob(2048, 2048, batch=64), 141)
+    with pytest.raises(InputError, match="nf4"):  # a training adapter rules NF4 out
+        plan_training(specs.FLUX_DEV, TrainJob(1024, 1024, adapter=True), 24)
