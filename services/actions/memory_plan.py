@@ -62,15 +62,17 @@ def _answer(plan_of: Any, request: Any, model: str) -> MemoryPlanResult:
 
 async def dry_run_train(request: TrainLoraInput, ctx: JobContext) -> MemoryPlanResult:
     """The memory plan of a ``train_lora`` job (``DRY_RUN_IMAGES`` images assumed in the caches)."""
-    from services.gpu.memory.jobs import train_plan
+    from services.gpu.memory.jobs import spec_for, train_plan
 
     model = request.base_model or ctx.settings.model_id
-    return await ctx.in_thread("planning memory", _answer, lambda r: train_plan(r, ctx.settings), request, model)
+    spec = await ctx.in_thread("reading the model's configs", spec_for, model, ctx.settings)
+    return _answer(lambda r: train_plan(r, ctx.settings, spec=spec), request, model)
 
 
 async def dry_run_generate(request: GenerateInput, ctx: JobContext) -> MemoryPlanResult:
     """The memory estimate of a ``generate`` job."""
-    from services.gpu.memory.jobs import generate_plan
+    from services.gpu.memory.jobs import generate_plan, spec_for
 
     model = request.base_model or ctx.settings.model_id
-    return await ctx.in_thread("planning memory", _answer, lambda r: generate_plan(r, ctx.settings), request, model)
+    spec = await ctx.in_thread("reading the model's configs", spec_for, model, ctx.settings)
+    return _answer(lambda r: generate_plan(r, ctx.settings, spec), request, model)

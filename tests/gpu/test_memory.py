@@ -156,3 +156,71 @@ def test_a_job_no_plan_fits_fails_naming_estimate_card_and_smallest_card() -> No
         plan_training(specs.FLUX_DEV, TrainJob(2048, 2048, batch=64), 141)
     with pytest.raises(InputError, match="quantize_base none.*48 GB"):  # a training adapter rules NF4 out
         plan_training(specs.FLUX_DEV, TrainJob(1024, 1024, adapter=True), 24)
+
+
+# --- the dry run, as users reach it ------------------------------------------------------------
+
+
+def _configs_only_flux(folder: Path) -> Path:
+    """A full-width, shallow FLUX.1 directory of configs only (no weights: a dry run reads none)."""
+    parts = {**configs.MODELS["flux-dev"]}
+    parts["transformer"] = (*parts["transformer"][:2], {**configs.FLUX_DEV, "num_layers": 1, "num_single_layers": 1})
+    index: dict[str, Any] = {"_class_name": "FluxPipeline"}
+    for name, (library, cls, config) in parts.items():
+        (folder / name).mkdir(parents=True)
+        (folder / name / "config.json").write_text(json.dumps(config))
+        index[name] = [library, cls]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
+
+
+def _dry_run(tmp_path: Path, job: dict[str, Any]) -> dict[str, Any]:
+    from tests.test_entrypoint import printed_result, run_worker
+
+    completed = run_worker(tmp_path, job)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    return printed_result(completed)
+
+
+def test_dry_run_through_the_entrypoint_returns_a_plan_without_training(tmp_path: Path) -> None:
+    """Catches a dry run that loads weights, claims the lease, fetches the dataset or trains:
+    the model directory holds configs only and the dataset does not exist, yet the plan comes
+    back, and storage stays empty."""
+    model = _configs_only_flux(tmp_path / "flux-shallow")
+    job = {
+        "action": "train_lora",
+        "dataset": "absent",
+        "output_name": "planned",
+        "base_model": str(model),
+        "resolution": 1024,
+        "dry_run": True,
+        "gpu_memory_gb": 24,
+    }
+    out = _dry_run(tmp_path, job)
+    assert out["dry_run"] is True and out["fits"] is True and out["card_gib"] == 24
+    assert out["plan"]["quantize_base"] == "none" and out["plan"]["gradient_checkpointing"] is False
+    assert set(out["cards"]) == {"24", "48", "80", "141"}
+    storage = tmp_path / "storage"
+    assert not storage.exists() or not any(p.is_file() for p in storage.rglob("*"))
+
+
+def test_dry_run_answers_for_a_known_model_and_a_card_it_does_not_fit(tmp_path: Path) -> None:
+    """Catches a dry run that cannot answer "will FLUX.1-dev fit a 24 GB card?" on a worker
+    without the model or a GPU: NF4 with checkpointing fits; bf16 asked explicitly does not,
+    and the message names what would fit."""
+    job = {
+        "action": "train_lora",
+        "dataset": "absent",
+        "output_name": "planned",
+        "base_model": "black-forest-labs/FLUX.1-dev",
+        "dry_run": True,
+        "gpu_memory_gb": 24,
+    }
+    out = _dry_run(tmp_path, job)
+    assert (out["plan"]["quantize_base"], out["plan"]["gradient_checkpointing"]) == ("nf4", True)
+    refused = _dry_run(tmp_path, {**job, "quantize_base": "none"})
+    assert refused["fits"] is False and "quantize_base nf4" in refused["message"]
+    generation = _dry_run(
+        tmp_path, {"action": "generate", "prompt": "p", "base_model": "black-forest-labs/FLUX.1-dev", "dry_run": True}
+    )
+    assert generation["fits"] is None and generation["cards"]["48"]["fits"] is True

@@ -139,11 +139,11 @@ def apply_train_plan(params: TrainLoraInput, settings: Settings, images: int) ->
     return params.model_copy(update=update), plan
 
 
-def generate_plan(params: GenerateInput, settings: Settings) -> Plan | None:
+def generate_plan(params: GenerateInput, settings: Settings, spec: ModelSpec | None = None) -> Plan | None:
     """The generation's estimate on its card (``gpu_memory_gb`` or this GPU)."""
     card = card_gib(params.gpu_memory_gb)
     if card is None:
         return None
-    spec = spec_for(params.base_model or settings.model_id, settings)
+    spec = spec or spec_for(params.base_model or settings.model_id, settings)
     height, width = params.height or params.width or spec.native, params.width or params.height or spec.native
     return plan_generation(spec, height, width, params.num_images, card)
