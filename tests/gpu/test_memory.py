@@ -4,8 +4,6 @@ the plans it picks, explicit inputs, refusals and the dry run through the entryp
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -51,7 +49,9 @@ def _denoiser(cls: str, config: dict[str, Any], family: Any) -> torch.nn.Module:
     from peft import LoraConfig
 
     model = configs.build_empty("diffusers", cls, config).to(BF16).requires_grad_(False)
-    model.add_adapter(LoraConfig(r=16, lora_alpha=16, target_modules=family.target_modules(family.defaults.lora_targets)))
+    model.add_adapter(
+        LoraConfig(r=16, lora_alpha=16, target_modules=family.target_modules(family.defaults.lora_targets))
+    )
     return model.train()
 
 
@@ -95,7 +95,9 @@ REFERENCE = {"flux": specs.FLUX_DEV, "zimage": specs.ZIMAGE_TURBO, "sdxl": specs
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
 @pytest.mark.parametrize("side", [256, 512])
 @pytest.mark.parametrize("family", list(SHALLOW))
-def test_activation_estimate_is_within_its_error_of_the_measurement(family: str, side: int, checkpointing: bool) -> None:
+def test_activation_estimate_is_within_its_error_of_the_measurement(
+    family: str, side: int, checkpointing: bool
+) -> None:
     """Catches an activation coefficient (or the checkpointing formula) that no longer matches
     what autograd keeps for backward in the real blocks: the estimate for the shallow config
     must be within ACTIVATION_ERROR (10 %) of the bytes counted by saved_tensors_hooks."""
@@ -139,8 +141,9 @@ def test_explicit_inputs_win_over_the_plan() -> None:
     assert (plan.gradient_checkpointing, plan.quantize_base, plan.chosen) == (True, "none", ["quantize_base"])
     with pytest.raises(InputError) as caught:
         plan_training(specs.FLUX_DEV, TrainJob(1024, 1024), 24, quantize="none")
-    assert "Without the explicit setting it fits this card with gradient_checkpointing True and quantize_base nf4" in str(
-        caught.value
+    assert (
+        "Without the explicit setting it fits this card with gradient_checkpointing True and quantize_base nf4"
+        in str(caught.value)
     )
 
 
@@ -154,7 +157,7 @@ def test_a_job_no_plan_fits_fails_naming_estimate_card_and_smallest_card() -> No
     assert "peaks at about 30.8 GiB" in text and "The smallest card that fits it: 48 GB" in text
     with pytest.raises(InputError, match="No rented card fits it"):
         plan_training(specs.FLUX_DEV, TrainJob(2048, 2048, batch=64), 141)
-    with pytest.raises(InputError, match="quantize_base none.*48 GB"):  # a training adapter rules NF4 out
+    with pytest.raises(InputError, match=r"quantize_base none.*48 GB"):  # a training adapter rules NF4 out
         plan_training(specs.FLUX_DEV, TrainJob(1024, 1024, adapter=True), 24)
 
 
