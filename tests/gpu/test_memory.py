@@ -227,3 +227,42 @@ def test_dry_run_answers_for_a_known_model_and_a_card_it_does_not_fit(tmp_path: 
         tmp_path, {"action": "generate", "prompt": "p", "base_model": "black-forest-labs/FLUX.1-dev", "dry_run": True}
     )
     assert generation["fits"] is None and generation["cards"]["48"]["fits"] is True
+
+
+def test_generation_keeps_the_lora_restore_backup_on_the_cpu(tmp_path: Path) -> None:
+    """Catches a restore backup kept beside the weights on the GPU (+4.7 to +12.7 GiB for
+    FLUX.1): every backed-up tensor is a CPU copy, and the base comes back bit for bit. (On a
+    CPU-only machine the device check cannot tell a GPU-side backup apart; the copy check can.)"""
+    from safetensors.torch import save_file
+
+    from services.gpu import adapters
+    from services.gpu.families import build_tiny_pipeline
+    from services.gpu.models import PipelineKey, wrap_pipeline
+
+    entry = wrap_pipeline(build_tiny_pipeline("builtin:tiny-sd"), PipelineKey("builtin:tiny-sd", "float32", "cpu"))
+    before = {k: v.clone() for k, v in entry.pipe.unet.state_dict().items()}
+    seen: list[Any] = []
+    original = adapters._backup
+
+    def spy(layers: list[Any]) -> list[Any]:
+        seen.extend(original(layers))
+        return seen
+
+    lora = {
+        f"unet.{name}.lora_{ab}.weight": torch.randn(shape) * 0.1
+        for name, module in entry.pipe.unet.named_modules()
+        if name.endswith("attn1.to_q")
+        for ab, shape in (("A", (2, module.in_features)), ("B", (module.out_features, 2)))
+    }
+    path = tmp_path / "lora.safetensors"
+    save_file(lora, str(path))
+    adapters._backup = spy
+    try:
+        with adapters.fused_lora(entry, path, 1.0):
+            pass
+    finally:
+        adapters._backup = original
+    assert seen and all(weight.device.type == "cpu" for _, weight, _ in seen)
+    assert all(weight.data_ptr() != base.weight.data_ptr() for base, weight, _ in seen)
+    after = entry.pipe.unet.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
