@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from services.actions.captions import auto_caption, record_captions
+from services.actions.memory_plan import MemoryPlanResult, dry_run_generate, dry_run_train
 from services.actions.results import GenerateResult, LossCurve, StoredSnapshot, TrainLoraResult
 from services.durable.checkpoints import CheckpointStore
 from services.durable.lease import Lease, worker_name
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-async def train_lora(request: TrainLoraInput, ctx: JobContext) -> TrainLoraResult:
+async def train_lora(request: TrainLoraInput, ctx: JobContext) -> TrainLoraResult | MemoryPlanResult:
     """Train (resuming from a matching checkpoint), store the LoRA under ``loras/<output_name>/``,
     return it with samples, snapshots, metrics, the loss curve and the sample grid (stored beside
     the LoRA); a diverged run raises before anything is stored; the checkpoints go unless
@@ -40,7 +41,9 @@ async def train_lora(request: TrainLoraInput, ctx: JobContext) -> TrainLoraResul
     Order: the time check, the lease on ``output_name`` (one writer), the dataset, the checkpoint
     read; then the runner checks the model, exports, precision and decodes the dataset, and only
     then calls :meth:`TrainingStorage.prepare` for the first delete. A job that fails before
-    training leaves storage as it found it."""
+    training leaves storage as it found it. ``dry_run``: only the memory plan, before all of it."""
+    if request.dry_run:
+        return await dry_run_train(request, ctx)
     _check_time_left(ctx)
     lease = Lease(ctx.storage, request.output_name, ctx.job_id, worker_name(), ctx.settings.lease_seconds)
     async with lease.held():
@@ -207,8 +210,11 @@ async def _fetch_lora_file(stored: str | None, url: str | None, ctx: JobContext,
     return path
 
 
-async def generate(request: GenerateInput, ctx: JobContext) -> GenerateResult:
-    """Generate images (with the job's LoRA, if any); images go through the output policy."""
+async def generate(request: GenerateInput, ctx: JobContext) -> GenerateResult | MemoryPlanResult:
+    """Generate images (with the job's LoRA, if any); images go through the output policy.
+    ``dry_run``: only the memory estimate, before the LoRA download."""
+    if request.dry_run:
+        return await dry_run_generate(request, ctx)
     from services.gpu.generate.render import generate_images
 
     ctx.stage = "downloading the LoRA"

@@ -314,6 +314,8 @@ def wrap_pipeline(pipe: DiffusionPipeline, key: PipelineKey) -> LoadedPipeline:
         if isinstance(component, torch.nn.Module):
             component.eval().requires_grad_(False)
     pipe.set_progress_bar_config(disable=True)
+    if hasattr(getattr(pipe, "vae", None), "enable_slicing"):
+        pipe.vae.enable_slicing()  # one image per VAE call: the memory plan's bound (services.gpu.memory)
     family = family_of(pipe)
     native = family.native_size(pipe) if family is not None else _native_size(pipe)
     return LoadedPipeline(key=key, pipe=pipe, family=family, native_size=native, default_scheduler=pipe.scheduler)

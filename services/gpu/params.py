@@ -142,12 +142,13 @@ class TrainLoraInput(BaseModel):
     )
     gradient_checkpointing: bool | None = Field(
         None,
-        description="Less memory, about 2x slower steps; default: on for full-size FLUX.1 and Z-Image, else off.",
+        description="Less memory, about 2x slower steps; default: the memory plan's on a GPU (on only where "
+        "it is needed to fit), else on for full-size FLUX.1 and Z-Image.",
     )
-    quantize_base: Literal["none", "nf4"] = Field(
-        "none",
+    quantize_base: Literal["none", "nf4"] | None = Field(
+        None,
         description="nf4: the frozen denoiser in 4-bit NF4 (bitsandbytes) for smaller GPUs; the LoRA trains "
-        "in full precision over it.",
+        "in full precision over it. Default: the memory plan's (nf4 only where bf16 does not fit the GPU).",
     )
     cache_latents: bool = Field(True, description="Encode the images with the VAE once.")
     cache_text_embeddings: bool = Field(True, description="Encode the captions once.")
@@ -210,6 +211,17 @@ class TrainLoraInput(BaseModel):
         False, description="Shuffle each caption's comma-separated tags (kohya's shuffle_caption); off by default."
     )
     keep_tokens: int = Field(0, ge=0, le=64, description="With shuffle_caption: the first N tags stay in place.")
+    dry_run: bool = Field(
+        False,
+        description="Return the memory plan and its estimate (README, Memory plans) without loading weights, "
+        "touching storage or running the job.",
+    )
+    gpu_memory_gb: float | None = Field(
+        None,
+        gt=0,
+        le=1024,
+        description="Plan for a card of this much memory (GiB; 24, 48, 80, 141) instead of this worker's GPU.",
+    )
 
     @field_validator("dataset")
     @classmethod
@@ -322,6 +334,17 @@ class GenerateInput(BaseModel):
     scheduler: SchedulerName = Field("default", description="Sampler; default: the model's own.")
     format: ImageFormat = "png"
     quality: int = Field(90, ge=1, le=100, description="JPEG/WebP quality.")
+    dry_run: bool = Field(
+        False,
+        description="Return the memory plan and its estimate (README, Memory plans) without loading weights, "
+        "touching storage or running the job.",
+    )
+    gpu_memory_gb: float | None = Field(
+        None,
+        gt=0,
+        le=1024,
+        description="Plan for a card of this much memory (GiB; 24, 48, 80, 141) instead of this worker's GPU.",
+    )
 
     @field_validator("base_model")
     @classmethod

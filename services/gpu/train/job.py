@@ -229,6 +229,7 @@ def _finish(run: PreparedRun, trained: _Trained, stop: StopSignal | None) -> Tra
         trained.buckets,
         params.quantize_base,
     )
+    metrics["memory_plan"] = run.memory_plan.metrics() if run.memory_plan is not None else None
     if cfg.compile:
         warmup = trained.stats.first_step_seconds
         RUNNER_STATE.record_warmup(f"train {run.model} {run.resolutions[0]}px b{cfg.batch_size}", warmup)

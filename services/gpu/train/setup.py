@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from services.durable.manifest import dataset_digest, training_config_hash
 from services.errors import InputError
@@ -19,6 +19,7 @@ from services.gpu import models
 from services.gpu.catalog import BUILTIN_MODELS, DEFAULT_TINY_TRAIN_STEPS, check_pixels
 from services.gpu.families import ModelFamily, trainable
 from services.gpu.families.base import TINY_NATIVE_LIMIT
+from services.gpu.memory.jobs import apply_train_plan
 from services.gpu.train.buckets import bucket_sizes, nearest_bucket
 from services.gpu.train.compile_policy import should_compile
 from services.gpu.train.dataset import Example, fit, load_rgb, scan_dataset
@@ -55,6 +56,7 @@ class PreparedRun:
     config_hash: str
     lora_dtype: torch.dtype
     started: float = field(default_factory=time.perf_counter)
+    memory_plan: Any = None  # the plan chosen for this card (services.gpu.memory), when one was made
 
 
 def prepare_run(
@@ -66,6 +68,7 @@ def prepare_run(
         dataset_dir, params.caption, params.trigger_word, settings.max_image_pixels, settings.max_caption_chars
     )
     model = params.base_model or settings.model_id
+    params, memory_plan = apply_train_plan(params, settings, len(examples))  # explicit inputs win
     hint = models.peek_family(model, settings)
     if hint is not None:
         hint.check_precision(params.mixed_precision)  # before loading, and before the CUDA check
@@ -99,6 +102,7 @@ def prepare_run(
         config_hash=config_hash_of(cfg, model, examples, dataset_dir, training_adapter),
         lora_dtype=torch_dtype("fp32" if precision == "fp32" else "fp16"),
         started=started,
+        memory_plan=memory_plan,
     )
 
 

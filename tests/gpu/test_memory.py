@@ -1,0 +1,268 @@
+"""The memory planner: counts from the real configs, the activation model against measurement,
+the plans it picks, explicit inputs, refusals and the dry run through the entrypoint."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from services.errors import InputError
+from services.gpu.families import FLUX, SD, SDXL, ZIMAGE
+from services.gpu.memory import configs, specs
+from services.gpu.memory.estimate import ACTIVATION_ERROR, activation_bytes
+from services.gpu.memory.measure import measure
+from services.gpu.memory.planner import TrainJob, plan_training
+
+ROOT = Path(__file__).resolve().parents[2]
+FAMILY = {"flux": FLUX, "zimage": ZIMAGE, "sdxl": SDXL, "sd": SD}
+
+
+@pytest.mark.parametrize("spec", specs.KNOWN, ids=[s.name for s in specs.KNOWN])
+def test_parameter_counts_are_those_of_the_real_configs(spec: specs.ModelSpec) -> None:
+    """Catches a count in specs.py that drifts from its config (a typo, a changed library):
+    every component is built on the meta device from configs.py and counted."""
+    family = FAMILY[spec.family]
+    for name, (library, cls, config) in configs.MODELS[spec.name].items():
+        module = configs.build_empty(library, cls, config)
+        assert configs.count_parameters(module) == spec.components[name], name
+        if name == spec.denoiser:
+            for targets, per_rank in spec.lora_per_rank.items():
+                names = family.target_modules(targets)
+                assert configs.lora_parameters_per_rank(module, names, family.lora_scope) == per_rank, targets
+
+
+# --- the activation model against measurement (meta device: full width, no FLOPs) -----------
+
+BF16 = torch.bfloat16
+
+
+def _empty(*shape: int) -> torch.Tensor:
+    return torch.empty(*shape, device="meta", dtype=BF16)
+
+
+def _denoiser(cls: str, config: dict[str, Any], family: Any) -> torch.nn.Module:
+    from peft import LoraConfig
+
+    model = configs.build_empty("diffusers", cls, config).to(BF16).requires_grad_(False)
+    model.add_adapter(
+        LoraConfig(r=16, lora_alpha=16, target_modules=family.target_modules(family.defaults.lora_targets))
+    )
+    return model.train()
+
+
+def _flux_step(config: dict[str, Any], side: int) -> tuple[torch.nn.Module, Any]:
+    model, tokens = _denoiser("FluxTransformer2DModel", config, FLUX), (side // 16) ** 2
+    inputs = {
+        "hidden_states": _empty(1, tokens, 64),
+        "encoder_hidden_states": _empty(1, 512, 4096),
+        "pooled_projections": _empty(1, 768),
+        "timestep": _empty(1),
+        "img_ids": _empty(tokens, 3),
+        "txt_ids": _empty(512, 3),
+        "guidance": _empty(1),
+    }
+    return model, lambda: model(**inputs, return_dict=False)
+
+
+def _zimage_step(config: dict[str, Any], side: int) -> tuple[torch.nn.Module, Any]:
+    model = _denoiser("ZImageTransformer2DModel", config, ZIMAGE)
+    latents = [_empty(16, 1, side // 8, side // 8)]
+    return model, lambda: model(latents, _empty(1), [_empty(512, 2560)], return_dict=False)
+
+
+def _unet_step(config: dict[str, Any], side: int, family: Any) -> tuple[torch.nn.Module, Any]:
+    model = _denoiser("UNet2DConditionModel", config, family)
+    text = _empty(1, 77, config.get("cross_attention_dim", 768))
+    extra = {"added_cond_kwargs": {"text_embeds": _empty(1, 1280), "time_ids": _empty(1, 6)}} if family is SDXL else {}
+    latents = _empty(1, 4, side // 8, side // 8)
+    return model, lambda: model(latents, _empty(1), encoder_hidden_states=text, return_dict=False, **extra)
+
+
+SHALLOW = {  # full width; one or two blocks of each kind (the UNets whole: cheap on meta)
+    "flux": ({**configs.FLUX_DEV, "num_layers": 1, "num_single_layers": 1}, _flux_step),
+    "zimage": ({**configs.ZIMAGE, "n_layers": 1, "n_refiner_layers": 1}, _zimage_step),
+    "sdxl": (configs.SDXL_UNET, lambda c, s: _unet_step(c, s, SDXL)),
+    "sd": (configs.SD15_UNET, lambda c, s: _unet_step(c, s, SD)),
+}
+REFERENCE = {"flux": specs.FLUX_DEV, "zimage": specs.ZIMAGE_TURBO, "sdxl": specs.SDXL, "sd": specs.SD15}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+@pytest.mark.parametrize("side", [256, 512])
+@pytest.mark.parametrize("family", list(SHALLOW))
+def test_activation_estimate_is_within_its_error_of_the_measurement(
+    family: str, side: int, checkpointing: bool
+) -> None:
+    """Catches an activation coefficient (or the checkpointing formula) that no longer matches
+    what autograd keeps for backward in the real blocks: the estimate for the shallow config
+    must be within ACTIVATION_ERROR (10 %) of the bytes counted by saved_tensors_hooks."""
+    config, step = SHALLOW[family]
+    model, run = step(config, side)
+    measured = measure(model, run, checkpointing).peak(checkpointing)
+    spec = replace(REFERENCE[family], config=config)
+    estimate = activation_bytes(spec, side, side, 1, checkpointing)
+    assert abs(estimate - measured) <= ACTIVATION_ERROR * measured, (estimate / 2**20, measured / 2**20)
+
+
+# --- the planner, a pure function --------------------------------------------------------------
+
+# (model, card GB) -> (gradient checkpointing, quantize_base, estimated peak GiB) at 1024 px, batch 1
+EXPECTED = {
+    ("flux-dev", 80): (False, "none", 57.99),
+    ("flux-dev", 48): (True, "none", 32.76),
+    ("flux-dev", 24): (True, "nf4", 16.83),
+    ("zimage-turbo", 80): (False, "none", 45.84),
+    ("zimage-turbo", 48): (True, "none", 20.3),
+    ("zimage-turbo", 24): (True, "none", 20.3),
+    ("sdxl", 80): (False, "none", 10.99),
+    ("sdxl", 24): (False, "none", 10.99),
+}
+
+
+@pytest.mark.parametrize(("name", "card"), list(EXPECTED), ids=[f"{s}-{gb}" for s, gb in EXPECTED])
+def test_planner_picks_the_cheapest_plan_that_fits(name: str, card: int) -> None:
+    """Catches a planner that picks a slower plan than needed (checkpointing or NF4 on a card
+    where bf16 without fits) or one that does not fit (e.g. bf16 FLUX.1 on 24 GB)."""
+    spec = next(s for s in specs.KNOWN if s.name == name)
+    plan = plan_training(spec, TrainJob(1024, 1024), card)
+    assert (plan.gradient_checkpointing, plan.quantize_base, plan.peak_gib) == EXPECTED[name, card]
+    assert plan.fits and plan.chosen == ["gradient_checkpointing", "quantize_base"]
+
+
+def test_explicit_inputs_win_over_the_plan() -> None:
+    """Catches the plan overriding a caller's setting: checkpointing asked on an 80 GB card stays
+    on; a bf16 FLUX.1 job asked on 24 GB is refused, naming the plan that would fit."""
+    plan = plan_training(specs.FLUX_DEV, TrainJob(1024, 1024), 80, checkpointing=True)
+    assert (plan.gradient_checkpointing, plan.quantize_base, plan.chosen) == (True, "none", ["quantize_base"])
+    with pytest.raises(InputError) as caught:
+        plan_training(specs.FLUX_DEV, TrainJob(1024, 1024), 24, quantize="none")
+    assert (
+        "Without the explicit setting it fits this card with gradient_checkpointing True and quantize_base nf4"
+        in str(caught.value)
+    )
+
+
+def test_a_job_no_plan_fits_fails_naming_estimate_card_and_smallest_card() -> None:
+    """Catches a refusal that does not tell the user what would fit: the estimate, the card's
+    memory and the smallest rented card, or that none fits."""
+    with pytest.raises(InputError) as caught:
+        plan_training(specs.FLUX_DEV, TrainJob(1024, 1024, batch=8), 24)
+    text = str(caught.value)
+    assert "does not fit this GPU" in text and "the card has 24.0 GiB" in text
+    assert "peaks at about 30.8 GiB" in text and "The smallest card that fits it: 48 GB" in text
+    with pytest.raises(InputError, match="No rented card fits it"):
+        plan_training(specs.FLUX_DEV, TrainJob(2048, 2048, batch=64), 141)
+    with pytest.raises(InputError, match=r"quantize_base none.*48 GB"):  # a training adapter rules NF4 out
+        plan_training(specs.FLUX_DEV, TrainJob(1024, 1024, adapter=True), 24)
+
+
+# --- the dry run, as users reach it ------------------------------------------------------------
+
+
+def _configs_only_flux(folder: Path) -> Path:
+    """A full-width, shallow FLUX.1 directory of configs only (no weights: a dry run reads none)."""
+    parts = {**configs.MODELS["flux-dev"]}
+    parts["transformer"] = (*parts["transformer"][:2], {**configs.FLUX_DEV, "num_layers": 1, "num_single_layers": 1})
+    index: dict[str, Any] = {"_class_name": "FluxPipeline"}
+    for name, (library, cls, config) in parts.items():
+        (folder / name).mkdir(parents=True)
+        (folder / name / "config.json").write_text(json.dumps(config))
+        index[name] = [library, cls]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
+
+
+def _dry_run(tmp_path: Path, job: dict[str, Any]) -> dict[str, Any]:
+    from tests.test_entrypoint import printed_result, run_worker
+
+    completed = run_worker(tmp_path, job)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    return printed_result(completed)
+
+
+def test_dry_run_through_the_entrypoint_returns_a_plan_without_training(tmp_path: Path) -> None:
+    """Catches a dry run that loads weights, claims the lease, fetches the dataset or trains:
+    the model directory holds configs only and the dataset does not exist, yet the plan comes
+    back, and storage stays empty."""
+    model = _configs_only_flux(tmp_path / "flux-shallow")
+    job = {
+        "action": "train_lora",
+        "dataset": "absent",
+        "output_name": "planned",
+        "base_model": str(model),
+        "resolution": 1024,
+        "dry_run": True,
+        "gpu_memory_gb": 24,
+    }
+    out = _dry_run(tmp_path, job)
+    assert out["dry_run"] is True and out["fits"] is True and out["card_gib"] == 24
+    assert out["plan"]["quantize_base"] == "none" and out["plan"]["gradient_checkpointing"] is False
+    assert set(out["cards"]) == {"24", "48", "80", "141"}
+    storage = tmp_path / "storage"
+    assert not storage.exists() or not any(p.is_file() for p in storage.rglob("*"))
+
+
+def test_dry_run_answers_for_a_known_model_and_a_card_it_does_not_fit(tmp_path: Path) -> None:
+    """Catches a dry run that cannot answer "will FLUX.1-dev fit a 24 GB card?" on a worker
+    without the model or a GPU: NF4 with checkpointing fits; bf16 asked explicitly does not,
+    and the message names what would fit."""
+    job = {
+        "action": "train_lora",
+        "dataset": "absent",
+        "output_name": "planned",
+        "base_model": "black-forest-labs/FLUX.1-dev",
+        "dry_run": True,
+        "gpu_memory_gb": 24,
+    }
+    out = _dry_run(tmp_path, job)
+    assert (out["plan"]["quantize_base"], out["plan"]["gradient_checkpointing"]) == ("nf4", True)
+    refused = _dry_run(tmp_path, {**job, "quantize_base": "none"})
+    assert refused["fits"] is False and "quantize_base nf4" in refused["message"]
+    generation = _dry_run(
+        tmp_path, {"action": "generate", "prompt": "p", "base_model": "black-forest-labs/FLUX.1-dev", "dry_run": True}
+    )
+    assert generation["fits"] is None and generation["cards"]["48"]["fits"] is True
+
+
+def test_generation_keeps_the_lora_restore_backup_on_the_cpu(tmp_path: Path) -> None:
+    """Catches a restore backup kept beside the weights on the GPU (+4.7 to +12.7 GiB for
+    FLUX.1): every backed-up tensor is a CPU copy, and the base comes back bit for bit. (On a
+    CPU-only machine the device check cannot tell a GPU-side backup apart; the copy check can.)"""
+    from safetensors.torch import save_file
+
+    from services.gpu import adapters
+    from services.gpu.families import build_tiny_pipeline
+    from services.gpu.models import PipelineKey, wrap_pipeline
+
+    entry = wrap_pipeline(build_tiny_pipeline("builtin:tiny-sd"), PipelineKey("builtin:tiny-sd", "float32", "cpu"))
+    before = {k: v.clone() for k, v in entry.pipe.unet.state_dict().items()}
+    seen: list[Any] = []
+    original = adapters._backup
+
+    def spy(layers: list[Any]) -> list[Any]:
+        seen.extend(original(layers))
+        return seen
+
+    lora = {
+        f"unet.{name}.lora_{ab}.weight": torch.randn(shape) * 0.1
+        for name, module in entry.pipe.unet.named_modules()
+        if name.endswith("attn1.to_q")
+        for ab, shape in (("A", (2, module.in_features)), ("B", (module.out_features, 2)))
+    }
+    path = tmp_path / "lora.safetensors"
+    save_file(lora, str(path))
+    adapters._backup = spy
+    try:
+        with adapters.fused_lora(entry, path, 1.0):
+            pass
+    finally:
+        adapters._backup = original
+    assert seen and all(weight.device.type == "cpu" for _, weight, _ in seen)
+    assert all(weight.data_ptr() != base.weight.data_ptr() for base, weight, _ in seen)
+    after = entry.pipe.unet.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
