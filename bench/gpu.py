@@ -45,8 +45,7 @@ import torch
 from PIL import Image
 
 from services.gpu import models
-from services.gpu.families import build_tiny_pipeline
-from services.gpu.families.tiny import clip_tokenizer
+from services.gpu.families import FLUX, SD, SDXL, build_tiny_pipeline
 from services.gpu.generate.render import GenerationRequest, render
 from services.gpu.train.trainer import LoraTrainer, TrainConfig
 
@@ -67,118 +66,13 @@ BENCH_ERRORS = (RuntimeError, ValueError, TypeError, KeyError, AttributeError, O
 # --- models built in code ---------------------------------------------------------------------
 
 
-def _clip(tokenizer: Any, hidden: int, layers: int, heads: int, act: str, projection: int | None = None) -> Any:
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    config = CLIPTextConfig(
-        vocab_size=49408,
-        hidden_size=hidden,
-        intermediate_size=hidden * 4,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        max_position_embeddings=77,
-        hidden_act=act,
-        projection_dim=projection or hidden,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
-
-
-def _vae(scaling: float, force_upcast: bool) -> Any:
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        latent_channels=4,
-        sample_size=1024 if force_upcast else 512,
-        scaling_factor=scaling,
-        force_upcast=force_upcast,
-    )
-
-
-def build_sd15(device: torch.device) -> Any:
-    """SD 1.5-size pipeline (UNet 860 M, CLIP ViT-L text encoder, SD VAE), random weights."""
-    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-
-    tokenizer = clip_tokenizer()
-    # Schedulers hold CPU tensors (some convert them to numpy): build them outside the device context.
-    scheduler = PNDMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1
-    )
-    with torch.device(device):  # initialise the weights on the device: seconds, not minutes
-        unet = UNet2DConditionModel(
-            sample_size=64,
-            block_out_channels=(320, 640, 1280, 1280),
-            layers_per_block=2,
-            cross_attention_dim=768,
-            attention_head_dim=8,
-        )
-        vae = _vae(0.18215, False)
-        text_encoder = _clip(tokenizer, 768, 12, 12, "quick_gelu")
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-
-
-def build_sdxl(device: torch.device) -> Any:
-    """SDXL-size pipeline (UNet 2.6 B, CLIP-L + OpenCLIP-bigG text encoders, SDXL VAE)."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-
-    tokenizer = clip_tokenizer()
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading"
-    )
-    with torch.device(device):
-        unet = UNet2DConditionModel(
-            sample_size=128,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            block_out_channels=(320, 640, 1280),
-            layers_per_block=2,
-            transformer_layers_per_block=(1, 2, 10),
-            attention_head_dim=(5, 10, 20),
-            cross_attention_dim=2048,
-            use_linear_projection=True,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=256,
-            projection_class_embeddings_input_dim=2816,
-        )
-        vae = _vae(0.13025, True)
-        text_encoder = _clip(tokenizer, 768, 12, 12, "quick_gelu")
-        text_encoder_2 = _clip(tokenizer, 1280, 32, 20, "gelu", projection=1280)
-    return StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer,
-        tokenizer_2=clip_tokenizer(),
-        unet=unet,
-        scheduler=scheduler,
-        add_watermarker=False,
-    )
-
-
 def build(family: str, tiny: bool, device: torch.device, dtype: torch.dtype) -> Any:
-    """A frozen, eval-mode pipeline on ``device`` in ``dtype`` (weights from seed 0)."""
+    """A frozen, eval-mode pipeline on ``device`` in ``dtype`` (weights from seed 0): the family's
+    tiny built-in model, or its full-size one (``ModelFamily.build_full``: the real configs with
+    random weights, through the same ``assemble`` the worker's pipelines go through)."""
     torch.manual_seed(0)
-    if tiny:
-        pipe = build_tiny_pipeline("builtin:tiny-sd" if family == "sd15" else "builtin:tiny-sdxl").to(device)
-    else:
-        pipe = build_sd15(device) if family == "sd15" else build_sdxl(device)
+    model = SD if family == "sd15" else SDXL
+    pipe = build_tiny_pipeline(model.builtin).to(device) if tiny else model.build_full(device)
     if dtype != torch.float32:
         pipe = pipe.to(dtype=dtype)
     for component in pipe.components.values():
@@ -628,57 +522,10 @@ def compiled_phase(family: str, args: argparse.Namespace, device: torch.device, 
 
 def build_flux(tiny: bool, device: torch.device, dtype: torch.dtype) -> Any:
     """FLUX.1-dev-size pipeline (12 B transformer, T5-XXL- and CLIP-L-size encoders, 16-channel
-    VAE), random weights built directly on ``device`` in ``dtype``; or the builtin tiny one."""
-    if tiny:
-        pipe = build_tiny_pipeline("builtin:tiny-flux").to(device, dtype)
-    else:
-        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-        from transformers import T5Config, T5EncoderModel
-
-        from services.gpu.families.tiny import t5_tokenizer
-
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            with torch.device(device):
-                tokenizer = clip_tokenizer()
-                t5 = T5EncoderModel(
-                    T5Config(
-                        vocab_size=32128,
-                        d_model=4096,
-                        d_kv=64,
-                        d_ff=10240,
-                        num_layers=24,
-                        num_heads=64,
-                        feed_forward_proj="gated-gelu",
-                        pad_token_id=0,
-                        eos_token_id=1,
-                        decoder_start_token_id=0,
-                    )
-                )
-                pipe = FluxPipeline(
-                    scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True),
-                    vae=AutoencoderKL(
-                        in_channels=3,
-                        out_channels=3,
-                        down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4,
-                        block_out_channels=(128, 256, 512, 512),
-                        layers_per_block=2,
-                        latent_channels=16,
-                        use_quant_conv=False,
-                        use_post_quant_conv=False,
-                        shift_factor=0.1159,
-                        scaling_factor=0.3611,
-                    ),
-                    text_encoder=_clip(tokenizer, 768, 12, 12, "quick_gelu"),
-                    tokenizer=tokenizer,
-                    text_encoder_2=t5,
-                    tokenizer_2=t5_tokenizer(),
-                    transformer=FluxTransformer2DModel(guidance_embeds=True),
-                )
-        finally:
-            torch.set_default_dtype(previous)
+    VAE) built by the family with random weights directly on ``device`` in ``dtype``; or the
+    builtin tiny one."""
+    torch.manual_seed(0)
+    pipe = build_tiny_pipeline(FLUX.builtin).to(device, dtype) if tiny else FLUX.build_full(device, dtype)
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             component.eval().requires_grad_(False)

@@ -13,7 +13,8 @@ import torch
 
 from services.errors import InputError
 from services.gpu.families import FLUX, SD, SDXL, ZIMAGE
-from services.gpu.memory import configs, specs
+from services.gpu.families import full_size as configs
+from services.gpu.memory import specs
 from services.gpu.memory.estimate import ACTIVATION_ERROR, activation_bytes
 from services.gpu.memory.measure import measure
 from services.gpu.memory.planner import TrainJob, plan_training

@@ -193,6 +193,7 @@ class ModelFamily(ABC):
     export_formats: ClassVar[tuple[str, ...]] = (DIFFUSERS,)  # offered; the first is the default
     text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)
     builtin_variants: ClassVar[tuple[str, ...]] = ()  # more tiny builtins, e.g. a distilled one
+    full_model: ClassVar[str]  # the key of its real configs in full_size.MODELS (build_full)
     lora_scope: ClassVar[tuple[str, ...]] = ()  # LoRA only under these module prefixes (empty: anywhere)
     timestep_samplings: ClassVar[tuple[str, ...]] = ("uniform",)
     fp16_trains: ClassVar[bool] = True  # False: fp16 overflows (T5, large activations)
@@ -210,6 +211,20 @@ class ModelFamily(ABC):
     @abstractmethod
     def build_tiny(self) -> DiffusionPipeline:
         """The tiny built-in pipeline (fp32, CPU); seeded by the caller."""
+
+    @abstractmethod
+    def assemble(self, components: dict[str, Any]) -> DiffusionPipeline:
+        """The pipeline around ``components`` (denoiser, VAE and text encoders by their pipeline
+        names, tiny or full size): adds the tokenizers and the scheduler. :meth:`build_tiny` and
+        :meth:`build_full` both end here, so a benchmark runs the pipeline the worker runs."""
+
+    def build_full(self, device: torch.device, dtype: torch.dtype | None = None) -> DiffusionPipeline:
+        """The full-size pipeline with random weights (the real configs of
+        :mod:`services.gpu.families.full_size`), initialised on ``device``: for benchmarks and
+        memory measurements, never for images worth looking at."""
+        from services.gpu.families import full_size
+
+        return self.assemble(full_size.build_components(self.full_model, device, dtype))
 
     def build_tiny_named(self, name: str) -> DiffusionPipeline:
         """The tiny built-in ``name`` (:attr:`builtin` or one of :attr:`builtin_variants`)."""

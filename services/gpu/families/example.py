@@ -34,6 +34,7 @@ class ExampleFamily(ModelFamily):
     label = "Example"
     pipeline_classes = ("ExamplePipeline",)
     builtin = "builtin:tiny-example"
+    full_model = "example"  # its real configs: add them to full_size.MODELS (bench/gpu.py, the memory planner)
     denoiser_name = "transformer"  # the pipeline attribute that the LoRA trains ("unet" for UNets)
     text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)  # components moved off the GPU once cached
     native_resolution = 1024  # the default side when the pipeline does not say
@@ -46,6 +47,13 @@ class ExampleFamily(ModelFamily):
         ``tiny.TEXT_HIDDEN``...) and keep it small enough to train 40 steps in seconds on a CPU.
         The caller seeds the generator; return the pipeline in fp32 on the CPU."""
         raise NotImplementedError("build the tiny pipeline from configs (see sd.py or zimage.py)")
+
+    def assemble(self, components: dict[str, Any]) -> DiffusionPipeline:
+        """3b. The pipeline around the components (tiny or full size): add the tokenizers
+        (``tiny.py``'s offline ones) and the scheduler, e.g. ``ExamplePipeline(**components,
+        tokenizer=tiny.clip_tokenizer(), scheduler=...)``. ``build_tiny`` ends with it, and the
+        protocol's ``build_full`` calls it with the real configs from ``full_size.py``."""
+        raise NotImplementedError("construct the pipeline from the components, tokenizers and scheduler")
 
     def encode_text(self, pipe: Any, captions: Sequence[str]) -> list[Text]:
         """4. Per caption, the conditioning exactly as the pipeline computes it (its own

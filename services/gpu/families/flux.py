@@ -72,6 +72,7 @@ class Flux(ModelFamily):
     label = "FLUX.1"
     pipeline_classes = ("FluxPipeline",)
     builtin = "builtin:tiny-flux"
+    full_model = "flux-dev"
     builtin_variants = (SCHNELL_BUILTIN,)
     defaults = TrainDefaults(
         rank=16,
@@ -103,7 +104,7 @@ class Flux(ModelFamily):
         return self._tiny(guidance_embeds=True)
 
     def _tiny(self, guidance_embeds: bool) -> DiffusionPipeline:
-        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+        from diffusers import FluxTransformer2DModel
         from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
         from services.gpu.families import tiny
@@ -136,20 +137,28 @@ class Flux(ModelFamily):
             guidance_embeds=guidance_embeds,  # True: like FLUX.1-dev; False: like schnell
             axes_dims_rope=(4, 4, 8),
         )
-        scheduler = FlowMatchEulerDiscreteScheduler(
-            shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15
-        )
-        pipe = FluxPipeline(
-            scheduler=scheduler,
-            vae=tiny.flow_vae(),
-            text_encoder=CLIPTextModel(tiny.clip_config(clip_tokenizer)),
-            tokenizer=clip_tokenizer,
-            text_encoder_2=t5,
-            tokenizer_2=t5_tokenizer,
-            transformer=transformer,
+        pipe = self.assemble(
+            {
+                "vae": tiny.flow_vae(),
+                "text_encoder": CLIPTextModel(tiny.clip_config(clip_tokenizer)),
+                "text_encoder_2": t5,
+                "transformer": transformer,
+            }
         )
         pipe.default_sample_size = tiny.TINY_SIZE // pipe.vae_scale_factor
         return pipe
+
+    def assemble(self, components: dict[str, Any]) -> DiffusionPipeline:
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+        from services.gpu.families import tiny
+
+        scheduler = FlowMatchEulerDiscreteScheduler(
+            shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15
+        )
+        return FluxPipeline(
+            **components, scheduler=scheduler, tokenizer=tiny.clip_tokenizer(), tokenizer_2=tiny.t5_tokenizer()
+        )
 
     def pixel_multiple(self, pipe: Any) -> int:
         return int(pipe.vae_scale_factor) * 2  # latents are packed 2x2

@@ -28,6 +28,7 @@ class StableDiffusion(ModelFamily):
     label = "SD 1.x/2.x"
     pipeline_classes = ("StableDiffusionPipeline",)
     builtin = "builtin:tiny-sd"
+    full_model = "sd15"
     denoiser_name = "unet"
     defaults = TrainDefaults(rank=16, learning_rate=1e-4, steps=1000)
     native_resolution = 512
@@ -35,12 +36,11 @@ class StableDiffusion(ModelFamily):
     export_formats = (KOHYA, DIFFUSERS)
 
     def build_tiny(self) -> DiffusionPipeline:
-        from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+        from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel
 
         from services.gpu.families import tiny
 
-        tokenizer = tiny.clip_tokenizer()
         unet = UNet2DConditionModel(
             sample_size=tiny.TINY_SIZE // 2,
             in_channels=4,
@@ -53,6 +53,14 @@ class StableDiffusion(ModelFamily):
             norm_num_groups=4,
             cross_attention_dim=tiny.TEXT_HIDDEN,
         )
+        encoder = {"vae": tiny.vae(), "text_encoder": CLIPTextModel(tiny.clip_config(tiny.clip_tokenizer()))}
+        return self.assemble({"unet": unet, **encoder})
+
+    def assemble(self, components: dict[str, Any]) -> DiffusionPipeline:
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+        from services.gpu.families import tiny
+
         scheduler = DDIMScheduler(
             beta_start=0.00085,
             beta_end=0.012,
@@ -62,10 +70,8 @@ class StableDiffusion(ModelFamily):
             steps_offset=1,
         )
         return StableDiffusionPipeline(
-            vae=tiny.vae(),
-            text_encoder=CLIPTextModel(tiny.clip_config(tokenizer)),
-            tokenizer=tokenizer,
-            unet=unet,
+            **components,
+            tokenizer=tiny.clip_tokenizer(),
             scheduler=scheduler,
             safety_checker=None,
             feature_extractor=None,

@@ -20,11 +20,12 @@ class StableDiffusionXL(StableDiffusion):
     label = "SDXL"
     pipeline_classes = ("StableDiffusionXLPipeline",)
     builtin = "builtin:tiny-sdxl"
+    full_model = "sdxl"
     native_resolution = 1024
     text_encoders = ("text_encoder", "text_encoder_2")
 
     def build_tiny(self) -> DiffusionPipeline:
-        from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+        from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
         from services.gpu.families import tiny
@@ -48,6 +49,22 @@ class StableDiffusionXL(StableDiffusion):
             cross_attention_dim=2 * tiny.TEXT_HIDDEN,
             norm_num_groups=4,
         )
+        return self.assemble(
+            {
+                "unet": unet,
+                "vae": tiny.vae(),
+                "text_encoder": CLIPTextModel(tiny.clip_config(tokenizer)),
+                "text_encoder_2": CLIPTextModelWithProjection(
+                    tiny.clip_config(tokenizer, projection_dim=tiny.TEXT_HIDDEN)
+                ),
+            }
+        )
+
+    def assemble(self, components: dict[str, Any]) -> DiffusionPipeline:
+        from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+        from services.gpu.families import tiny
+
         scheduler = EulerDiscreteScheduler(
             beta_start=0.00085,
             beta_end=0.012,
@@ -56,12 +73,9 @@ class StableDiffusionXL(StableDiffusion):
             timestep_spacing="leading",
         )
         return StableDiffusionXLPipeline(
-            vae=tiny.vae(),
-            text_encoder=CLIPTextModel(tiny.clip_config(tokenizer)),
-            text_encoder_2=CLIPTextModelWithProjection(tiny.clip_config(tokenizer, projection_dim=tiny.TEXT_HIDDEN)),
-            tokenizer=tokenizer,
+            **components,
+            tokenizer=tiny.clip_tokenizer(),
             tokenizer_2=tiny.clip_tokenizer(),
-            unet=unet,
             scheduler=scheduler,
             add_watermarker=False,
         )

@@ -52,6 +52,7 @@ class ZImage(ModelFamily):
     label = "Z-Image"
     pipeline_classes = ("ZImagePipeline",)
     builtin = "builtin:tiny-zimage"
+    full_model = "zimage-turbo"
     builtin_variants = ("builtin:tiny-zimage-turbo",)
     defaults = TrainDefaults(
         rank=16, learning_rate=1e-4, steps=1000, gradient_checkpointing=True, timestep_sampling="shift"
@@ -65,7 +66,7 @@ class ZImage(ModelFamily):
         return TURBO if "turbo" in model.lower() else BASE
 
     def build_tiny(self) -> DiffusionPipeline:
-        from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+        from diffusers import ZImageTransformer2DModel
         from transformers import Qwen3Config, Qwen3Model
 
         from services.gpu.families import tiny
@@ -99,12 +100,17 @@ class ZImage(ModelFamily):
             # image's on axis 0, patch rows and columns (2048 px / 4 = 512) on axes 1 and 2
             axes_lens=[1024, 512, 512],
         )
-        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=False)
-        pipe = ZImagePipeline(
-            scheduler=scheduler, vae=tiny.flow_vae(), text_encoder=encoder, tokenizer=tokenizer, transformer=transformer
-        )
+        pipe = self.assemble({"vae": tiny.flow_vae(), "text_encoder": encoder, "transformer": transformer})
         pipe.default_sample_size = tiny.TINY_SIZE // pipe.vae_scale_factor
         return pipe
+
+    def assemble(self, components: dict[str, Any]) -> DiffusionPipeline:
+        from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
+
+        from services.gpu.families import tiny
+
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=False)
+        return ZImagePipeline(**components, scheduler=scheduler, tokenizer=tiny.qwen_tokenizer())
 
     def pixel_multiple(self, pipe: Any) -> int:
         return int(pipe.vae_scale_factor) * 2  # 2x2 patches

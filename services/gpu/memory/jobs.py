@@ -57,7 +57,7 @@ def _builtin_spec(model: str, family: str, targets: dict[str, list[str]]) -> Mod
     import torch
 
     from services.gpu.families import build_tiny_pipeline, family_of_builtin
-    from services.gpu.memory.configs import count_parameters, lora_parameters_per_rank
+    from services.gpu.families.full_size import count_parameters, lora_parameters_per_rank
     from services.gpu.memory.specs import _REFERENCE
 
     pipe = build_tiny_pipeline(model)

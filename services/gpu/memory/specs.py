@@ -2,7 +2,7 @@
 
 The known models' counts are constants here (so the planner and the README table need no
 torch); ``tests/gpu/test_memory.py`` checks each against its real config built on the meta
-device (:mod:`services.gpu.memory.configs`). A model directory (or a cached repo) the table does
+device (:mod:`services.gpu.families.full_size`). A model directory (or a cached repo) the table does
 not know is described from its own ``config.json`` files the same way (:func:`spec_of_directory`).
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from services.errors import InputError
-from services.gpu.memory import configs
+from services.gpu.families import full_size as configs
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def spec_of_directory(folder: Path, family_name: str, lora_targets: dict[str, li
     """Describe a diffusers model directory from its configs (weights are never read): every
     component is built on the meta device and counted. ``lora_targets``: target name -> module
     suffixes (the family's)."""
-    from services.gpu.memory.configs import build_empty, count_parameters, lora_parameters_per_rank
+    from services.gpu.families.full_size import build_empty, count_parameters, lora_parameters_per_rank
 
     index = _read_json(folder / "model_index.json")
     reference = _REFERENCE[family_name]

@@ -1,7 +1,9 @@
-"""The real configs of the models the planner knows, written in code (no weights, no hub).
+"""The real configs of each family's full-size models, written in code (no weights, no hub).
 
 Each component is ``(library, class name, config)``; :func:`build_empty` builds it on the meta
-device (no memory, no weights) so its parameters can be counted exactly. The planner itself
+device (no memory, no weights) so its parameters can be counted exactly, and
+:func:`build_components` builds a whole model with random weights on a device, which
+:meth:`ModelFamily.build_full` puts into its pipeline (``bench/gpu.py`` measures those). The planner itself
 reads the counts from :mod:`services.gpu.memory.specs` (constants, so it needs no torch);
 ``tests/gpu/test_memory.py`` checks that they equal what these configs build.
 """
@@ -28,7 +30,15 @@ FLUX_VAE: dict[str, Any] = {
     "shift_factor": 0.1159,
     "scaling_factor": 0.3611,
 }
-SD_VAE: dict[str, Any] = {**FLUX_VAE, "latent_channels": 4, "use_quant_conv": True, "use_post_quant_conv": True}
+SD_VAE: dict[str, Any] = {
+    **FLUX_VAE,
+    "latent_channels": 4,
+    "use_quant_conv": True,
+    "use_post_quant_conv": True,
+    "shift_factor": None,
+    "scaling_factor": 0.18215,
+}
+SDXL_VAE: dict[str, Any] = {**SD_VAE, "scaling_factor": 0.13025, "force_upcast": True, "sample_size": 1024}
 CLIP_L: dict[str, Any] = {
     "hidden_size": 768,
     "intermediate_size": 3072,
@@ -147,7 +157,7 @@ MODELS: dict[str, dict[str, Component]] = {
         "unet": ("diffusers", DENOISER["sdxl"], SDXL_UNET),
         "text_encoder": ("transformers", "CLIPTextModel", CLIP_L),
         "text_encoder_2": ("transformers", "CLIPTextModelWithProjection", CLIP_BIG_G),
-        "vae": ("diffusers", "AutoencoderKL", SD_VAE),
+        "vae": ("diffusers", "AutoencoderKL", SDXL_VAE),
     },
     "sd15": {
         "unet": ("diffusers", DENOISER["sd"], SD15_UNET),
@@ -166,15 +176,35 @@ _TRANSFORMERS_CONFIGS = {
 
 def build_empty(library: str, cls_name: str, config: dict[str, Any]) -> torch.nn.Module:
     """The component on the meta device: its real module tree, no weights and no memory."""
-    import diffusers
     import torch
-    import transformers
 
     with torch.device("meta"):
-        if library == "diffusers":
-            return getattr(diffusers, cls_name).from_config(config)
-        config_cls = getattr(transformers, _TRANSFORMERS_CONFIGS[cls_name])
-        return getattr(transformers, cls_name)(config_cls(**config))
+        return _build(library, cls_name, config)
+
+
+def build_components(model: str, device: torch.device, dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """Every component of ``model`` (a key of :data:`MODELS`) at full size with random weights,
+    initialised directly on ``device`` in ``dtype`` (seconds on a GPU, not minutes on the CPU)."""
+    import torch
+
+    previous = torch.get_default_dtype()
+    if dtype is not None:
+        torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return {name: _build(*spec) for name, spec in MODELS[model].items()}
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _build(library: str, cls_name: str, config: dict[str, Any]) -> torch.nn.Module:
+    import diffusers
+    import transformers
+
+    if library == "diffusers":
+        return getattr(diffusers, cls_name).from_config(config)
+    config_cls = getattr(transformers, _TRANSFORMERS_CONFIGS[cls_name])
+    return getattr(transformers, cls_name)(config_cls(**config))
 
 
 def count_parameters(module: torch.nn.Module) -> int:
