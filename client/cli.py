@@ -9,7 +9,7 @@
     lora-worker get loras/cat-lora/cat-lora.safetensors --out .
 
 Progress bars go to stderr, results to stdout (``--json`` for machine-readable output). Ctrl-C
-(SIGINT) cancels the running job on the endpoint. A command started with SIGINT ignored (a ``&``
+(SIGINT) or a SIGTERM cancels the running job on the endpoint. A command started with SIGINT ignored (a ``&``
 job of a non-interactive shell, so the terminal's Ctrl-C is meant for the foreground) keeps
 ignoring it, as Python and every POSIX tool do; ``nohup`` ignores only SIGHUP. Exit status: 0
 done, 1 a job or a file failed, 2 bad usage or configuration, 130 interrupted.
@@ -21,6 +21,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -218,6 +219,10 @@ COMMANDS: dict[str, Callable[[WorkerClient, argparse.Namespace], int]] = {
 }
 
 
+def _stop_like_ctrl_c(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the exit status."""
     parser = build_parser()
@@ -226,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.DEBUG if args.verbose else logging.ERROR if args.quiet else logging.WARNING
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     logging.getLogger("urllib3").setLevel(max(level, logging.INFO))
+    signal.signal(signal.SIGTERM, _stop_like_ctrl_c)  # a kill cancels the remote job as Ctrl-C does
     try:
         with worker:
             return COMMANDS[args.command](worker, args)

@@ -371,7 +371,9 @@ WITH_DEFAULT_SIGINT = [
 ]
 
 
-def interrupt_when(process: subprocess.Popen[str], fake: FakeEndpoint, ready: Any) -> tuple[str, str]:
+def interrupt_when(
+    process: subprocess.Popen[str], fake: FakeEndpoint, ready: Any, signum: int = signal.SIGINT
+) -> tuple[str, str]:
     """Send SIGINT to ``process`` once ``ready()`` holds; its ``(stdout, stderr)`` after it ends.
 
     Waits on the fake's condition (notified on each poll) and on the process's exit, never sleeps.
@@ -388,11 +390,14 @@ def interrupt_when(process: subprocess.Popen[str], fake: FakeEndpoint, ready: An
         started = ready()
     assert process.poll() is None, process.communicate()
     assert started, "the job never started"
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     return process.communicate(timeout=60)
 
 
-def test_ctrl_c_cancels_the_remote_job_and_exits_130(lora_worker: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_cancels_the_remote_job_and_exits_130(lora_worker: Path, tmp_path: Path, signum: int) -> None:
+    """Catches a client that leaves the job running on the endpoint when it is stopped: Ctrl-C or
+    a SIGTERM (a CI timeout, a supervisor's kill) cancels it there and exits 130."""
     with FakeEndpoint([[progress(1, 1000, loss=0.9)]]) as fake:
         process = subprocess.Popen(
             [*WITH_DEFAULT_SIGINT, str(lora_worker), "--endpoint", ENDPOINT, "--poll-interval", "0.05", *TRAIN],
@@ -402,7 +407,7 @@ def test_ctrl_c_cancels_the_remote_job_and_exits_130(lora_worker: Path, tmp_path
             stderr=subprocess.PIPE,
             text=True,
         )
-        _, stderr = interrupt_when(process, fake, lambda: len(fake.polls) >= 3)
+        _, stderr = interrupt_when(process, fake, lambda: len(fake.polls) >= 3, signum)
 
     assert process.returncode == 130, stderr
     assert fake.cancels == ["job-1"]
