@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 
-from services.job.logs import KNOWN_NOISE, setup_logging
+from services.job.logs import KNOWN_NOISE, KnownNoiseFilter, setup_logging
 
 NOISE = {
     "transformers.utils.import_utils": "`CLIPImageProcessor` requires torchvision (not installed); falling back to "
@@ -52,7 +52,8 @@ def test_known_noise_is_dropped_and_nothing_else(name: str) -> None:
         "No LoRA keys associated to UNet2DConditionModel found with the prefix='unet'",
         "CUDA out of memory",
     ]
-    assert len(logger.filters) == 1
+    # one of ours however often logging is set up (diffusers may add its own rank-zero filter)
+    assert sum(isinstance(f, KnownNoiseFilter) for f in logger.filters) == 1
 
 
 def test_only_torchvisions_import_warning_is_ignored() -> None:

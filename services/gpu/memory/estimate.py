@@ -36,6 +36,8 @@ UNET = {
     "sdxl": ((366_148.0, 26_290_944.0), (37_514.0, 521_664.0)),
     "sd": ((206_273.9, 4_048_384.0), (52_080.0, 226_624.0)),
 }
+# The families with a calibrated activation model; any other gets no plan (explicit inputs only).
+MODELLED_FAMILIES = ("flux", "zimage", *UNET)
 # generation: transient bytes per token per width unit of one forward, and the VAE decode's
 # per output pixel (to measure on a GPU; stated, not calibrated)
 INFER_PER_TOKEN_WIDTH = 24.0

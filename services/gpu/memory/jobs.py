@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from services.errors import InputError
 from services.gpu.catalog import BUILTIN_MODELS
+from services.gpu.memory.estimate import MODELLED_FAMILIES
 from services.gpu.memory.planner import Plan, TrainJob, plan_generation, plan_training
 from services.gpu.memory.specs import REPO_IDS, ModelSpec, spec_of_directory
 
@@ -34,6 +35,11 @@ def spec_for(model: str, settings: Settings) -> ModelSpec:
     if family is None:
         known = ", ".join(REPO_IDS)
         raise InputError(f"input.base_model: no memory profile for {model}; use a local directory or one of {known}")
+    if family.name not in MODELLED_FAMILIES:
+        raise InputError(
+            f"input.base_model: no memory model for {family.label} yet; set gradient_checkpointing "
+            "and quantize_base yourself"
+        )
     targets = {name: family.target_modules(name) for name in family.lora_targets}
     if model in BUILTIN_MODELS:
         return _builtin_spec(model, family.name, targets)
