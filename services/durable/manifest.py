@@ -89,7 +89,10 @@ def training_config_hash(fields: Mapping[str, Any]) -> str:
             f"training config hash: missing {missing}, unknown {extra}; "
             "a new field that changes the weights belongs in TRAINING_HASH_FIELDS with its reason"
         )
-    return config_hash({"format": CHECKPOINT_FORMAT, **fields})
+    canonical = dict(fields)
+    if canonical.get("world_size") == 1:  # one process hashes as before the field: its checkpoints resume
+        del canonical["world_size"]
+    return config_hash({"format": CHECKPOINT_FORMAT, **canonical})
 
 
 def dataset_digest(examples: Iterable[tuple[str, str, str]]) -> str:

@@ -43,7 +43,7 @@ def warm_or_exit(settings: Settings) -> None:
     try:
         warm_up(settings)
     except WorkerError as exc:
-        log.error(
+        log.error(  # noqa: TRY400 (one line: the message says why; no traceback)
             "WARM_MODEL=%s could not be loaded: %s; the worker exits (unset WARM_MODEL to start cold)",
             settings.warm_model,
             exc,

@@ -100,7 +100,7 @@ def test_stop_checkpoint_and_resume_on_two_ranks(
 
     monkeypatch.setattr(durable, "monotonic", clock)
     job = train_job("late", checkpoint_every=100)
-    with caplog.at_level(logging.INFO, logger="services.gpu.distributed.group"):
+    with caplog.at_level(logging.INFO, logger="services.gpu.train.distributed.group"):
         (stopped,) = run_jobs(job)
     assert stopped["error"].startswith("[resumable] train_lora at step 2 of 6: stopped (deadline)"), stopped
     assert "rank 1 stopped at step 2" in caplog.text
@@ -151,7 +151,7 @@ def test_gpus_above_the_worker_refused() -> None:
     import torch
 
     from services.errors import InputError
-    from services.gpu.distributed.world import resolve_world_size
+    from services.gpu.train.world import resolve_world_size
 
     settings = gpu_settings(train_cpu_ranks=2)
     assert resolve_world_size(None, torch.device("cpu"), settings) == 2

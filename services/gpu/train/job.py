@@ -32,8 +32,6 @@ from typing import TYPE_CHECKING, Any
 from services.durable.manifest import corrupt
 from services.errors import CheckpointCorrupt, InputError
 from services.gpu.adapters import fused_lora
-from services.gpu.distributed.group import rank_group
-from services.gpu.distributed.world import refuse_other_world_size
 from services.gpu.encode import encode_image
 from services.gpu.families import ModelFamily
 from services.gpu.generate.render import GenerationRequest, render
@@ -41,12 +39,14 @@ from services.gpu.guard import gpu_errors
 from services.gpu.lora_files import DIFFUSERS, KOHYA, save_lora
 from services.gpu.state import RUNNER_STATE
 from services.gpu.train.compile_policy import remember_warm
+from services.gpu.train.distributed.group import rank_group
 from services.gpu.train.durable import Durability
 from services.gpu.train.grid import SampleGrid
 from services.gpu.train.loop import Progress, ProgressReporter, run_steps
 from services.gpu.train.lora_output import check_saved_weights, export_lora_files
 from services.gpu.train.setup import PreparedRun, prepare_run
 from services.gpu.train.trainer import LoraTrainer, TrainConfig
+from services.gpu.train.world import refuse_other_world_size
 from services.gpu.types import ImageFile, TrainResult
 
 if TYPE_CHECKING:
@@ -136,7 +136,7 @@ def _train(
 ) -> _Trained:
     """Set up the trainer (resuming a checkpoint), run the steps under the durability hook and
     write the LoRA files; the trainer and the training adapter are released whatever happens.
-    With ``cfg.world_size`` > 1 the other ranks train beside it (:mod:`services.gpu.distributed`)."""
+    With ``cfg.world_size`` > 1 the other ranks train beside it (:mod:`services.gpu.train.distributed`)."""
     setup_started = time.perf_counter()
     if run.device.type == "cuda":
         import torch

@@ -90,7 +90,7 @@ def prepare_run(
     cache = models.compile_cache_dir(settings)
     cfg = train_config(params, model, entry, settings, precision, resolutions, device, cache)
     if world_size is None:
-        from services.gpu.distributed.world import resolve_world_size
+        from services.gpu.train.world import resolve_world_size
 
         world_size = resolve_world_size(params.gpus, device, settings)
     cfg = replace(cfg, world_size=world_size)

@@ -138,7 +138,7 @@ class LoraTrainer:
         self._checkpointing = False
         self._offloaded: list[str] = []
         self.losses: LossLog | None = None  # set by run_steps
-        # Data-parallel (services.gpu.distributed): this rank's rows of each planned batch, and the
+        # Data-parallel (services.gpu.train.distributed): this rank's rows of each planned batch, and the
         # all-reduce of the gradients and the loss after each step's backward passes.
         self.rows = slice(None)
         self.sync: Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor] | None = None

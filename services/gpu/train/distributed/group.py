@@ -27,7 +27,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from services.errors import GpuError, JobStopped
-from services.gpu.distributed.rank import HOST, RankJob, finish_replica, join_group, rank_main
+from services.gpu.train.distributed.rank import HOST, RankJob, finish_replica, join_group, rank_main
 
 if TYPE_CHECKING:
     from datetime import timedelta
@@ -149,7 +149,7 @@ class RankGroup:
 
     def hook(self, durability: Durability) -> StepHook:
         """Rank 0's hook before every step: decide, tell every rank, then act (checkpoint, stop)."""
-        from services.gpu.distributed.collectives import share_stop
+        from services.gpu.train.distributed.collectives import share_stop
 
         def before_step(done: int, ema: Any) -> None:
             self.step = done

@@ -1,6 +1,6 @@
 """The process of a data-parallel rank other than 0: the same trainer over its rows of each batch.
 
-Spawned by :class:`~services.gpu.distributed.group.RankGroup` for one job (``torch.multiprocessing``
+Spawned by :class:`~services.gpu.train.distributed.group.RankGroup` for one job (``torch.multiprocessing``
 spawn context). It loads the model (on its own GPU: ``CUDA_VISIBLE_DEVICES`` is set to that one
 before CUDA starts), resolves the same run from the job's input and dataset folder (the machine's
 filesystem is shared), restores the checkpoint folder rank 0 downloaded, and then trains in step
@@ -88,7 +88,7 @@ def _train_rank(job: RankJob, rank: int, conn: Connection) -> None:
     import torch
     import torch.distributed as dist
 
-    from services.gpu.train.job import merge_training_adapter
+    from services.gpu.adapters import fused_lora
     from services.gpu.train.loop import run_steps
     from services.gpu.train.setup import prepare_run
     from services.gpu.train.trainer import LoraTrainer
@@ -98,7 +98,8 @@ def _train_rank(job: RankJob, rank: int, conn: Connection) -> None:
     store = dist.TCPStore(HOST, job.port, job.world, is_master=False, timeout=timeout)
     run = prepare_run(job.params, job.dataset_dir, job.settings, job.training_adapter, world_size=job.world)
     adapter = ExitStack()
-    merge_training_adapter(adapter, run.entry, job.training_adapter)
+    if job.training_adapter is not None:  # rank 0 checked it merges (train.job.merge_training_adapter)
+        adapter.enter_context(fused_lora(run.entry, job.training_adapter, 1.0))
     trainer = LoraTrainer(run.entry, run.cfg)
     try:
         trainer.setup(run.images, run.captions)
@@ -126,7 +127,7 @@ def join_group(job: RankJob, rank: int, store: Any, trainer: LoraTrainer) -> Any
     """Join the process group; set ``trainer`` to train on this rank's rows; returns the control group."""
     import torch.distributed as dist
 
-    from services.gpu.distributed.collectives import gradient_sync
+    from services.gpu.train.distributed.collectives import gradient_sync
 
     timeout = timedelta(seconds=job.settings.rank_timeout)
     dist.init_process_group(job.backend, store=store, rank=rank, world_size=job.world, timeout=timeout)
@@ -138,7 +139,7 @@ def join_group(job: RankJob, rank: int, store: Any, trainer: LoraTrainer) -> Any
 
 
 def _follow(control: Any) -> Any:
-    from services.gpu.distributed.collectives import share_stop
+    from services.gpu.train.distributed.collectives import share_stop
 
     def before_step(done: int, ema: Any) -> None:
         del ema
@@ -150,6 +151,6 @@ def _follow(control: Any) -> Any:
 
 def finish_replica(trainer: LoraTrainer, world: int, control: Any) -> list[str]:
     """Exchange the replicas' digests (every rank); returns them by rank."""
-    from services.gpu.distributed.collectives import gather_digests, lora_digest
+    from services.gpu.train.distributed.collectives import gather_digests, lora_digest
 
     return gather_digests(lora_digest(trainer), world, control)

@@ -4,7 +4,7 @@ Rank 0 is the job's own GPU thread (it alone talks to storage, reports progress,
 checkpoints, snapshots and the LoRA); ranks 1..N-1 are processes it spawns for the job
 (:mod:`.rank`), each with the frozen base and a replica of the LoRA on its own GPU.
 
-- :mod:`.world`: how many ranks a job trains on (the ``gpus`` input, the worker's GPUs,
+- :mod:`services.gpu.train.world`: how many ranks a job trains on (the ``gpus`` input, the worker's GPUs,
   ``TRAIN_CPU_RANKS`` on the CPU) and the refusal of a checkpoint of another world size.
 - :mod:`.collectives`: the gradient all-reduce, the per-step stop broadcast, the replica digest.
 - :mod:`.group`: rank 0's side: spawn, wait until every rank is ready, the hook, teardown.
