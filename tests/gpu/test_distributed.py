@@ -146,6 +146,33 @@ def test_a_killed_rank_fails_the_job_naming_it(storage_dir: Path, monkeypatch: p
     assert spawned_children() == []
 
 
+def test_cancel_stops_both_ranks_and_leaves_no_process(storage_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cancelled 2-rank job (the stop signal, as SIGTERM sets it) stops with a checkpoint and no
+    rank process left. Catches rank 1 left training (or waiting) after rank 0 stopped."""
+    from rp_handler import handler
+    from services.storage import close_storages
+
+    monkeypatch.setenv("TRAIN_CPU_RANKS", "2")
+    first = pointer(storage_dir, "cancelled")
+
+    async def main() -> None:
+        task = asyncio.ensure_future(handler(train_job("cancelled", checkpoint_every=1, steps=400)))
+        try:
+            while not first.exists():
+                assert not task.done(), task.result()
+                await asyncio.sleep(0.05)
+            assert len(spawned_children()) == 1
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        finally:
+            await close_storages()
+
+    asyncio.run(main())
+    assert 1 <= json.loads(first.read_bytes())["step"] < 400
+    assert spawned_children() == []
+
+
 def test_gpus_above_the_worker_refused() -> None:
     """Catches a ``gpus`` input silently trained on fewer ranks than asked."""
     import torch

@@ -19,6 +19,7 @@ process group: no process stays behind. The GPU lock is held by the job around a
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from dataclasses import replace
@@ -72,8 +73,6 @@ def rank_group(
     run: PreparedRun, dataset_dir: Path, settings: Settings, adapter: Path | None, resume_folder: Path | None
 ) -> SingleProcess | RankGroup:
     """The ranks of ``run`` (``run.cfg.world_size``), spawned now so that they load while rank 0 does."""
-    import os
-
     import torch
 
     world = run.cfg.world_size
@@ -106,6 +105,8 @@ class RankGroup:
         import torch.distributed as dist
         import torch.multiprocessing as mp
 
+        if job.backend == "nccl":  # a timed-out collective raises here instead of aborting the worker
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
         self.timeout: timedelta = timedelta(seconds=job.settings.rank_timeout)
         self.store = dist.TCPStore(HOST, 0, job.world, is_master=True, timeout=self.timeout, wait_for_workers=False)
         self.job = replace(job, port=self.store.port)
