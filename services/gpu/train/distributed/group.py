@@ -146,7 +146,8 @@ class RankGroup:
                 elif message is not None or not self.procs[rank].is_alive():
                     raise self._failure(rank)
         self.control = join_group(self.job, 0, self.store, trainer)
-        threading.Thread(target=self._monitor, name="rank-monitor", daemon=True).start()
+        if self.job.backend == "nccl":  # gloo fails the collective itself when a peer's socket closes
+            threading.Thread(target=self._monitor, name="rank-monitor", daemon=True).start()
 
     def hook(self, durability: Durability) -> StepHook:
         """Rank 0's hook before every step: decide, tell every rank, then act (checkpoint, stop)."""
@@ -156,12 +157,15 @@ class RankGroup:
             self.step = done
             reason, now = durability.decide()
             self.stop_shared = share_stop(reason is not None, self.control)
+            if self.stop_shared:
+                self.closed.set()  # the ranks end on their own now
             durability.act(done, ema, reason, now)
 
         return before_step
 
     def finish(self, trainer: LoraTrainer) -> None:
         """Check that every replica holds the same LoRA, and that every rank ends."""
+        self.closed.set()  # from here the ranks end on their own
         digests = finish_replica(trainer, self.world, self.control)
         if len(set(digests)) != 1:
             raise GpuError(f"train_lora: the LoRA replicas of the {self.world} ranks differ ({digests}); not saved")
@@ -185,14 +189,15 @@ class RankGroup:
                 conn.close()
         if dead is not None and (exc is None or isinstance(exc, RuntimeError)):
             raise self._failure(dead) from exc
-        if isinstance(exc, RuntimeError) and type(exc).__module__.startswith("torch.distributed"):
+        if isinstance(exc, RuntimeError) and _collective_error(exc):
             raise GpuError(f"train_lora: the {self.world} training ranks lost contact at step {self.step}: {exc}")
 
     def _wait_all(self, expected: str) -> None:
         """Every rank's last message is ``expected`` and it exits; else the failed rank's error."""
         for rank, proc in self.procs.items():
             proc.join(EXIT_GRACE)
-            message = self._receive(rank)
+            self._receive(rank)
+            message = self.last.get(rank)
             if message is None or message[0] != expected or proc.exitcode != 0:
                 raise self._failure(rank)
             log.info("rank %d %s at step %d", rank, expected, message[1])
@@ -203,6 +208,8 @@ class RankGroup:
             wait([p.sentinel for p in self.procs.values()], timeout=wait_s)
         for rank, proc in self.procs.items():
             self._receive(rank)
+            if wait([proc.sentinel], timeout=0):  # ended: reap it (its sentinel closes before it can be)
+                proc.join(EXIT_GRACE)
             if proc.exitcode not in (None, 0) or self.last.get(rank, ("",))[0] == "error":
                 return rank
         return None
@@ -219,19 +226,18 @@ class RankGroup:
                 proc.join()
 
     def _monitor(self) -> None:
-        """On NCCL a dead peer can block a collective until the timeout: abort the group at once."""
+        """On NCCL a dead peer can block a collective until the timeout: abort the group as soon as
+        a rank ends while training runs (it never reaps: the job thread does)."""
         import torch.distributed as dist
 
         sentinels = {p.sentinel: r for r, p in self.procs.items()}
-        while not self.closed.is_set() and sentinels:
-            for ready in wait(list(sentinels), timeout=1.0):
-                rank = sentinels.pop(ready)  # type: ignore[call-overload]
-                self.procs[rank].join(EXIT_GRACE)
-                if self.procs[rank].exitcode not in (0, None) and not self.closed.is_set():
-                    log.error("training rank %d died (exit code %s)", rank, self.procs[rank].exitcode)
-                    if self.job.backend == "nccl" and hasattr(dist.distributed_c10d, "_abort_process_group"):
-                        dist.distributed_c10d._abort_process_group()
-                    return
+        while not self.closed.is_set():
+            ended = wait(list(sentinels), timeout=1.0)
+            if ended and not self.closed.is_set():
+                log.error("training rank %s ended during training: aborting the group", sentinels[ended[0]])  # type: ignore[index]
+                if hasattr(dist.distributed_c10d, "_abort_process_group"):
+                    dist.distributed_c10d._abort_process_group()
+                return
 
     def _receive(self, rank: int) -> tuple[Any, ...] | None:
         """The newest message of ``rank``, if one came (kept in ``self.last``)."""
@@ -260,3 +266,11 @@ class RankGroup:
             f"train_lora: training rank {rank} of {self.world} (process {proc.pid}) {how} at step {self.step}; "
             "the job failed and every rank was stopped (a stored checkpoint resumes with the same input)"
         )
+
+
+def _collective_error(exc: RuntimeError) -> bool:
+    """A failed or timed-out collective (gloo raises plain RuntimeErrors)."""
+    text = str(exc).lower()
+    return type(exc).__module__.startswith("torch.distributed") or any(
+        word in text for word in ("gloo", "nccl", "timed out", "connection")
+    )
