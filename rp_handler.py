@@ -137,4 +137,8 @@ if __name__ == "__main__":
     os.environ.setdefault("RUNPOD_LOG_LEVEL", os.environ.get("LOG_LEVEL", "INFO").upper().replace("WARNING", "WARN"))
     worker_settings = load_settings()  # a bad setting stops here with a message naming it
     setup_logging(worker_settings.log_level, worker_settings.secret_values())
+    if worker_settings.warm_model:  # opt-in: load the model before taking jobs (services/gpu/warm.py)
+        from services.gpu.warm import warm_or_exit
+
+        warm_or_exit(worker_settings)
     start(worker_settings)

@@ -127,6 +127,18 @@ class Settings(BaseSettings):
     checkpoint_minutes: float = Field(
         10.0, gt=0, le=24 * 60, description="A checkpoint at least this often (minutes), whatever the step interval."
     )
+    train_cpu_ranks: int = Field(
+        1,
+        ge=1,
+        le=8,
+        description="Processes a CPU worker trains on (gloo): emulates a multi-GPU worker for tests; 1: one process.",
+    )
+    rank_timeout: float = Field(
+        600.0, ge=10, le=7200, description="Seconds a training rank waits for another in a collective before failing."
+    )
+    warm_model: str | None = Field(
+        None, description="A model (MODEL_ID value) loaded at worker start, before the first job; unset: none."
+    )
     max_checkpoint_bytes: int = Field(
         20 * 1024**3, ge=1, description="Most bytes a training checkpoint to resume from may download."
     )

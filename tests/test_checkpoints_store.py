@@ -25,6 +25,7 @@ from services.durable.checkpoints import (
     dataset_digest,
     training_config_hash,
 )
+from services.durable.manifest import CHECKPOINT_FORMAT
 from services.durable.snapshots import SnapshotStore
 from services.errors import CheckpointCorrupt, CheckpointError, CheckpointUploadFailed, StorageUnavailable
 from services.storage import Storage
@@ -454,6 +455,7 @@ def training_fields(**changes: Any) -> dict[str, Any]:
         "caption_dropout": 0.0,
         "shuffle_caption": False,
         "keep_tokens": 0,
+        "world_size": 1,
     }
     fields.update(changes)
     return fields
@@ -461,6 +463,10 @@ def training_fields(**changes: Any) -> dict[str, Any]:
 
 def test_config_hash_is_canonical_and_covers_every_field() -> None:
     base = training_config_hash(training_fields())
+    # One process (world_size 1) hashes as before multi-GPU training: its stored checkpoints resume.
+    without_world = {k: v for k, v in training_fields().items() if k != "world_size"}
+    assert base == config_hash({"format": CHECKPOINT_FORMAT, **without_world})
+    assert training_config_hash(training_fields(world_size=2)) != base
     assert training_config_hash(dict(reversed(training_fields().items()))) == base
     # Pinned: a change to the canonical form would make every stored checkpoint unresumable.
     assert config_hash({"b": [1, 2.5, "é"], "a": None}) == sha('{"a":null,"b":[1,2.5,"é"]}'.encode())

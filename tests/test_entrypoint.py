@@ -165,7 +165,8 @@ def test_test_input_json_beside_the_script_is_the_default_job() -> None:
 
 
 def test_storage_jobs_never_import_torch_or_diffusers(tmp_path: Path) -> None:
-    """A fresh interpreter runs every storage action; torch and diffusers stay unloaded."""
+    """A fresh interpreter runs every storage action; torch and diffusers stay unloaded, also on a
+    worker set for several training ranks (TRAIN_CPU_RANKS)."""
     script = f"""
 import asyncio, json, sys
 sys.path.insert(0, {str(ROOT)!r})
@@ -185,7 +186,7 @@ print(json.dumps(heavy))
     completed = subprocess.run(
         [sys.executable, "-c", script],
         cwd=tmp_path,
-        env=worker_env(tmp_path),
+        env=worker_env(tmp_path, TRAIN_CPU_RANKS="2"),
         capture_output=True,
         text=True,
         timeout=120,

@@ -58,6 +58,7 @@ TRAINING_HASH_FIELDS: dict[str, str] = {
     "caption_dropout": "the share of samples trained on the empty caption",
     "shuffle_caption": "the tag orders trained on",
     "keep_tokens": "the tags shuffle_caption keeps in place",
+    "world_size": "the data-parallel ranks (gpus): the global batch and its split over the ranks",
 }
 # Left out on purpose: gradient_checkpointing and compile (the same math; changing them on resume
 # is how a job gets past an out-of-memory or a slow warm-up), and everything about what is saved
@@ -88,7 +89,10 @@ def training_config_hash(fields: Mapping[str, Any]) -> str:
             f"training config hash: missing {missing}, unknown {extra}; "
             "a new field that changes the weights belongs in TRAINING_HASH_FIELDS with its reason"
         )
-    return config_hash({"format": CHECKPOINT_FORMAT, **fields})
+    canonical = dict(fields)
+    if canonical.get("world_size") == 1:  # one process hashes as before the field: its checkpoints resume
+        del canonical["world_size"]
+    return config_hash({"format": CHECKPOINT_FORMAT, **canonical})
 
 
 def dataset_digest(examples: Iterable[tuple[str, str, str]]) -> str:

@@ -137,6 +137,13 @@ class TrainLoraInput(BaseModel):
     batch_size: int = Field(1, ge=1, le=64)
     gradient_accumulation: int = Field(1, ge=1, le=64)
     seed: int = Field(0, ge=0, le=2**32 - 1)
+    gpus: int | None = Field(
+        None,
+        ge=1,
+        le=8,
+        description="GPUs to train on, data-parallel (one process each; the global batch is batch_size x gpus); "
+        "default: every GPU of the worker (on the CPU: TRAIN_CPU_RANKS). Part of the resume config.",
+    )
     mixed_precision: MixedPrecision = Field(
         "auto", description="auto: bf16 on a CUDA GPU, fp32 on the CPU. fp16 is refused for FLUX.1 and Z-Image."
     )

@@ -62,11 +62,22 @@ class Durability:
         self.last_checkpoint_time = monotonic()
 
     def __call__(self, done: int, ema: torch.Tensor | None) -> None:
+        self.act(done, ema, *self.decide())
+
+    def decide(self) -> tuple[str | None, float]:
+        """Whether to stop now (the reason: the stop signal's or ``deadline``), and the time."""
         now = monotonic()
         if self.stop is not None and self.stop.is_set():
-            self._stop(done, ema, self.stop.reason, now)
+            return self.stop.reason, now
         if self.deadline is not None and now >= self.deadline - self.margin:
-            self._stop(done, ema, "deadline", now)
+            return "deadline", now
+        return None, now
+
+    def act(self, done: int, ema: torch.Tensor | None, reason: str | None, now: float) -> None:
+        """Stop (with ``reason``), or snapshot and checkpoint when due; a data-parallel run's rank 0
+        decides with :meth:`decide` and tells the other ranks before it acts."""
+        if reason is not None:
+            self._stop(done, ema, reason, now)
         if done > self.start_step:
             if self.snapshot is not None and self.save_every and done % self.save_every == 0:
                 self.trainer.check_finite(done)

@@ -39,12 +39,14 @@ from services.gpu.guard import gpu_errors
 from services.gpu.lora_files import DIFFUSERS, KOHYA, save_lora
 from services.gpu.state import RUNNER_STATE
 from services.gpu.train.compile_policy import remember_warm
+from services.gpu.train.distributed.group import rank_group
 from services.gpu.train.durable import Durability
 from services.gpu.train.grid import SampleGrid
 from services.gpu.train.loop import Progress, ProgressReporter, run_steps
 from services.gpu.train.lora_output import check_saved_weights, export_lora_files
 from services.gpu.train.setup import PreparedRun, prepare_run
 from services.gpu.train.trainer import LoraTrainer, TrainConfig
+from services.gpu.train.world import refuse_other_world_size
 from services.gpu.types import ImageFile, TrainResult
 
 if TYPE_CHECKING:
@@ -111,13 +113,14 @@ def train_lora(
         run = prepare_run(params, dataset_dir, settings, training_adapter)
         resume = durable.resume if durable is not None else None
         if resume is not None and resume.config_hash != run.config_hash:
+            refuse_other_world_size(run.config_fields, resume.config_hash, resume.step, params.output_name)
             raise InputError(
                 f"input.output_name: {params.output_name} has a checkpoint at step {resume.step} of another "
                 "training config; send overwrite: true to start over (or resume: false)"
             )
         if durable is not None:
             durable.storage.prepare(run.config_hash)  # every check above passed: the first delete may run
-        trained = _train(run, work_dir, settings, progress, stop, durable, training_adapter)
+        trained = _train(run, work_dir, settings, progress, stop, durable, training_adapter, dataset_dir)
         return _finish(run, trained, stop)
 
 
@@ -129,9 +132,11 @@ def _train(
     stop: StopSignal | None,
     durable: Durable | None,
     training_adapter: Path | None,
+    dataset_dir: Path,
 ) -> _Trained:
     """Set up the trainer (resuming a checkpoint), run the steps under the durability hook and
-    write the LoRA files; the trainer and the training adapter are released whatever happens."""
+    write the LoRA files; the trainer and the training adapter are released whatever happens.
+    With ``cfg.world_size`` > 1 the other ranks train beside it (:mod:`services.gpu.train.distributed`)."""
     setup_started = time.perf_counter()
     if run.device.type == "cuda":
         import torch
@@ -142,19 +147,22 @@ def _train(
     adapter = ExitStack()
     merge_training_adapter(adapter, run.entry, training_adapter)
     trainer = LoraTrainer(run.entry, cfg)
+    resume = durable.resume if durable is not None else None
     try:
-        trainer.setup(run.images, run.captions, stop)
-        resume = durable.resume if durable is not None else None
-        start, ema = _resume(trainer, resume, params.output_name) if resume is not None else (0, None)
-        setup_seconds = time.perf_counter() - setup_started
-        reporter = ProgressReporter(progress, cfg.steps, start_step=start)
-        grid = SampleGrid(len(params.sample_prompts), run.resolutions[0]) if params.sample_prompts else None
-        hook = _durability(run, trainer, work_dir, settings, stop, durable, reporter, start, grid)
-        try:
-            stats = run_steps(trainer, reporter, stop, start_step=start, ema=ema, before_step=hook)
-        finally:
-            if durable is not None:
-                durable.storage.wait()
+        with rank_group(run, dataset_dir, settings, training_adapter, resume and resume.folder) as ranks:
+            trainer.setup(run.images, run.captions, stop)
+            start, ema = _resume(trainer, resume, params.output_name) if resume is not None else (0, None)
+            ranks.join(trainer, stop)
+            setup_seconds = time.perf_counter() - setup_started
+            reporter = ProgressReporter(progress, cfg.steps, start_step=start)
+            grid = SampleGrid(len(params.sample_prompts), run.resolutions[0]) if params.sample_prompts else None
+            hook = ranks.hook(_durability(run, trainer, work_dir, settings, stop, durable, reporter, start, grid))
+            try:
+                stats = run_steps(trainer, reporter, stop, start_step=start, ema=ema, before_step=hook)
+            finally:
+                if durable is not None:
+                    durable.storage.wait()
+            ranks.finish(trainer)
         trainer.check_finite(cfg.steps)
         main = work_dir / f"{params.output_name}.safetensors"
         files = export_lora_files(run.entry, trainer, run.formats, main, run.metadata, run.lora_dtype)
@@ -364,6 +372,8 @@ def _metrics(
         "alpha": cfg.alpha,
         "learning_rate": cfg.learning_rate,
         "batch_size": cfg.batch_size,
+        "world_size": cfg.world_size,
+        "global_batch_size": cfg.batch_size * cfg.world_size * cfg.gradient_accumulation,
         "precision": cfg.precision,
         "lora_targets": list(cfg.targets),
         "timestep_sampling": cfg.timestep_sampling,

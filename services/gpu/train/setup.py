@@ -9,7 +9,7 @@ runner calls the training store's ``prepare`` (the first delete) only after it r
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,14 +55,21 @@ class PreparedRun:
     metadata: dict[str, str]
     config_hash: str
     lora_dtype: torch.dtype
+    config_fields: dict[str, Any] = field(default_factory=dict)  # what config_hash hashes
     started: float = field(default_factory=time.perf_counter)
     memory_plan: Any = None  # the plan chosen for this card (services.gpu.memory), when one was made
 
 
 def prepare_run(
-    params: TrainLoraInput, dataset_dir: Path, settings: Settings, training_adapter: Path | None
+    params: TrainLoraInput,
+    dataset_dir: Path,
+    settings: Settings,
+    training_adapter: Path | None,
+    world_size: int | None = None,
 ) -> PreparedRun:
-    """Check and resolve everything (see the module docstring); raises :class:`InputError`."""
+    """Check and resolve everything (see the module docstring); raises :class:`InputError`.
+
+    ``world_size``: the data-parallel ranks; None: resolved from ``params.gpus`` and the worker."""
     started = time.perf_counter()
     examples = scan_dataset(
         dataset_dir, params.caption, params.trigger_word, settings.max_image_pixels, settings.max_caption_chars
@@ -85,6 +92,12 @@ def prepare_run(
     )
     cache = models.compile_cache_dir(settings)
     cfg = train_config(params, model, entry, settings, precision, resolutions, device, cache)
+    if world_size is None:
+        from services.gpu.train.world import resolve_world_size
+
+        world_size = resolve_world_size(params.gpus, device, settings)
+    cfg = replace(cfg, world_size=world_size)
+    fields = config_fields_of(cfg, model, examples, dataset_dir, training_adapter)
     return PreparedRun(
         params=params,
         model=model,
@@ -99,8 +112,9 @@ def prepare_run(
         cfg=cfg,
         cache=cache,
         metadata=lora_metadata(entry, cfg, params.output_name, params.trigger_word, len(examples)),
-        config_hash=config_hash_of(cfg, model, examples, dataset_dir, training_adapter),
+        config_hash=training_config_hash(fields),
         lora_dtype=torch_dtype("fp32" if precision == "fp32" else "fp16"),
+        config_fields=fields,
         started=started,
         memory_plan=memory_plan,
     )
@@ -142,29 +156,34 @@ def config_hash_of(
     cfg: TrainConfig, model: str, examples: list[Example], root: Path, adapter: Path | None = None
 ) -> str:
     """The hash a checkpoint must match to be resumed (see ``TRAINING_HASH_FIELDS``)."""
+    return training_config_hash(config_fields_of(cfg, model, examples, root, adapter))
+
+
+def config_fields_of(
+    cfg: TrainConfig, model: str, examples: list[Example], root: Path, adapter: Path | None = None
+) -> dict[str, Any]:
+    """The ``TRAINING_HASH_FIELDS`` of a run, resolved."""
     adapter_digest = None if adapter is None else file_sha256(adapter)
     digest = dataset_digest((e.path.relative_to(root).as_posix(), file_sha256(e.path), e.caption) for e in examples)
-    return training_config_hash(
-        {
-            "base_model": model,
-            "dataset": digest,
-            "steps": cfg.steps,
-            "rank": cfg.rank,
-            "alpha": cfg.alpha,
-            "learning_rate": cfg.learning_rate,
-            "resolution": list(cfg.resolutions),
-            "batch_size": cfg.batch_size,
-            "gradient_accumulation": cfg.gradient_accumulation,
-            "seed": cfg.seed,
-            "precision": cfg.precision,
-            "cache_latents": cfg.cache_latents,
-            "cache_text_embeddings": cfg.cache_text_embeddings,
-            "lora_targets": list(cfg.targets),
-            "timestep_sampling": cfg.timestep_sampling,
-            "training_adapter": adapter_digest,
-            **{k: getattr(cfg, k) for k in ("caption_dropout", "shuffle_caption", "keep_tokens")},
-        }
-    )
+    return {
+        "base_model": model,
+        "dataset": digest,
+        "steps": cfg.steps,
+        "rank": cfg.rank,
+        "alpha": cfg.alpha,
+        "learning_rate": cfg.learning_rate,
+        "resolution": list(cfg.resolutions),
+        "batch_size": cfg.batch_size,
+        "gradient_accumulation": cfg.gradient_accumulation,
+        "seed": cfg.seed,
+        "precision": cfg.precision,
+        "cache_latents": cfg.cache_latents,
+        "cache_text_embeddings": cfg.cache_text_embeddings,
+        "lora_targets": list(cfg.targets),
+        "timestep_sampling": cfg.timestep_sampling,
+        "training_adapter": adapter_digest,
+        **{k: getattr(cfg, k) for k in ("caption_dropout", "shuffle_caption", "keep_tokens", "world_size")},
+    }
 
 
 def train_config(

@@ -20,7 +20,7 @@ optimizer and the LoRA weights, so a checkpoint can save and restore it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +73,7 @@ class TrainConfig:
     caption_dropout: float = 0.0  # see services.gpu.train.caption_variants
     shuffle_caption: bool = False
     keep_tokens: int = 0
+    world_size: int = 1  # data-parallel ranks: each step's batch plan holds batch_size x world_size
 
 
 def torch_dtype(precision: Precision) -> torch.dtype:
@@ -137,6 +138,10 @@ class LoraTrainer:
         self._checkpointing = False
         self._offloaded: list[str] = []
         self.losses: LossLog | None = None  # set by run_steps
+        # Data-parallel (services.gpu.train.distributed): this rank's rows of each planned batch, and the
+        # all-reduce of the gradients and the loss after each step's backward passes.
+        self.rows = slice(None)
+        self.sync: Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor] | None = None
 
     # setup
 
@@ -176,7 +181,10 @@ class LoraTrainer:
         self.schedule.use_sampling(cfg.timestep_sampling or self.family.defaults.timestep_sampling)
         self.noise_generator = torch.Generator(self.device).manual_seed(cfg.seed)
         self.plan = BatchPlan.draw(
-            [image.size for image in images], cfg.batch_size, cfg.steps * cfg.gradient_accumulation, cfg.seed
+            [image.size for image in images],
+            cfg.batch_size * cfg.world_size,
+            cfg.steps * cfg.gradient_accumulation,
+            cfg.seed,
         )
 
         self.pixels = [pixel_tensor([image])[0] for image in images]
@@ -227,7 +235,7 @@ class LoraTrainer:
         return self.family.to_model_latents(self.pipe, sample)
 
     def _text(self, index: list[int]) -> dict[str, Any]:
-        chosen = self.variants.choose(index, self.plan.cursor)
+        chosen = self.variants.choose(index, self.plan.cursor)[self.rows]
         if self.text is not None:
             return self.family.collate_text([self.text[t] for t in chosen])
         texts = [self.variants.texts[t] for t in chosen]
@@ -246,12 +254,17 @@ class LoraTrainer:
             noise = torch.randn(latents.shape, generator=self.noise_generator, device=self.device)
             timesteps = self.schedule.sample(len(index), latents, self.noise_generator)
             noisy, target = self.schedule.noisy_and_target(latents, noise, timesteps)
+            # Every rank draws the noise of the whole batch (one RNG stream) and trains on its rows.
+            rows = self.rows
+            noisy, target, timesteps = noisy[rows], target[rows], timesteps[rows]
             text = self._text(index)
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                 prediction = self.family.predict(self.pipe, self.forward, noisy, timesteps, text)
             loss = F.mse_loss(prediction.float(), target.float()) / cfg.gradient_accumulation
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             total += loss.detach()
+        if self.sync is not None:
+            total = self.sync(self.params, total)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.params, MAX_GRAD_NORM)
