@@ -243,7 +243,7 @@ def test_training_adapter_key_is_fetched_from_storage_through_test_input(tmp_pat
     """Catches a training_adapter input that is accepted but never fetched (the job would train
     without it): a key with no LoRA behind it fails naming the field."""
     pixel = (
-        "iVBORw0KGgoAAAANSUhEUgAAABAAAAAICAIAAAB/FOjAAAAAFklEQVR4nGM8ISfHQApgIkn1qAYiAQCamQEU0I3VvwAAAABJRU5ErkJggg=="  # noqa: E501  # pragma: allowlist secret
+        "iVBORw0KGgoAAAANSUhEUgAAABAAAAAICAIAAAB/FOjAAAAAFklEQVR4nGM8ISfHQApgIkn1qAYiAQCamQEU0I3VvwAAAABJRU5ErkJggg=="  # pragma: allowlist secret
     )
     upload = {"action": "upload_training_files", "dataset": "ds", "files": [{"name": "a.png", "data": pixel}]}
     assert run_worker(tmp_path, upload).returncode == 0
