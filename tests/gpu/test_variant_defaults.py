@@ -4,12 +4,15 @@ the distilled-base warning and training adapter, and the tiny Z-Image at its inp
 
 from __future__ import annotations
 
+import base64
+import io
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from services.errors import InputError, JobStopped
@@ -242,9 +245,9 @@ def test_distilled_base_warns_and_the_training_adapter_is_merged_then_gone(tmp_p
 def test_training_adapter_key_is_fetched_from_storage_through_test_input(tmp_path: Path) -> None:
     """Catches a training_adapter input that is accepted but never fetched (the job would train
     without it): a key with no LoRA behind it fails naming the field."""
-    pixel = (
-        "iVBORw0KGgoAAAANSUhEUgAAABAAAAAICAIAAAB/FOjAAAAAFklEQVR4nGM8ISfHQApgIkn1qAYiAQCamQEU0I3VvwAAAABJRU5ErkJggg=="  # pragma: allowlist secret
-    )
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 8), (200, 30, 30)).save(buffer, "PNG")
+    pixel = base64.b64encode(buffer.getvalue()).decode()
     upload = {"action": "upload_training_files", "dataset": "ds", "files": [{"name": "a.png", "data": pixel}]}
     assert run_worker(tmp_path, upload).returncode == 0
     job = {
