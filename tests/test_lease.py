@@ -151,3 +151,36 @@ def test_a_damaged_lease_counts_as_expired_and_leases_are_not_managed_keys(any_s
         assert json.loads(await storage.get_bytes(lease_key(NAME)))["job_id"] == "job-b"
 
     run_with_storage(any_settings, scenario)
+
+
+def test_delete_files_refuses_a_lora_that_a_running_job_holds(
+    any_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Catches a delete that a running ``train_lora`` would undo (it writes its checkpoints and LoRA
+    back): while the lease is held, ``delete_files`` of that LoRA, by name or by key, is refused
+    naming the job and nothing is deleted; once the lease is released, the delete goes through."""
+    from tests.conftest import run_jobs, use_settings_env
+
+    use_settings_env(monkeypatch, any_settings)
+    key = f"loras/{NAME}/checkpoints/step-00000002/trainer.safetensors"
+
+    async def claim(storage: Storage) -> None:
+        await storage.put_bytes(key, b"state")
+        await Lease(storage, NAME, "job-train", "pod-1", TTL).acquire()
+
+    run_with_storage(any_settings, claim)
+    by_name, by_key = run_jobs(
+        {"id": "d1", "input": {"action": "delete_files", "lora": NAME}},
+        {"id": "d2", "input": {"action": "delete_files", "keys": [key]}},
+    )
+    for result in (by_name, by_key):
+        assert "is being trained by job job-train" in result["error"], result
+
+    async def release_and_check(storage: Storage) -> bool:
+        assert await storage.head(key) is not None  # nothing was deleted
+        await Lease(storage, NAME, "job-train", "pod-1", TTL).release()
+        return True
+
+    run_with_storage(any_settings, release_and_check)
+    [done] = run_jobs({"id": "d3", "input": {"action": "delete_files", "lora": NAME}})
+    assert key in done["deleted"], done

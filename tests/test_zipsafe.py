@@ -286,3 +286,20 @@ def test_image_members_must_be_images_and_other_members_are_not_read(tmp_path: P
     with pytest.raises(InputError, match=r"^zip entry 'a\.png': not an image \(accepted: PNG, JPEG"):
         extract_zip(bad, tmp_path / "b", settings)
     assert files_under(tmp_path / "b") == []
+
+
+def test_a_zip_made_on_macos_extracts_without_its_metadata(tmp_path: Path, settings: Settings) -> None:
+    """Catches a dataset zip refused for what the macOS archiver adds (``__MACOSX/._x.png`` resource
+    forks are not images): hidden and ``__MACOSX`` entries are skipped, as the dataset scan skips them."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4), (10, 200, 30)).save(buffer, "PNG")
+    fork = b"\x00\x05\x16\x07 not an image"
+    archive = make_zip(
+        tmp_path / "mac.zip",
+        [("ok.png", buffer.getvalue()), ("__MACOSX/._ok.png", fork), ("._ok.png", fork), (".DS_Store", b"x")],
+    )
+    dest = tmp_path / "out"
+    assert extract_zip(archive, dest, settings) == [dest.resolve() / "ok.png"]
+    assert files_under(dest) == ["ok.png"]

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from services.actions.results import DeleteFilesResult, GetFileResult, ListedFile, ListFilesResult
 from services.actions.schemas import DeleteFilesInput, GetFileInput, ListFilesInput
-from services.errors import ObjectNotFound, StorageError
+from services.durable.lease import Lease, worker_name
+from services.errors import ObjectNotFound, OutputBusy, StorageError
 from services.job.context import JobContext
 from services.output.files import OutputFile
-from services.storage.keys import dataset_prefix, lora_checkpoint_prefix, lora_name_of, lora_prefix
+from services.storage.keys import dataset_prefix, lora_checkpoint_prefix, lora_name_of, lora_owner, lora_prefix
 
 
 async def list_files(request: ListFilesInput, ctx: JobContext) -> ListFilesResult:
@@ -36,6 +38,7 @@ async def delete_files(request: DeleteFilesInput, ctx: JobContext) -> DeleteFile
     ``partial`` and a summary; all failed: an error.
     """
     missing: list[str] = []
+    await _refuse_while_training(ctx, request)
     if request.dataset or request.lora:
         prefix = dataset_prefix(request.dataset) if request.dataset else lora_prefix(request.lora or "")
         keys = [o.key async for o in ctx.storage.iter_objects(prefix)]
@@ -55,6 +58,20 @@ async def delete_files(request: DeleteFilesInput, ctx: JobContext) -> DeleteFile
         if not deleted:
             raise StorageError(f"no key was deleted: {summary}")
     return DeleteFilesResult(deleted=deleted, missing=missing, failed=failed, partial=bool(failed), summary=summary)
+
+
+async def _refuse_while_training(ctx: JobContext, request: DeleteFilesInput) -> None:
+    """:class:`OutputBusy` when a running ``train_lora`` holds the lease on a LoRA this delete
+    touches: it would write its checkpoints and LoRA back, and the delete would not last."""
+    names = {request.lora} if request.lora else {n for k in request.keys or [] if (n := lora_owner(k))}
+    for name in sorted(n for n in names if n):
+        lease = Lease(ctx.storage, name, ctx.job_id, worker_name(), ctx.settings.lease_seconds)
+        holder, _ = await lease.read()
+        if holder is not None and holder.expires_at > time.time():
+            raise OutputBusy(
+                f"input.lora: {name} is being trained by job {holder.job_id} (worker {holder.worker}, lease "
+                f"until {holder.expires_text()}); cancel that job or wait for it to end, then delete"
+            )
 
 
 def _trained_loras(keys: list[str]) -> list[str]:

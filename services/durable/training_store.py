@@ -24,6 +24,7 @@ from services.durable.snapshots import Snapshot, SnapshotStore
 from services.errors import CheckpointError, CheckpointUploadFailed, InputError, StorageError
 from services.job.context import remove_workspace
 from services.storage.base import DeleteResult
+from services.storage.keys import lora_key
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +140,9 @@ class TrainingStorage:
 
 async def prepare_run(checkpoints: CheckpointStore, snapshots: SnapshotStore, *, overwrite: bool, fresh: bool) -> None:
     """The deletes a new run needs, after every check: ``overwrite`` clears the checkpoints and
-    every snapshot; ``fresh`` (``resume: false``) the checkpoints. Snapshots of another run
-    (``snapshots.run``) without ``overwrite`` refuse the job, naming them."""
+    every snapshot; ``fresh`` (``resume: false``) the checkpoints. Without ``overwrite``, snapshots
+    of another run (``snapshots.run``) or a stored LoRA of that name refuse the job, naming them:
+    a finished LoRA is never replaced by a run that did not ask to."""
     name = checkpoints.output_name
     if overwrite:
         removed = await checkpoints.delete_all()
@@ -152,6 +154,12 @@ async def prepare_run(checkpoints: CheckpointStore, snapshots: SnapshotStore, *,
     others = await snapshots.others()
     if others:
         raise InputError(f"input.output_name: {_other_run(name, snapshots.prefix, others)}")
+    stored = lora_key(name)
+    if await snapshots.storage.head(stored) is not None:
+        raise InputError(
+            f"input.output_name: {stored} already holds a trained LoRA of {name}; send overwrite: true "
+            "to replace it when this run completes (it stays until then), or choose another output_name"
+        )
     if fresh:
         removed = await checkpoints.delete_all()
         if removed.errors:

@@ -36,6 +36,14 @@ IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 # The file names a dataset's images and captions go by (zip entries, stored objects, training folders).
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 CAPTION_EXTENSION = ".txt"
+
+
+def skipped_in_datasets(parts: tuple[str, ...]) -> bool:
+    """True for a path a dataset leaves out: any part starting with ``.`` (``.DS_Store``, macOS
+    ``._`` resource forks) or a ``__MACOSX`` folder (what the macOS archiver adds to a zip)."""
+    return any(part.startswith(".") or part == "__MACOSX" for part in parts)
+
+
 # What Pillow raises for data it cannot decode (plugins raise SyntaxError for broken headers).
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error)
 

@@ -27,7 +27,7 @@ from typing import IO
 
 from config.settings import Settings
 from services.errors import InputError
-from services.ingest.images import IMAGE_EXTENSIONS, check_image_file
+from services.ingest.images import IMAGE_EXTENSIONS, check_image_file, skipped_in_datasets
 
 logger = logging.getLogger(__name__)
 
@@ -175,6 +175,9 @@ def extract_zip(path: Path, dest: Path, settings: Settings) -> list[Path]:
             budget = settings.max_zip_uncompressed_bytes
             for info, rel in _plan(zf.infolist(), settings):
                 name = info.orig_filename
+                if skipped_in_datasets(rel.parts):  # macOS metadata, hidden files: never part of a dataset
+                    logger.info("zip entry %r skipped (a hidden or __MACOSX file)", name)
+                    continue
                 target = root.joinpath(*rel.parts)
                 with _open_target(root, target, created, name) as out, zf.open(info) as src:
                     budget -= _copy_entry(src, out, info, budget, settings)

@@ -160,6 +160,13 @@ def lora_key(output_name: str, kohya: bool = False, copy: str | None = None) -> 
     return f"{lora_prefix(output_name)}{output_name}{suffix}"
 
 
+def lora_owner(key: str) -> str | None:
+    """The output_name whose folder ``key`` lies in (``loras/<name>/...``), else None."""
+    root, _, rest = key.partition("/")
+    name, slash, _ = rest.partition("/")
+    return name if root == LORA_ROOT and slash and _SAFE_NAME.fullmatch(name) else None
+
+
 def lora_name_of(key: str) -> str | None:
     """The output_name whose LoRA file ``key`` is (``loras/<name>/<name>.safetensors``), else None."""
     root, _, rest = key.partition("/")

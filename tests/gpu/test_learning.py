@@ -94,6 +94,7 @@ def test_a_diverged_run_fails_prints_strict_json_and_keeps_the_stored_lora(tmp_p
         "alpha": 1024,
         "learning_rate": 1.0,
         "checkpoint_every": 1,
+        "overwrite": True,  # x holds a finished LoRA: only a run that asks may replace it
     }
     failed = run_worker(tmp_path, diverging)
     assert failed.returncode == 1, result_of(failed)

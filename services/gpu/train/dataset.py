@@ -11,7 +11,7 @@ from PIL import Image, ImageOps
 
 from config.settings import Settings
 from services.errors import InputError
-from services.ingest.images import CAPTION_EXTENSION, IMAGE_EXTENSIONS, check_image_file
+from services.ingest.images import CAPTION_EXTENSION, IMAGE_EXTENSIONS, check_image_file, skipped_in_datasets
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +29,7 @@ class Example:
 
 
 def _skipped(path: Path, root: Path) -> bool:
-    parts = path.relative_to(root).parts
-    return any(part.startswith(".") or part == "__MACOSX" for part in parts)
+    return skipped_in_datasets(path.relative_to(root).parts)
 
 
 def _image_problem(path: Path, root: Path, max_pixels: int) -> str | None:
