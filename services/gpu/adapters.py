@@ -88,9 +88,32 @@ def _load(entry: LoadedPipeline, path: Path) -> None:
         else:
             pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=JOB_ADAPTER)
     except (ValueError, KeyError, RuntimeError, OSError, SafetensorError) as exc:
-        raise InputError(f"input.lora: {path.name} does not fit {entry.key.model}: {exc}") from exc
+        raise _misfit(entry, path, exc) from exc
     if not tuner_layers(pipe):
-        raise InputError(f"input.lora: no layer of {path.name} matches {entry.key.model}")
+        raise InputError(f"input.lora: no layer of the LoRA matches {entry.key.model}{_trained_for(entry, path)}")
+
+
+def _misfit(entry: LoadedPipeline, path: Path, exc: BaseException) -> InputError:
+    """One line: what the LoRA does not fit, the family its header names, the loader's first line
+    (diffusers lists every unmatched key: thousands of characters)."""
+    lines = str(exc).strip().splitlines()
+    first = lines[0].rstrip(": ") if lines else type(exc).__name__
+    first = first if len(first) <= 200 else first[:200] + "..."
+    return InputError(f"input.lora: the LoRA does not fit {entry.key.model}{_trained_for(entry, path)}: {first}")
+
+
+def _trained_for(entry: LoadedPipeline, path: Path) -> str:
+    """`` (trained for <family>)`` when the file's header names another family than the model's."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            family = (handle.metadata() or {}).get("base_model_family")
+    except (SafetensorError, OSError) as exc:
+        log.debug("no header in the LoRA %s: %s", path.name, exc)
+        return ""
+    model_family = entry.family.name if entry.family is not None else None
+    return f" (it was trained for {family})" if family and family != model_family else ""
 
 
 @contextmanager
