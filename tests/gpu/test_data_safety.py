@@ -152,10 +152,27 @@ def test_a_tampered_trainer_state_is_the_corrupt_checkpoint_error(storage_dir: P
     job = train_job("t", checkpoint_every=2, keep_checkpoints=True)
     (first,) = run_jobs(job)
     assert "error" not in first, first
-    (storage_dir / "loras" / "t" / "checkpoints" / "finished.json").unlink()  # as if killed after step 4
+    (storage_dir / "loras" / "t" / "checkpoints" / "finished.json").unlink()  # as if killed after step 4,
+    (storage_dir / "loras" / "t" / "t.safetensors").unlink()  # before the LoRA was stored
     tree, tensors = _state(storage_dir, "t")
     _rewrite(storage_dir, "t", *_edit(form, tree, tensors))
     (resent,) = run_jobs(job)
     error = resent.get("error", "")
     assert "the stored checkpoint of t at step 4 is corrupt" in error, resent
     assert "overwrite: true" in error and "/tmp" not in error and "Traceback" not in error, error
+
+
+def test_a_stored_lora_is_replaced_only_by_a_run_that_asks(storage_dir: Path) -> None:  # noqa: F811
+    """Catches a new run (another base model, another config) silently replacing a finished LoRA
+    of the same name: refused without ``overwrite`` and storage unchanged; with it, replaced."""
+    (first,) = run_jobs(train_job("kept"))
+    assert "error" not in first, first
+    before = snapshot_of(storage_dir)
+    (refused,) = run_jobs(train_job("kept", base_model="builtin:tiny-flux"))
+    assert "loras/kept/kept.safetensors already holds a trained LoRA" in refused.get("error", ""), refused
+    assert "overwrite: true" in refused["error"]
+    assert snapshot_of(storage_dir) == before
+    (replaced,) = run_jobs(train_job("kept", base_model="builtin:tiny-flux", overwrite=True))
+    assert "error" not in replaced, replaced
+    after = snapshot_of(storage_dir)
+    assert after["loras/kept/kept.safetensors"] != before["loras/kept/kept.safetensors"]

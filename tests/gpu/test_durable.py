@@ -90,11 +90,13 @@ def test_resume_snapshots_mismatch_and_overwrite(storage_dir: Path) -> None:
     assert "already completed this training" in again["error"] and "resume: false" in again["error"], again
     # A run killed after its last checkpoint (no finished mark) resumes from it, ending on the same tensors.
     (storage_dir / "loras" / "dur" / "checkpoints" / "finished.json").unlink()
+    (storage_dir / "loras" / "dur" / "dur.safetensors").unlink()  # killed before the LoRA was stored
     (again,) = run_jobs(durable)
     assert again["resumed_from_step"] == 4 and again["metrics"]["steps"] == STEPS, again
     assert same_tensors(lora_tensors(storage_dir, "dur"), expected)
 
     # Another config is refused, naming overwrite; overwrite starts over and cleans up.
+    # (The stored LoRA alone refuses a new run too: test_data_safety.py.)
     (refused,) = run_jobs(train_job("dur", learning_rate=1e-2))
     assert "another training config" in refused["error"] and "overwrite: true" in refused["error"], refused
     (fresh,) = run_jobs(train_job("dur", overwrite=True))
@@ -104,7 +106,7 @@ def test_resume_snapshots_mismatch_and_overwrite(storage_dir: Path) -> None:
     assert stored(storage_dir / "loras" / "dur" / "steps") == []
 
     # delete_files of the LoRA file takes its checkpoints along.
-    run_jobs(train_job("dur", checkpoint_every=2, keep_checkpoints=True))
+    run_jobs(train_job("dur", checkpoint_every=2, keep_checkpoints=True, overwrite=True))
     assert pointer(storage_dir, "dur").exists()
     (deleted,) = run_jobs({"input": {"action": "delete_files", "keys": ["loras/dur/dur.safetensors"]}})
     assert "loras/dur/checkpoints/latest.json" in deleted["deleted"], deleted
