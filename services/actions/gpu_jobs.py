@@ -28,6 +28,7 @@ from services.storage.keys import lora_key, lora_sample_grid_key, resolve_lora_k
 
 if TYPE_CHECKING:
     from services.gpu.train.job import Resume
+    from services.gpu.types import TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,16 @@ async def _train(request: TrainLoraInput, ctx: JobContext, lease: Lease) -> Trai
         )
     if lease.lost:
         raise OutputBusy(f"{lease.lost}; the trained LoRA of this job was not stored")
+    response = await _store_result(request, ctx, result, snapshots)
+    response.captions = await record_captions(request, ctx, dataset_dir, captioned)
+    await _finish_checkpoints(request, ctx, checkpoints, storage.run, result.metrics.get("steps"))
+    return response
+
+
+async def _store_result(
+    request: TrainLoraInput, ctx: JobContext, result: TrainResult, snapshots: SnapshotStore
+) -> TrainLoraResult:
+    """Store the LoRA (main file, then the copies and the sample grid) and describe the run."""
     ctx.stage = "storing the LoRA"
     key = lora_key(request.output_name)
     await ctx.storage.put_file(key, result.lora_path, content_type="application/octet-stream")
@@ -120,8 +131,6 @@ async def _train(request: TrainLoraInput, ctx: JobContext, lease: Lease) -> Trai
             StoredSnapshot(step=s.step, lora=s.lora.key if s.lora else None, samples=[o.key for o in s.samples])
             for s in await snapshots.current()
         ]
-    response.captions = await record_captions(request, ctx, dataset_dir, captioned)
-    await _finish_checkpoints(request, ctx, checkpoints, storage.run, result.metrics.get("steps"))
     return response
 
 
