@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import select
 import socket
 import threading
 from collections.abc import Callable
@@ -244,10 +245,11 @@ class StalledServer:
         self._listener.settimeout(0.1)
         while not self._stop.is_set():
             try:
+                ready, _, _ = select.select([self._listener], [], [], 0.1)  # look at the stop flag 10x a second
+                if not ready:
+                    continue
                 conn, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
+            except (OSError, ValueError):  # ValueError: select on a closed listener
                 return  # the listener was closed
             self.connections += 1
             self._held.append(conn)  # kept open, never read from, never answered

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import hashlib
 import os
+import select
 import socket
 import threading
 import uuid
@@ -189,10 +190,11 @@ class TrickleServer:
     def _accept(self) -> None:
         while not self._stop.is_set():
             try:
+                ready, _, _ = select.select([self._listener], [], [], 0.1)  # look at the stop flag 10x a second
+                if not ready:
+                    continue
                 conn, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
+            except (OSError, ValueError):  # ValueError: select on a closed listener
                 return
             thread = threading.Thread(target=self._drip, args=(conn,), daemon=True)
             self._threads.append(thread)

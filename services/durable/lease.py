@@ -129,6 +129,7 @@ class Lease:
                     self.key, self._record(), etag=etag, content_type="application/json"
                 )
             except PreconditionFailed:
+                log.debug("lease %s changed between our read and our write; reading it again", self.key)
                 continue
             self.etag = info.etag
             await self._probe()

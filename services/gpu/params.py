@@ -95,6 +95,24 @@ _BASE_MODEL = f"{', '.join(BUILTIN_MODELS)}, a cached Hugging Face repo id or a 
 Side = Annotated[int, Field(ge=16, le=2048, multiple_of=8)]
 
 
+# The memory-plan inputs of both GPU actions (README, Memory plans).
+DryRun = Annotated[
+    bool,
+    Field(
+        description="Return the memory plan and its estimate (README, Memory plans) without loading weights, "
+        "touching storage or running the job."
+    ),
+]
+GpuMemoryGb = Annotated[
+    float | None,
+    Field(
+        gt=0,
+        le=1024,
+        description="Plan for a card of this much memory (GiB; 24, 48, 80, 141) instead of this worker's GPU.",
+    ),
+]
+
+
 class TrainLoraInput(BaseModel):
     """Train a LoRA adapter on the denoiser (UNet or transformer) of an SD 1.x/2.x, SDXL,
     FLUX.1 or Z-Image model, on aspect-ratio buckets."""
@@ -218,17 +236,8 @@ class TrainLoraInput(BaseModel):
         False, description="Shuffle each caption's comma-separated tags (kohya's shuffle_caption); off by default."
     )
     keep_tokens: int = Field(0, ge=0, le=64, description="With shuffle_caption: the first N tags stay in place.")
-    dry_run: bool = Field(
-        False,
-        description="Return the memory plan and its estimate (README, Memory plans) without loading weights, "
-        "touching storage or running the job.",
-    )
-    gpu_memory_gb: float | None = Field(
-        None,
-        gt=0,
-        le=1024,
-        description="Plan for a card of this much memory (GiB; 24, 48, 80, 141) instead of this worker's GPU.",
-    )
+    dry_run: DryRun = False
+    gpu_memory_gb: GpuMemoryGb = None
 
     @field_validator("dataset")
     @classmethod
@@ -341,17 +350,8 @@ class GenerateInput(BaseModel):
     scheduler: SchedulerName = Field("default", description="Sampler; default: the model's own.")
     format: ImageFormat = "png"
     quality: int = Field(90, ge=1, le=100, description="JPEG/WebP quality.")
-    dry_run: bool = Field(
-        False,
-        description="Return the memory plan and its estimate (README, Memory plans) without loading weights, "
-        "touching storage or running the job.",
-    )
-    gpu_memory_gb: float | None = Field(
-        None,
-        gt=0,
-        le=1024,
-        description="Plan for a card of this much memory (GiB; 24, 48, 80, 141) instead of this worker's GPU.",
-    )
+    dry_run: DryRun = False
+    gpu_memory_gb: GpuMemoryGb = None
 
     @field_validator("base_model")
     @classmethod

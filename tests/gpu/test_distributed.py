@@ -35,15 +35,22 @@ def spawned_children() -> list[int]:
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:  # it exited while listed
+        info = _stat_and_cmdline(entry)
+        if info is None:  # it exited while listed
             continue
+        stat, cmdline = info
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
         if ppid == os.getpid() and b"multiprocessing" in cmdline and b"spawn" in cmdline:
             found.append(int(entry.name))
     return found
+
+
+def _stat_and_cmdline(entry: Path) -> tuple[str, bytes] | None:
+    """A process's ``stat`` and ``cmdline``; None when it is gone."""
+    try:
+        return (entry / "stat").read_text(), (entry / "cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
 
 
 def _train(tmp_path: Path, name: str, ranks: int, batch: int) -> Any:
