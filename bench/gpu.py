@@ -16,8 +16,14 @@ fused AdamW; eager, then compiled).
 FLUX.1 (``--flux``, on by default): a FLUX.1-dev-size pipeline (12 B transformer, T5-XXL- and
 CLIP-L-size encoders) at 1024 px; generation, 28 steps, against a plain bf16 ``FluxPipeline``
 (with the pixel difference); a LoRA rank 16 step at batch 1 against the diffusers
-``train_dreambooth_lora_flux.py`` recipe (CLIP, T5 and the VAE every step); the 1000-step
-projection; and (``--flux-nf4``) the step and peak memory on the NF4 base with checkpointing.
+``train_dreambooth_lora_flux.py`` recipe as it runs for one instance prompt (embeddings
+precomputed, encoders freed; a second row with ``--cache_latents``), both training the recipe's
+12 target modules; this runner with checkpointing; the 1000-step projection; and
+(``--flux-nf4``) the NF4 base against the bf16 one, both with checkpointing.
+
+Every row prints the peak ``torch.cuda.max_memory_allocated`` of both sides, reset after setup
+(the steps' or the calls' own peak), and the memory planner's estimate for this runner's side
+(``services.gpu.memory``).
 
 Models are built in code from the SD1.5 / SDXL / FLUX.1 configs with random weights and the offline
 tokenizer: nothing is downloaded. Rows print as they complete (a timeout still shows them);
@@ -115,8 +121,9 @@ class Clock:
 class Timing:
     per_item: float  # seconds per image or per step, median of the timed runs
     first: float  # seconds of the first call (compile warm-up when compiled)
-    peak_gib: float | None
+    peak_gib: float | None  # after setup: the steps' (or the calls') own peak
     setup: float = 0.0
+    setup_peak_gib: float | None = None
 
 
 def time_calls(
@@ -254,13 +261,23 @@ class RecipeTrainer:
             self.pipe.vae.to(self.weight_dtype)
 
 
-def recipe_train(clock: Clock, pipe: Any, sdxl: bool, data: tuple, args: argparse.Namespace) -> Timing:
+def timed_steps(clock: Clock, setup: Callable[[], Any], args: argparse.Namespace) -> Timing:
+    """Time ``setup()`` (it returns a trainer with ``step`` and ``close``) with its own peak, then
+    reset the peak and time the steps: both sides of a row measure the steps alike."""
     clock.reset_peak()
-    trainer = RecipeTrainer(pipe, sdxl, *data, rank=args.rank, batch=args.train_batch)
+    started = clock.now()
+    trainer = setup()
     try:
-        return time_calls(clock, trainer.step, args.train_steps, per=1, warmups=args.warmup_steps, reset_peak=False)
+        seconds, setup_peak = clock.now() - started, clock.peak_gib()
+        timing = time_calls(clock, trainer.step, args.train_steps, per=1, warmups=args.warmup_steps)
+        timing.setup, timing.setup_peak_gib = seconds, setup_peak
+        return timing
     finally:
         trainer.close()
+
+
+def recipe_train(clock: Clock, pipe: Any, sdxl: bool, data: tuple, args: argparse.Namespace) -> Timing:
+    return timed_steps(clock, lambda: RecipeTrainer(pipe, sdxl, *data, rank=args.rank, batch=args.train_batch), args)
 
 
 def ours_train(
@@ -271,6 +288,7 @@ def ours_train(
     compile: bool,
     precision: str,
     checkpointing: bool = False,
+    targets: tuple[str, ...] = (),
 ) -> Timing:
     cfg = TrainConfig(
         steps=args.warmup_steps + args.train_steps,
@@ -280,18 +298,56 @@ def ours_train(
         precision=precision,
         compile=compile,
         gradient_checkpointing=checkpointing,
+        targets=targets,
     )
-    clock.reset_peak()
-    trainer = LoraTrainer(entry, cfg)
-    try:
-        started = clock.now()
-        trainer.setup(*data)
-        setup = clock.now() - started
-        timing = time_calls(clock, trainer.step, args.train_steps, per=1, warmups=args.warmup_steps, reset_peak=False)
-        timing.setup = setup
-        return timing
-    finally:
-        trainer.close()
+
+    def setup() -> LoraTrainer:
+        trainer = LoraTrainer(entry, cfg)
+        try:
+            trainer.setup(*data)
+        except BENCH_ERRORS:
+            trainer.close()
+            raise
+        return trainer
+
+    return timed_steps(clock, setup, args)
+
+
+def estimate(
+    family: str,
+    tiny: bool,
+    size: int,
+    batch: int,
+    *,
+    generate: bool = False,
+    rank: int = 16,
+    targets: str = "attention",
+    checkpointing: bool = False,
+    quantize: str = "none",
+    precision: str = "bf16",
+    images: int = 8,
+) -> float:
+    """The memory planner's estimate (GiB) for a row of this runner: a generation's peak, or a
+    training step's (the ``training`` phase: the peaks are reset after setup)."""
+    from services.gpu.memory.estimate import GIB
+    from services.gpu.memory.planner import TrainJob, generation_bytes, train_phases
+
+    spec = _spec(family, tiny)
+    if generate:
+        return generation_bytes(spec, size, size, batch, quantize, False) / GIB
+    job = TrainJob(size, size, batch=batch, rank=rank, targets=targets, precision=precision, images=images)
+    return train_phases(spec, job, checkpointing, quantize)["training"] / GIB
+
+
+def _spec(family: str, tiny: bool) -> Any:
+    from config.settings import build_settings
+    from services.gpu.memory import specs
+    from services.gpu.memory.jobs import spec_for
+
+    model = {"sd15": SD, "sdxl": SDXL, "flux": FLUX}[family]
+    if tiny:
+        return spec_for(model.builtin, build_settings())
+    return {"sd15": specs.SD15, "sdxl": specs.SDXL, "flux": specs.FLUX_DEV}[family]
 
 
 def checkpoint_overhead(clock: Clock, entry: Any, data: tuple, args: argparse.Namespace, precision: str) -> str:
@@ -337,7 +393,7 @@ def checkpoint_overhead(clock: Clock, entry: Any, data: tuple, args: argparse.Na
 class Report:
     """Prints comparison rows as they complete, and the summary at the end."""
 
-    HEADER = "| workload | plain diffusers | this runner | speed-up | peak GiB plain / ours | notes |"
+    HEADER = "| workload | plain diffusers | this runner | speed-up | peak GiB plain / ours (planner est.) | notes |"
 
     def __init__(self, budget: float) -> None:
         self.started = time.perf_counter()
@@ -363,14 +419,26 @@ class Report:
         self.rows.append(text)
         print(text, flush=True)
 
-    def compare(self, workload: str, plain: Timing | None, ours: Timing | None, unit: str, note: str = "") -> None:
+    def compare(
+        self,
+        workload: str,
+        plain: Timing | None,
+        ours: Timing | None,
+        unit: str,
+        note: str = "",
+        estimate: float | None = None,
+    ) -> None:
+        """One row; ``estimate``: the memory planner's GiB for the runner's side, printed beside
+        its measured ``torch.cuda.max_memory_allocated`` (peaks are reset after setup)."""
+
         def peak(t: Timing | None) -> str:
             return "-" if t is None or t.peak_gib is None else f"{t.peak_gib:.1f}"
 
         base = f"{plain.per_item:.4f} {unit}" if plain else "-"
         mine = f"{ours.per_item:.4f} {unit}" if ours else "-"
         ratio = f"{plain.per_item / ours.per_item:.2f}x" if plain and ours and ours.per_item > 0 else "-"
-        self.line(f"| {workload} | {base} | {mine} | {ratio} | {peak(plain)} / {peak(ours)} | {note} |")
+        planned = "" if estimate is None else f" (est. {estimate:.1f})" if estimate >= 1 else f" (est. {estimate:.3f})"
+        self.line(f"| {workload} | {base} | {mine} | {ratio} | {peak(plain)} / {peak(ours)}{planned} | {note} |")
 
     def failed(self, what: str, exc: BaseException) -> None:
         traceback.print_exc()
@@ -433,6 +501,7 @@ def eager_phase(family: str, args: argparse.Namespace, device: torch.device, rep
             ours,
             "s/img",
             f"ours {str(ours_dtype).removeprefix('torch.')}, no compile",
+            estimate(family, args.tiny, size, batch, generate=True),
         )
     if "train" in args.only:
         precision = "bf16" if cuda else "fp32"
@@ -446,7 +515,8 @@ def eager_phase(family: str, args: argparse.Namespace, device: torch.device, rep
         note = f"rank {args.rank} b{args.train_batch}; cached latents+text, {precision}"
         if ours:
             note += f", setup {ours.setup:.1f} s"
-        report.compare(f"train {label} b{args.train_batch}, eager", plain_train, ours, "s/step", note)
+        planned = estimate(family, args.tiny, size, args.train_batch, rank=args.rank, precision=precision)
+        report.compare(f"train {label} b{args.train_batch}, eager", plain_train, ours, "s/step", note, planned)
         overhead = run_guarded(
             report, f"train {label} checkpoints", lambda: checkpoint_overhead(clock, entry, data, args, precision)
         )
@@ -482,6 +552,7 @@ def compiled_phase(family: str, args: argparse.Namespace, device: torch.device, 
                 ours,
                 "s/img",
                 f"reduce-overhead; first call (compile warm-up) {ours.first:.1f} s",
+                estimate(family, args.tiny, size, batch, generate=True),
             )
 
     def reset() -> None:  # frees the CUDA graph pools before a memory-measured section
@@ -509,6 +580,7 @@ def compiled_phase(family: str, args: argparse.Namespace, device: torch.device, 
                 ours,
                 "s/step",
                 f"first step (compile warm-up) {ours.first:.1f} s",
+                estimate(family, args.tiny, size, args.train_batch, rank=args.rank, precision=precision),
             )
         reset()
     if "gen" in args.only:
@@ -533,12 +605,23 @@ def build_flux(tiny: bool, device: torch.device, dtype: torch.dtype) -> Any:
     return pipe
 
 
-class FluxRecipeTrainer:
-    """The diffusers ``train_dreambooth_lora_flux.py`` step without its caching flags: CLIP, T5
-    and the VAE run every step, bf16 weights, LoRA (its default targets) in fp32, AdamW,
-    uniform sigmas, guidance 3.5 (its default), the loss read back every step."""
+# train_dreambooth_lora_flux.py's default --lora_layers: the worker trains the same modules in the
+# FLUX.1 rows (its own default, "all", trains more), at the same rank and alpha
+RECIPE_FLUX_TARGETS = ("to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out")
+RECIPE_FLUX_TARGETS += ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
 
-    def __init__(self, pipe: Any, images: list[Image.Image], captions: list[str], rank: int) -> None:
+
+class FluxRecipeTrainer:
+    """The diffusers ``train_dreambooth_lora_flux.py`` step as it runs for a single instance
+    prompt: the prompt embeddings computed once and the text encoders freed (here: moved to the
+    CPU, since the pipeline is shared), the VAE every step, or (``cache_latents``, its
+    ``--cache_latents``) the latent distributions encoded once and the VAE freed too; bf16
+    weights, the LoRA (its default targets) in fp32, AdamW, uniform sigmas, the loss read back
+    every step. The constructor is the setup; :meth:`close` brings the encoders back."""
+
+    def __init__(
+        self, pipe: Any, images: list[Image.Image], captions: list[str], rank: int, cache_latents: bool
+    ) -> None:
         from diffusers.training_utils import cast_training_params
         from peft import LoraConfig
 
@@ -546,27 +629,40 @@ class FluxRecipeTrainer:
 
         self.pipe = pipe
         self.device = pipe.transformer.device
-        targets = ["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out"]
-        targets += ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
+        with torch.no_grad():
+            self.embeds, self.pooled, self.text_ids = pipe.encode_prompt(
+                prompt=[captions[0]], prompt_2=None, device=self.device, max_sequence_length=512
+            )
+        self.parked = ["text_encoder", "text_encoder_2"]
+        self.pixels, self.cursor = pixel_tensor(images), 0
+        self.latents: list[Any] = []
+        if cache_latents:
+            with torch.no_grad():
+                for i in range(len(images)):
+                    pixels = self.pixels[i : i + 1].to(self.device, pipe.vae.dtype)
+                    self.latents.append(pipe.vae.encode(pixels).latent_dist)
+            self.parked.append("vae")
+        for name in self.parked:
+            getattr(pipe, name).to("cpu")
+        free()
         pipe.transformer.add_adapter(
-            LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=targets)
+            LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(RECIPE_FLUX_TARGETS))
         )
         cast_training_params(pipe.transformer, dtype=torch.float32)
         self.params = [p for p in pipe.transformer.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-4, weight_decay=1e-4)
-        self.pixels, self.captions, self.cursor = pixel_tensor(images), captions, 0
 
     def step(self) -> None:
         import torch.nn.functional as F
 
-        pipe, i = self.pipe, self.cursor % len(self.captions)
+        pipe, i = self.pipe, self.cursor % len(self.pixels)
         self.cursor += 1
         with torch.no_grad():
-            embeds, pooled, text_ids = pipe.encode_prompt(
-                prompt=[self.captions[i]], prompt_2=None, device=self.device, max_sequence_length=512
-            )
-            pixels = self.pixels[i : i + 1].to(self.device, pipe.vae.dtype)
-            latents = pipe.vae.encode(pixels).latent_dist.sample()
+            if self.latents:
+                latents = self.latents[i].sample()
+            else:
+                pixels = self.pixels[i : i + 1].to(self.device, pipe.vae.dtype)
+                latents = pipe.vae.encode(pixels).latent_dist.sample()
             latents = (latents - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
         b, c, h, w = latents.shape
         noise = torch.randn_like(latents)
@@ -579,9 +675,9 @@ class FluxRecipeTrainer:
             hidden_states=packed,
             timestep=sigma.flatten(),
             guidance=guidance,
-            pooled_projections=pooled,
-            encoder_hidden_states=embeds,
-            txt_ids=text_ids,
+            pooled_projections=self.pooled,
+            encoder_hidden_states=self.embeds,
+            txt_ids=self.text_ids,
             img_ids=ids,
             return_dict=False,
         )[0]
@@ -597,6 +693,9 @@ class FluxRecipeTrainer:
 
     def close(self) -> None:
         self.pipe.transformer.unload_lora()
+        for name in self.parked:
+            getattr(self.pipe, name).to(self.device)
+        self.latents = []
 
 
 def flux_phase(args: argparse.Namespace, device: torch.device, report: Report, compile: bool) -> None:
@@ -635,65 +734,127 @@ def flux_phase(args: argparse.Namespace, device: torch.device, report: Report, c
                 f"gen {label} {steps} steps b1, {'compiled' if compiled else 'eager'}", plain, ours, "s/img", note
             )
     if "train" in args.only:
-        data = dataset(size, count=4)
-
-        def recipe() -> Timing:
-            clock.reset_peak()
-            trainer = FluxRecipeTrainer(pipe, *data, rank=args.rank)
-            try:
-                return time_calls(
-                    clock, trainer.step, args.train_steps, per=1, warmups=args.warmup_steps, reset_peak=False
-                )
-            finally:
-                trainer.close()
-
-        plain_train = run_guarded(report, f"train {label} plain", recipe)
-        train_args = argparse.Namespace(**{**vars(args), "train_batch": 1})
-        precision = "bf16" if device.type == "cuda" else "fp32"
-        for compiled in (False, True) if compile else (False,):
-            if compiled and not report.allows("train flux"):
-                continue
-            variant = "compiled" if compiled else "eager"
-            ours = run_guarded(
-                report,
-                f"train {label} {variant}",
-                lambda c=compiled: ours_train(clock, entry, data, train_args, compile=c, precision=precision),
-            )
-            report.results["train flux plain"] = plain_train
-            report.results[f"train flux {variant}"] = ours
-            report.compare(
-                f"train {label} b1 r{args.rank}, {variant}",
-                plain_train,
-                ours,
-                "s/step",
-                "cached text+latents, encoders off GPU",
-            )
+        flux_train_rows(args, clock, pipe, entry, size, report, compile)
     free(entry, pipe)
 
 
+def flux_train_rows(
+    args: argparse.Namespace, clock: Clock, pipe: Any, entry: Any, size: int, report: Report, compile: bool
+) -> None:
+    """A LoRA step at batch 1, like for like: both sides train the recipe's 12 target modules at
+    the same rank on one instance prompt, the recipe with its prompt embeddings precomputed and
+    (second row) ``--cache_latents``, peaks reset after setup on both sides. Then this runner
+    with gradient checkpointing, the baseline of the NF4 row (:func:`flux_nf4_row`)."""
+    label = f"flux {size}px"
+    images, _captions = dataset(size, count=4)
+    data = (images, ["a photo of sks dog"] * len(images))  # one instance prompt, as the recipe runs
+    train_args = argparse.Namespace(**{**vars(args), "train_batch": 1})
+    precision = "bf16" if clock.cuda else "fp32"
+    planned = estimate("flux", args.tiny, size, 1, rank=args.rank, targets="attention+mlp", precision=precision)
+    recipes = {}
+    for cache_latents in (False, True):
+        name = "recipe --cache_latents" if cache_latents else "recipe"
+        recipes[name] = run_guarded(
+            report,
+            f"train {label} {name}",
+            lambda c=cache_latents: timed_steps(
+                clock, lambda: FluxRecipeTrainer(pipe, *data, rank=args.rank, cache_latents=c), train_args
+            ),
+        )
+    report.results["train flux plain"] = recipes["recipe --cache_latents"]
+    for compiled in (False, True) if compile else (False,):
+        if compiled and not report.allows("train flux"):
+            continue
+        variant = "compiled" if compiled else "eager"
+        ours = run_guarded(
+            report,
+            f"train {label} {variant}",
+            lambda c=compiled: ours_train(
+                clock, entry, data, train_args, compile=c, precision=precision, targets=RECIPE_FLUX_TARGETS
+            ),
+        )
+        report.results[f"train flux {variant}"] = ours
+        for name, recipe in recipes.items():
+            report.compare(
+                f"train {label} b1 r{args.rank}, {name} vs ours {variant}",
+                recipe,
+                ours,
+                "s/step",
+                "same 12 modules and rank; embeddings precomputed on both sides; "
+                + ("latents cached on both" if "cache" in name else "recipe encodes the latents every step"),
+                planned,
+            )
+    ckpt = run_guarded(
+        report,
+        f"train {label} checkpointing",
+        lambda: ours_train(
+            clock,
+            entry,
+            data,
+            train_args,
+            compile=False,
+            precision=precision,
+            checkpointing=True,
+            targets=RECIPE_FLUX_TARGETS,
+        ),
+    )
+    report.results["train flux bf16 checkpointing"] = ckpt
+    report.compare(
+        f"train {label} b1 r{args.rank}, ours eager vs ours + checkpointing",
+        report.results.get("train flux eager"),
+        ckpt,
+        "s/step",
+        "what checkpointing costs in time and saves in memory",
+        estimate(
+            "flux", args.tiny, size, 1, rank=args.rank, targets="attention+mlp", precision=precision, checkpointing=True
+        ),
+    )
+
+
 def flux_nf4_row(args: argparse.Namespace, device: torch.device, report: Report) -> None:
-    """Peak memory and step time of FLUX.1 LoRA training on the NF4 base, with gradient
-    checkpointing, the encoders off the GPU: the 24 GB card configuration. A phase of its own,
-    so the bf16 FLUX.1 of :func:`flux_phase` (34 GB) is gone from the GPU and from the peak."""
+    """FLUX.1 LoRA training on the NF4 base against the bf16 base, both with gradient
+    checkpointing (the 24 GB card configuration). A phase of its own, so the bf16 FLUX.1 of
+    :func:`flux_phase` is gone from the GPU; the peak is reset after setup (the packing)."""
     from services.gpu.quantize import quantize_linear_layers
 
     clock = Clock(device)
     size = args.size or (32 if args.tiny else 1024)
     dtype = models.inference_dtype(device)
-    pipe = build_flux(args.tiny, device, dtype)  # bf16 until packed (the peak is reset after setup)
+    pipe = build_flux(args.tiny, device, dtype)  # bf16 until packed
     quantize_linear_layers(pipe.transformer, dtype, device)
     key = models.PipelineKey("bench:flux", f"nf4-{str(dtype).removeprefix('torch.')}", str(device))
     entry = models.wrap_pipeline(pipe, key)
-    data = dataset(size, count=4)
+    images, _captions = dataset(size, count=4)
+    data = (images, ["a photo of sks dog"] * len(images))
     nf4_args = argparse.Namespace(**{**vars(args), "train_batch": 1})
     precision = "bf16" if device.type == "cuda" else "fp32"
-    ours = ours_train(clock, entry, data, nf4_args, compile=False, precision=precision, checkpointing=True)
+    ours = ours_train(
+        clock,
+        entry,
+        data,
+        nf4_args,
+        compile=False,
+        precision=precision,
+        checkpointing=True,
+        targets=RECIPE_FLUX_TARGETS,
+    )
     report.compare(
-        f"train flux {size}px b1 r{args.rank}, NF4 base + checkpointing",
-        report.results.get("train flux plain"),
+        f"train flux {size}px b1 r{args.rank}, bf16 vs NF4 base, both checkpointing",
+        report.results.get("train flux bf16 checkpointing"),
         ours,
         "s/step",
-        "peak memory is the point of this row (24 GB card)",
+        "the NF4 base's cost in time, its saving in memory (24 GB card)",
+        estimate(
+            "flux",
+            args.tiny,
+            size,
+            1,
+            rank=args.rank,
+            targets="attention+mlp",
+            precision=precision,
+            checkpointing=True,
+            quantize="nf4",
+        ),
     )
     free(entry, pipe)
 

@@ -225,7 +225,10 @@ async def generate(request: GenerateInput, ctx: JobContext) -> GenerateResult | 
     if request.dry_run:
         return await dry_run_generate(request, ctx)
     from services.gpu.generate.render import generate_images
+    from services.gpu.memory.jobs import apply_generate_plan
 
+    # the plan before the download: a job that fits no plan on this card fails at once
+    request, plan = await ctx.in_thread("planning memory", apply_generate_plan, request, ctx.settings)
     ctx.stage = "downloading the LoRA"
     lora_path = await _fetch_lora(request, ctx)
     async with gpu_lock():
@@ -237,4 +240,5 @@ async def generate(request: GenerateInput, ctx: JobContext) -> GenerateResult | 
         seed=result.seed,
         steps=result.steps,
         guidance_scale=result.guidance_scale,
+        memory_plan=plan.metrics() if plan is not None else None,
     )

@@ -23,7 +23,8 @@ class MemoryPlanResult(BaseModel):
     card_gib: float | None = Field(description="The card planned for: gpu_memory_gb, else this worker's GPU.")
     fits: bool | None = Field(description="Whether the job fits that card; null on a CPU worker without gpu_memory_gb.")
     plan: dict[str, Any] | None = Field(
-        description="The chosen plan: gradient_checkpointing, quantize_base, peak_gib, needed_gib, phases (GiB)."
+        description="The chosen plan: gradient_checkpointing, quantize_base, cpu_offload, peak_gib, needed_gib, "
+        "phases (GiB), chosen (the settings the plan chose, with their values)."
     )
     message: str = Field("", description="Why the job does not fit, and the smallest card or option that would.")
     cards: dict[str, Any] = Field(

@@ -162,3 +162,8 @@ class GenerateResult(BaseModel):
     guidance_scale: float | None = Field(
         description="Guidance used (the input's, else the model variant's default); null: the pipeline takes none."
     )
+    memory_plan: dict[str, Any] | None = Field(
+        None,
+        description="The memory plan on this GPU (quantize_base, cpu_offload, peak_gib, needed_gib; README, "
+        "Memory plans); null on a CPU worker.",
+    )

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
     from config.settings import Settings
+    from services.gpu.placement import Placement
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class LoadedPipeline:
     family: ModelFamily | None
     native_size: int
     default_scheduler: Any
+    placement: Placement
     compiled: Any = None  # torch.compile'd denoiser, built on first compiled use
     warm_shapes: set[tuple[Any, ...]] = field(default_factory=set)
 
@@ -318,7 +320,11 @@ def wrap_pipeline(pipe: DiffusionPipeline, key: PipelineKey) -> LoadedPipeline:
         pipe.vae.enable_slicing()  # one image per VAE call: the memory plan's bound (services.gpu.memory)
     family = family_of(pipe)
     native = family.native_size(pipe) if family is not None else _native_size(pipe)
-    return LoadedPipeline(key=key, pipe=pipe, family=family, native_size=native, default_scheduler=pipe.scheduler)
+    denoiser = family.denoiser_name if family is not None else ("unet" if hasattr(pipe, "unet") else "transformer")
+    from services.gpu.placement import Placement
+
+    placement = Placement(pipe, denoiser, torch.device(key.device))
+    return LoadedPipeline(key, pipe, family, native, pipe.scheduler, placement)
 
 
 def _native_size(pipe: DiffusionPipeline, fallback: int = 1024) -> int:

@@ -103,6 +103,13 @@ DryRun = Annotated[
         "touching storage or running the job."
     ),
 ]
+CpuOffload = Annotated[
+    bool | None,
+    Field(
+        description="The text encoders, the VAE and the caches on the CPU, on the GPU only while they run "
+        "(a few seconds of transfers per job). Default: the memory plan's (on only where it is needed to fit).",
+    ),
+]
 GpuMemoryGb = Annotated[
     float | None,
     Field(
@@ -175,6 +182,7 @@ class TrainLoraInput(BaseModel):
         description="nf4: the frozen denoiser in 4-bit NF4 (bitsandbytes) for smaller GPUs; the LoRA trains "
         "in full precision over it. Default: the memory plan's (nf4 only where bf16 does not fit the GPU).",
     )
+    cpu_offload: CpuOffload = None
     cache_latents: bool = Field(True, description="Encode the images with the VAE once.")
     cache_text_embeddings: bool = Field(True, description="Encode the captions once.")
     sample_prompts: list[Prompt] = Field(
@@ -350,6 +358,12 @@ class GenerateInput(BaseModel):
     scheduler: SchedulerName = Field("default", description="Sampler; default: the model's own.")
     format: ImageFormat = "png"
     quality: int = Field(90, ge=1, le=100, description="JPEG/WebP quality.")
+    quantize_base: Literal["none", "nf4"] | None = Field(
+        None,
+        description="nf4: the denoiser in 4-bit NF4 (bitsandbytes), the LoRA applied unfused over it. "
+        "Default: the memory plan's (nf4 only where bf16 does not fit the GPU).",
+    )
+    cpu_offload: CpuOffload = None
     dry_run: DryRun = False
     gpu_memory_gb: GpuMemoryGb = None
 

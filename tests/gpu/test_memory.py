@@ -11,13 +11,16 @@ from typing import Any
 import pytest
 import torch
 
+from config.settings import build_settings
 from services.errors import InputError
-from services.gpu.families import FLUX, SD, SDXL, ZIMAGE
+from services.gpu.families import FAMILIES, FLUX, SD, SDXL, ZIMAGE
 from services.gpu.families import full_size as configs
 from services.gpu.memory import specs
 from services.gpu.memory.estimate import ACTIVATION_ERROR, activation_bytes
+from services.gpu.memory.jobs import generate_plan, train_plan
 from services.gpu.memory.measure import measure
-from services.gpu.memory.planner import TrainJob, plan_training
+from services.gpu.memory.planner import TrainJob, plan_generation, plan_training
+from services.gpu.params import GenerateInput, TrainLoraInput
 
 ROOT = Path(__file__).resolve().parents[2]
 FAMILY = {"flux": FLUX, "zimage": ZIMAGE, "sdxl": SDXL, "sd": SD}
@@ -112,54 +115,110 @@ def test_activation_estimate_is_within_its_error_of_the_measurement(
 
 # --- the planner, a pure function --------------------------------------------------------------
 
-# (model, card GB) -> (gradient checkpointing, quantize_base, estimated peak GiB) at 1024 px, batch 1
+# (model, card GB) -> (gradient checkpointing, quantize_base, cpu_offload, estimated peak GiB) at
+# 1024 px, batch 1, 100 images
 EXPECTED = {
-    ("flux-dev", 80): (False, "none", 57.99),
-    ("flux-dev", 48): (True, "none", 32.76),
-    ("flux-dev", 24): (True, "nf4", 16.83),
-    ("zimage-turbo", 80): (False, "none", 45.84),
-    ("zimage-turbo", 48): (True, "none", 20.3),
-    ("zimage-turbo", 24): (True, "none", 20.3),
-    ("sdxl", 80): (False, "none", 10.99),
-    ("sdxl", 24): (False, "none", 10.99),
+    ("flux-dev", 80): (False, "none", False, 57.99),
+    ("flux-dev", 48): (True, "none", False, 32.76),
+    ("flux-dev", 32): (True, "none", True, 26.28),  # T5 never beside the bf16 transformer
+    ("flux-dev", 24): (True, "nf4", False, 16.83),
+    ("zimage-turbo", 80): (False, "none", False, 45.84),
+    ("zimage-turbo", 48): (True, "none", False, 20.3),
+    ("zimage-turbo", 24): (True, "none", False, 20.3),
+    ("sdxl", 80): (False, "none", False, 10.99),
+    ("sdxl", 24): (False, "none", False, 10.99),
 }
 
 
 @pytest.mark.parametrize(("name", "card"), list(EXPECTED), ids=[f"{s}-{gb}" for s, gb in EXPECTED])
 def test_planner_picks_the_cheapest_plan_that_fits(name: str, card: int) -> None:
-    """Catches a planner that picks a slower plan than needed (checkpointing or NF4 on a card
-    where bf16 without fits) or one that does not fit (e.g. bf16 FLUX.1 on 24 GB)."""
+    """Catches a planner that picks a slower plan than needed (checkpointing, NF4 or offload on
+    a card where less fits) or one that does not fit (e.g. bf16 FLUX.1 on 24 GB)."""
     spec = next(s for s in specs.KNOWN if s.name == name)
     plan = plan_training(spec, TrainJob(1024, 1024), card)
-    assert (plan.gradient_checkpointing, plan.quantize_base, plan.peak_gib) == EXPECTED[name, card]
-    assert plan.fits and plan.chosen == ["gradient_checkpointing", "quantize_base"]
+    assert (plan.gradient_checkpointing, plan.quantize_base, plan.cpu_offload, plan.peak_gib) == EXPECTED[name, card]
+    settings = {"gradient_checkpointing": plan.gradient_checkpointing, "quantize_base": plan.quantize_base}
+    assert plan.fits and plan.chosen == {**settings, "cpu_offload": plan.cpu_offload}
+
+
+def test_many_images_move_the_caches_off_the_card() -> None:
+    """Catches caches that stay on the GPU whatever their size: 3000 captions of T5 embeddings
+    (12 GiB) on a 48 GB card take cpu_offload rather than NF4."""
+    plan = plan_training(specs.FLUX_DEV, TrainJob(1024, 1024, images=3000), 48)
+    assert (plan.gradient_checkpointing, plan.quantize_base, plan.cpu_offload) == (True, "none", True)
 
 
 def test_explicit_inputs_win_over_the_plan() -> None:
     """Catches the plan overriding a caller's setting: checkpointing asked on an 80 GB card stays
     on; a bf16 FLUX.1 job asked on 24 GB is refused, naming the plan that would fit."""
     plan = plan_training(specs.FLUX_DEV, TrainJob(1024, 1024), 80, checkpointing=True)
-    assert (plan.gradient_checkpointing, plan.quantize_base, plan.chosen) == (True, "none", ["quantize_base"])
+    assert (plan.gradient_checkpointing, plan.quantize_base) == (True, "none")
+    assert plan.chosen == {"quantize_base": "none", "cpu_offload": False}
+    plan = plan_training(specs.FLUX_DEV, TrainJob(1024, 1024), 80, offload=True)
+    assert plan.cpu_offload and plan.chosen == {"gradient_checkpointing": False, "quantize_base": "none"}
     with pytest.raises(InputError) as caught:
         plan_training(specs.FLUX_DEV, TrainJob(1024, 1024), 24, quantize="none")
+    assert "its smallest plan (gradient_checkpointing True, quantize_base none, cpu_offload True)" in str(caught.value)
     assert (
-        "Without the explicit setting it fits this card with gradient_checkpointing True and quantize_base nf4"
-        in str(caught.value)
+        "Without the explicit setting it fits this card with gradient_checkpointing True, quantize_base nf4, "
+        "cpu_offload False" in str(caught.value)
     )
 
 
 def test_a_job_no_plan_fits_fails_naming_estimate_card_and_smallest_card() -> None:
     """Catches a refusal that does not tell the user what would fit: the estimate, the card's
-    memory and the smallest rented card, or that none fits."""
+    memory and the smallest rented card with the plan it would take, or that none fits."""
     with pytest.raises(InputError) as caught:
         plan_training(specs.FLUX_DEV, TrainJob(1024, 1024, batch=8), 24)
     text = str(caught.value)
     assert "does not fit this GPU" in text and "the card has 24.0 GiB" in text
-    assert "peaks at about 30.8 GiB" in text and "The smallest card that fits it: 48 GB" in text
+    assert "peaks at about 30.2 GiB" in text
+    assert "The smallest card that fits it: 48 GB, with gradient_checkpointing True, quantize_base nf4" in text
     with pytest.raises(InputError, match="No rented card fits it"):
         plan_training(specs.FLUX_DEV, TrainJob(2048, 2048, batch=64), 141)
-    with pytest.raises(InputError, match=r"quantize_base none.*48 GB"):  # a training adapter rules NF4 out
+    with pytest.raises(InputError, match=r"quantize_base none, cpu_offload True\)?.*32 GB"):  # an adapter rules NF4 out
         plan_training(specs.FLUX_DEV, TrainJob(1024, 1024, adapter=True), 24)
+
+
+# (model, card GB) -> (quantize_base, cpu_offload) of one image at the native side
+GENERATION = {
+    ("flux-dev", 80): ("none", False),
+    ("flux-dev", 48): ("none", False),
+    ("flux-dev", 24): ("nf4", False),  # bf16 FLUX.1 does not fit 24 GB even with the encoders away
+    ("zimage-turbo", 48): ("none", False),
+    ("zimage-turbo", 24): ("none", True),  # Qwen3 runs alone, then the transformer
+    ("sdxl", 24): ("none", False),
+}
+
+
+@pytest.mark.parametrize(("name", "card"), list(GENERATION), ids=[f"{s}-{gb}" for s, gb in GENERATION])
+def test_generation_plan_picks_the_cheapest_that_fits(name: str, card: int) -> None:
+    """Catches a generation estimate that is never a plan (bf16 FLUX.1 sent to a 24 GB card and
+    run out of memory) or a slower plan than needed."""
+    spec = next(s for s in specs.KNOWN if s.name == name)
+    plan = plan_generation(spec, spec.native, spec.native, 1, card)
+    assert (plan.quantize_base, plan.cpu_offload) == GENERATION[name, card] and plan.fits
+    assert plan.gradient_checkpointing is None and set(plan.chosen) == {"quantize_base", "cpu_offload"}
+
+
+@pytest.mark.parametrize("model", [family.builtin for family in FAMILIES])
+def test_every_builtin_gets_a_train_and_a_generation_plan(model: str) -> None:
+    """Catches a family whose denoiser config the planner cannot read (a UNet's per-block head
+    dims): a dry run with gpu_memory_gb on a builtin must plan, not crash."""
+    settings = build_settings()
+    train = TrainLoraInput(action="train_lora", dataset="d", output_name="o", base_model=model, gpu_memory_gb=24)
+    generate = GenerateInput(action="generate", prompt="p", base_model=model, gpu_memory_gb=24)
+    assert train_plan(train, settings).fits and generate_plan(generate, settings).fits
+
+
+def test_generation_refuses_explicit_settings_that_do_not_fit_naming_what_would() -> None:
+    with pytest.raises(InputError) as caught:
+        plan_generation(specs.FLUX_DEV, 1024, 1024, 1, 24, quantize="none")
+    text = str(caught.value)
+    assert text.startswith("input.base_model: generate of flux-dev at 1024x1024, 1 image(s) does not fit")
+    assert "Without the explicit setting it fits this card with quantize_base nf4, cpu_offload False" in text
+    with pytest.raises(InputError, match="The smallest card that fits it: 24 GB"):
+        plan_generation(specs.FLUX_DEV, 1024, 1024, 1, 12)
 
 
 # --- the dry run, as users reach it ------------------------------------------------------------
@@ -203,7 +262,7 @@ def test_dry_run_through_the_entrypoint_returns_a_plan_without_training(tmp_path
     out = _dry_run(tmp_path, job)
     assert out["dry_run"] is True and out["fits"] is True and out["card_gib"] == 24
     assert out["plan"]["quantize_base"] == "none" and out["plan"]["gradient_checkpointing"] is False
-    assert set(out["cards"]) == {"24", "48", "80", "141"}
+    assert set(out["cards"]) == {"24", "32", "48", "80", "141"}
     storage = tmp_path / "storage"
     assert not storage.exists() or not any(p.is_file() for p in storage.rglob("*"))
 
@@ -228,6 +287,19 @@ def test_dry_run_answers_for_a_known_model_and_a_card_it_does_not_fit(tmp_path: 
         tmp_path, {"action": "generate", "prompt": "p", "base_model": "black-forest-labs/FLUX.1-dev", "dry_run": True}
     )
     assert generation["fits"] is None and generation["cards"]["48"]["fits"] is True
+    assert generation["cards"]["24"]["quantize_base"] == "nf4"  # bf16 FLUX.1 generation needs 33 GiB
+    on_24 = _dry_run(
+        tmp_path,
+        {
+            "action": "generate",
+            "prompt": "p",
+            "base_model": "black-forest-labs/FLUX.1-dev",
+            "dry_run": True,
+            "gpu_memory_gb": 24,
+            "quantize_base": "none",
+        },
+    )
+    assert on_24["fits"] is False and "fits this card with quantize_base nf4" in on_24["message"]
 
 
 def test_generation_keeps_the_lora_restore_backup_on_the_cpu(tmp_path: Path) -> None:

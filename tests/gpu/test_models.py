@@ -26,7 +26,7 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"  # pragma: allowlist secret 
 
 
 def _fake(key: PipelineKey) -> LoadedPipeline:
-    return LoadedPipeline(key=key, pipe=object(), family=None, native_size=8, default_scheduler=None)
+    return LoadedPipeline(key=key, pipe=object(), family=None, native_size=8, default_scheduler=None, placement=None)  # type: ignore[arg-type]
 
 
 def test_cache_evicts_least_recently_used() -> None:

@@ -265,11 +265,6 @@ class ModelFamily(ABC):
     def denoiser(self, pipe: Any) -> torch.nn.Module:
         return getattr(pipe, self.denoiser_name)
 
-    def encoder_modules(self, pipe: Any) -> list[str]:
-        """Components that only encode (text encoders, VAE): moved off the GPU while training
-        on cached embeddings and latents."""
-        return [name for name in (*self.text_encoders, "vae") if getattr(pipe, name, None) is not None]
-
     # training
 
     @abstractmethod

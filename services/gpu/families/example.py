@@ -57,7 +57,8 @@ class ExampleFamily(ModelFamily):
 
     def encode_text(self, pipe: Any, captions: Sequence[str]) -> list[Text]:
         """4. Per caption, the conditioning exactly as the pipeline computes it (its own
-        ``encode_prompt`` where it has one), as a dict of tensors without a batch dimension;
+        ``encode_prompt`` where it has one, on ``pipe._execution_device``), as a dict of tensors
+        without a batch dimension;
         :meth:`collate_text` stacks them per batch (override it for ragged text)."""
         raise NotImplementedError("call the pipeline's encode_prompt and split the batch")
 

@@ -170,7 +170,7 @@ class Flux(ModelFamily):
             embeds, pooled, _ = pipe.encode_prompt(
                 prompt=list(captions),
                 prompt_2=None,
-                device=self.denoiser(pipe).device,
+                device=pipe._execution_device,
                 num_images_per_prompt=1,
                 max_sequence_length=self.variant(pipe, "").max_sequence_length or MAX_SEQUENCE_LENGTH,
             )

@@ -82,7 +82,7 @@ class StableDiffusion(ModelFamily):
         import torch
 
         with torch.no_grad():
-            hidden, _ = pipe.encode_prompt(list(captions), self.denoiser(pipe).device, 1, False)
+            hidden, _ = pipe.encode_prompt(list(captions), pipe._execution_device, 1, False)
         return [{"hidden": h} for h in hidden]
 
     def schedule(self, pipe: Any, device: torch.device) -> DdpmSchedule:

@@ -86,7 +86,7 @@ class StableDiffusionXL(StableDiffusion):
         with torch.no_grad():
             hidden, _, pooled, _ = pipe.encode_prompt(
                 prompt=list(captions),
-                device=self.denoiser(pipe).device,
+                device=pipe._execution_device,
                 num_images_per_prompt=1,
                 do_classifier_free_guidance=False,
             )

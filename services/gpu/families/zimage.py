@@ -121,7 +121,7 @@ class ZImage(ModelFamily):
         with torch.no_grad():
             embeds, _ = pipe.encode_prompt(
                 list(captions),
-                device=self.denoiser(pipe).device,
+                device=pipe._execution_device,
                 do_classifier_free_guidance=False,
                 max_sequence_length=MAX_SEQUENCE_LENGTH,
             )

@@ -137,9 +137,10 @@ def generate_images(
     seed = params.seed if params.seed is not None else secrets.randbelow(2**32)
     with gpu_errors("generate"):
         device = models.runtime_device()
-        entry = models.load_pipeline(
-            params.base_model or settings.model_id, settings, models.inference_dtype(device), device
-        )
+        model = params.base_model or settings.model_id
+        quantize = params.quantize_base == "nf4"
+        entry = models.load_pipeline(model, settings, models.inference_dtype(device), device, quantize=quantize)
+        entry.placement.set_offload(bool(params.cpu_offload))
         width = params.width or entry.native_size
         height = params.height or entry.native_size
         check_pixels(width, height, settings.max_image_pixels)
@@ -188,7 +189,10 @@ def render(
         _denoiser(entry, compile, cache) as first_call,
     ):
         started = time.perf_counter()
-        output = entry.pipe(**kwargs)
+        try:
+            output = entry.pipe(**kwargs)
+        finally:
+            entry.placement.release()  # the encoders and the VAE that came to the device (cpu_offload)
         if first_call(request):
             seconds = time.perf_counter() - started
             RUNNER_STATE.record_warmup(

@@ -111,9 +111,20 @@ def activation_bytes(
 
 def inference_bytes(spec: ModelSpec, height: int, width: int, images: int) -> float:
     """The transient of one denoiser forward and of the VAE decode (generation)."""
-    cfg = spec.config
-    hidden = cfg.get("dim") or cfg.get("num_attention_heads", 0) * cfg.get("attention_head_dim", 0) or 1280
+    hidden = _width(spec.config)
     tokens = image_tokens(spec, height, width) + spec.text_tokens
     guidance = 2 if spec.family in ("sd", "sdxl") else 1  # classifier-free guidance doubles the batch
     forward = INFER_PER_TOKEN_WIDTH * tokens * hidden * images * guidance
     return forward + VAE_DECODE_PER_PIXEL * height * width
+
+
+def _width(cfg: dict) -> int:
+    """The denoiser's token width: Z-Image's ``dim``, FLUX.1's heads x head dim, a UNet's widest
+    block (its attention runs at every width; the widest bounds the transient)."""
+    if isinstance(cfg.get("dim"), int):
+        return int(cfg["dim"])
+    heads, head_dim = cfg.get("num_attention_heads"), cfg.get("attention_head_dim")
+    if isinstance(heads, int) and isinstance(head_dim, int):
+        return heads * head_dim
+    channels = cfg.get("block_out_channels")
+    return int(max(channels)) if isinstance(channels, list | tuple) and channels else 1280

@@ -100,6 +100,18 @@ def card_gib(requested_gb: float | None) -> float | None:
     return (free + torch.cuda.memory_reserved()) / 2**30
 
 
+def _planned_spec(model: str, gpu_memory_gb: float | None, settings: Settings) -> ModelSpec | None:
+    """The model's spec when the job is planned (a card is known), else None; a model the planner
+    cannot describe runs on the job's inputs and the family's defaults (logged)."""
+    if card_gib(gpu_memory_gb) is None:
+        return None
+    try:
+        return spec_for(model, settings)
+    except (InputError, TypeError, ValueError, KeyError, AttributeError, ImportError) as exc:
+        log.warning("no memory plan for %s (%s): running with the inputs and the family's defaults", model, exc)
+        return None
+
+
 def train_job(params: TrainLoraInput, spec: ModelSpec, images: int, precision: str) -> TrainJob:
     side = max(params.resolutions() or [spec.native])
     return TrainJob(
@@ -126,30 +138,43 @@ def train_plan(
         return None
     spec = spec or spec_for(params.base_model or settings.model_id, settings)
     job = train_job(params, spec, images, params.mixed_precision)
-    return plan_training(spec, job, card, params.gradient_checkpointing, params.quantize_base)
+    return plan_training(spec, job, card, params.gradient_checkpointing, params.quantize_base, params.cpu_offload)
 
 
 def apply_train_plan(params: TrainLoraInput, settings: Settings, images: int) -> tuple[TrainLoraInput, Plan | None]:
     """The job's inputs with the plan's choices filled in where the input left them open."""
-    model = params.base_model or settings.model_id
-    try:
-        spec = spec_for(model, settings) if card_gib(params.gpu_memory_gb) is not None else None
-    except (InputError, TypeError, ValueError, KeyError, AttributeError, ImportError) as exc:
-        log.warning("no memory plan for %s (%s): training with the inputs and the family's defaults", model, exc)
-        spec = None
+    spec = _planned_spec(params.base_model or settings.model_id, params.gpu_memory_gb, settings)
     plan = train_plan(params, settings, images, spec) if spec is not None else None
     if plan is None:
-        return params.model_copy(update={"quantize_base": params.quantize_base or "none"}), None
+        update = {"quantize_base": params.quantize_base or "none", "cpu_offload": bool(params.cpu_offload)}
+        return params.model_copy(update=update), None
     log.info("memory plan for %s: %s", params.output_name, plan.metrics())
-    update = {"gradient_checkpointing": plan.gradient_checkpointing, "quantize_base": plan.quantize_base}
+    update = {
+        "gradient_checkpointing": plan.gradient_checkpointing,
+        "quantize_base": plan.quantize_base,
+        "cpu_offload": plan.cpu_offload,
+    }
     return params.model_copy(update=update), plan
 
 
 def generate_plan(params: GenerateInput, settings: Settings, spec: ModelSpec | None = None) -> Plan | None:
-    """The generation's estimate on its card (``gpu_memory_gb`` or this GPU)."""
+    """The generation's plan on its card (``gpu_memory_gb`` or this GPU); None on the CPU without one."""
     card = card_gib(params.gpu_memory_gb)
     if card is None:
         return None
     spec = spec or spec_for(params.base_model or settings.model_id, settings)
     height, width = params.height or params.width or spec.native, params.width or params.height or spec.native
-    return plan_generation(spec, height, width, params.num_images, card)
+    return plan_generation(spec, height, width, params.num_images, card, params.quantize_base, params.cpu_offload)
+
+
+def apply_generate_plan(params: GenerateInput, settings: Settings) -> tuple[GenerateInput, Plan | None]:
+    """The generation's inputs with the plan's ``quantize_base`` and ``cpu_offload`` filled in
+    where the input left them open (a model without a memory model keeps the inputs)."""
+    model = params.base_model or settings.model_id
+    spec = _planned_spec(model, params.gpu_memory_gb, settings)
+    plan = generate_plan(params, settings, spec) if spec is not None else None
+    if plan is None:
+        update = {"quantize_base": params.quantize_base or "none", "cpu_offload": bool(params.cpu_offload)}
+        return params.model_copy(update=update), None
+    log.info("memory plan for generate of %s: %s", model, plan.metrics())
+    return params.model_copy(update={"quantize_base": plan.quantize_base, "cpu_offload": plan.cpu_offload}), plan

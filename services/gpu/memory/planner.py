@@ -1,18 +1,27 @@
 """Choose a memory plan for a job: the cheapest settings whose estimated peak fits the card.
 
-Pure functions of a :class:`ModelSpec`, the job's settings and the card's memory (GiB). Plans,
-cheapest (fastest) first: bf16 base without gradient checkpointing, bf16 with it, NF4 without,
-NF4 with. A plan fits when ``peak * (1 + MARGIN) + RESERVE_GIB <= card``: the margin covers the
-allocator's fragmentation and what the estimate leaves out (autocast's fp32 copies, cuBLAS
-workspaces); the reserve the CUDA context. A job's explicit ``gradient_checkpointing`` or
-``quantize_base`` restricts the plans to that value; when no plan fits, :class:`InputError`
-names the estimate, the card and the smallest card (or option) that would fit.
+Pure functions of a :class:`ModelSpec`, the job's settings and the card's memory (GiB). A plan
+sets three things: gradient checkpointing, the frozen base in bf16 or NF4, and ``cpu_offload``
+(the text encoders, the VAE and the caches on the CPU, on the device only while they run:
+:mod:`services.gpu.placement`). Plans, cheapest (fastest) first: the base in bf16 before NF4
+(NF4 dequantizes every matmul and is lossy); within each, checkpointing off before on (it
+recomputes every block: about 30 % of each step); within each, every component resident before
+``cpu_offload`` (a few seconds of transfers per job). A plan fits when
+``peak * (1 + MARGIN) + RESERVE_GIB <= card``: the margin covers the allocator's fragmentation
+and what the estimate leaves out (autocast's fp32 copies, cuBLAS workspaces); the reserve the
+CUDA context. A job's explicit ``gradient_checkpointing``, ``quantize_base`` or ``cpu_offload``
+restricts the plans to that value; when no plan fits, :class:`InputError` names the estimate,
+the card and the smallest card (or the option) that would fit.
 
-The peak is the largest of the job's phases, as the trainer runs them today: ``setup`` (the
-whole pipeline on the GPU, the VAE encoding one image at a time, the caches),
-``training`` (the denoiser, the LoRA with its gradient and AdamW state, the caches, the kept
-activations and the backward's buffers; the encoders on the CPU once everything is cached) and
-``sampling`` (the encoders back beside the trained LoRA to render sample prompts).
+The peak is the largest of the job's phases, as the trainer runs them:
+
+- ``setup``: the caches being filled. Resident: the whole pipeline, the VAE encoding one image
+  at a time, the caches. Offloaded: the text encoders, then the VAE, alone on the device (a bf16
+  denoiser waits on the CPU; an NF4 one stays), the caches on the CPU.
+- ``training``: the denoiser, the LoRA with its gradient and AdamW state, the caches (resident),
+  the kept activations and the backward's buffers; the encoders leave the device once everything
+  is cached.
+- ``sampling``: the denoiser and the LoRA, one encoder at a time and one forward's transient.
 """
 
 from __future__ import annotations
@@ -26,10 +35,13 @@ from services.gpu.memory.specs import ModelSpec
 
 MARGIN = 0.10
 RESERVE_GIB = 1.0
-CARDS_GB = (24, 48, 80, 141)  # what RunPod rents: RTX 4090 / L4, A6000 / L40S, A100 / H100, H200
+CARDS_GB = (24, 32, 48, 80, 141)  # what RunPod rents: RTX 4090 / L4, RTX 5090, A6000 / L40S, A100 / H100, H200
 VAE_ENCODE_PER_PIXEL = 768.0  # one image (VAE slicing), 128 channels, 3 live tensors, bf16: to measure
 WEIGHT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-PLANS = ((False, "none"), (True, "none"), (False, "nf4"), (True, "nf4"))
+# (gradient_checkpointing, quantize_base, cpu_offload), cheapest first (see the module docstring)
+PLANS = tuple((c, q, o) for q in ("none", "nf4") for c in (False, True) for o in (False, True))
+GENERATION_PLANS = tuple((q, o) for q in ("none", "nf4") for o in (False, True))
+SETTINGS = ("gradient_checkpointing", "quantize_base", "cpu_offload")
 
 
 @dataclass(frozen=True)
@@ -51,20 +63,28 @@ class TrainJob:
 
 @dataclass(frozen=True)
 class Plan:
-    """The chosen settings, the estimated peak and each phase (GiB), and the card."""
+    """The chosen settings, the estimated peak and each phase (GiB), and the card.
+
+    ``chosen``: the settings the plan chose, with their values (those the job left open);
+    ``gradient_checkpointing`` is None for generation."""
 
     gradient_checkpointing: bool | None
     quantize_base: str
+    cpu_offload: bool
     peak_gib: float
     needed_gib: float
     card_gib: float
     phases: dict[str, float] = field(default_factory=dict)
-    chosen: list[str] = field(default_factory=list)  # the settings the plan chose (not the input)
+    chosen: dict[str, Any] = field(default_factory=dict)
     model: str = ""
 
     @property
     def fits(self) -> bool:
         return self.needed_gib <= self.card_gib
+
+    def settings(self) -> str:
+        parts = [] if self.gradient_checkpointing is None else [f"gradient_checkpointing {self.gradient_checkpointing}"]
+        return ", ".join([*parts, f"quantize_base {self.quantize_base}", f"cpu_offload {self.cpu_offload}"])
 
     def metrics(self) -> dict[str, Any]:
         data = asdict(self)
@@ -83,86 +103,139 @@ def _caches(spec: ModelSpec, job: TrainJob) -> float:
     return (latents + text) * job.images
 
 
-def train_phases(spec: ModelSpec, job: TrainJob, checkpointing: bool, quantize: str) -> dict[str, float]:
+def train_phases(
+    spec: ModelSpec, job: TrainJob, checkpointing: bool, quantize: str, offload: bool = False
+) -> dict[str, float]:
     """Bytes of each phase of the job under one plan."""
     weight = WEIGHT_BYTES[job.precision]
     denoiser = spec.denoiser_params * (NF4_BYTES if quantize == "nf4" else weight)
-    encoders = spec.encoder_params * weight
+    text, largest_text = spec.text_encoder_params * weight, spec.largest_text_encoder * weight
+    vae = spec.vae_params * weight
+    vae_run = vae + VAE_ENCODE_PER_PIXEL * job.height * job.width
     targets = job.targets or spec.default_targets
     lora = spec.lora_per_rank.get(targets, max(spec.lora_per_rank.values(), default=0)) * job.rank * LORA_BYTES
-    caches = _caches(spec, job)
-    vae = VAE_ENCODE_PER_PIXEL * job.height * job.width
+    caches = 0.0 if offload else _caches(spec, job)
     model = blocks(spec, job.height, job.width)
     kept = activation_bytes(spec, job.height, job.width, job.batch, checkpointing, job.precision)
-    offloaded = job.cache_latents and job.cache_text
-    phases = {
-        "setup": denoiser + encoders + caches + vae,
-        "training": denoiser + (0 if offloaded else encoders) + lora + caches + kept + model.backward * job.batch,
-    }
+    step = kept + model.backward * job.batch
+    cached = job.cache_latents and job.cache_text
+    # what encodes during a step when something is not cached
+    encoding = (0.0 if job.cache_text else text) + (0.0 if job.cache_latents else vae_run)
+    if offload:
+        setup = (denoiser if quantize == "nf4" else 0.0) + max(text, vae_run)
+        training = denoiser + lora + max(step, max(largest_text, vae_run) if not cached else 0.0)
+    else:
+        setup = denoiser + text + vae_run + caches
+        training = denoiser + lora + caches + step + encoding
+    phases = {"setup": setup, "training": training}
     if job.samples:
-        phases["sampling"] = denoiser + encoders + lora + caches + inference_bytes(spec, job.height, job.width, 1)
+        encoders = max(largest_text, vae) if (offload or cached) else text + vae
+        phases["sampling"] = denoiser + lora + caches + encoders + inference_bytes(spec, job.height, job.width, 1)
     return phases
 
 
-def _plan(spec: ModelSpec, job: TrainJob, card: float, ckpt: bool, quant: str, chosen: list[str]) -> Plan:
-    phases = {k: round(v / GIB, 2) for k, v in train_phases(spec, job, ckpt, quant).items()}
-    peak = max(phases.values())
-    return Plan(ckpt, quant, peak, round(needed(peak), 2), round(card, 2), phases, chosen, spec.name)
+def _plan(phases: dict[str, float], settings: tuple[Any, ...], card: float, chosen: dict[str, Any], model: str) -> Plan:
+    gib = {k: round(v / GIB, 2) for k, v in phases.items()}
+    peak = max(gib.values())
+    ckpt, quant, offload = settings
+    return Plan(ckpt, quant, offload, peak, round(needed(peak), 2), round(card, 2), gib, chosen, model)
 
 
-def plan_training(
-    spec: ModelSpec, job: TrainJob, card_gib: float, checkpointing: bool | None = None, quantize: str | None = None
-) -> Plan:
-    """The cheapest plan that fits ``card_gib``; explicit settings restrict the choice.
-    Raises :class:`InputError` when none fits."""
-    chosen = [
-        name
-        for name, value in (("gradient_checkpointing", checkpointing), ("quantize_base", quantize))
-        if value is None
-    ]
-    allowed = [
-        (c, q)
-        for c, q in PLANS
-        if (checkpointing is None or c == checkpointing)
-        and (quantize is None or q == quantize)
-        and not (q == "nf4" and job.adapter)
-    ]
-    plans = [_plan(spec, job, card_gib, c, q, chosen) for c, q in allowed]
+def _choose(plans: list[Plan], card: float, what: str, free: list[Plan]) -> Plan:
+    """The first plan that fits, else :class:`InputError` naming the smallest plan, and what would
+    fit: the plan without the job's explicit settings (``free``), else the smallest card."""
+    if not plans:
+        raise InputError(f"input: no memory plan has these settings for {what}")
     for plan in plans:
         if plan.fits:
             return plan
-    raise InputError(_refusal(spec, job, card_gib, plans, checkpointing, quantize))
-
-
-def _refusal(
-    spec: ModelSpec, job: TrainJob, card: float, plans: list[Plan], ckpt: bool | None, quant: str | None
-) -> str:
     smallest = min(plans, key=lambda p: p.needed_gib)
-    what = f"train_lora of {spec.name} at {job.width}x{job.height}, batch {job.batch}, rank {job.rank}"
-    setting = f"gradient_checkpointing {smallest.gradient_checkpointing}, quantize_base {smallest.quantize_base}"
     text = (
-        f"input.base_model: {what} does not fit this GPU: its smallest plan ({setting}) peaks at about "
-        f"{smallest.peak_gib:.1f} GiB and needs {smallest.needed_gib:.1f} GiB with the margin; the card has "
+        f"input.base_model: {what} does not fit this GPU: its smallest plan ({smallest.settings()}) peaks at "
+        f"about {smallest.peak_gib:.1f} GiB and needs {smallest.needed_gib:.1f} GiB with the margin; the card has "
         f"{card:.1f} GiB. "
     )
-    if ckpt is not None or quant is not None:
-        free = [
-            p for c, q in PLANS if (p := _plan(spec, job, card, c, q, [])).fits and not (q == "nf4" and job.adapter)
-        ]
-        if free:
-            return text + (
-                f"Without the explicit setting it fits this card with gradient_checkpointing "
-                f"{free[0].gradient_checkpointing} and quantize_base {free[0].quantize_base}"
-            )
+    fitting = [p for p in free if p.fits]
+    if fitting:
+        raise InputError(text + f"Without the explicit setting it fits this card with {fitting[0].settings()}")
+    smallest = min([*plans, *free], key=lambda p: p.needed_gib)
     cards = [gb for gb in CARDS_GB if smallest.needed_gib <= gb]
     if cards:
-        return text + f"The smallest card that fits it: {cards[0]} GB"
-    return text + "No rented card fits it: lower resolution or batch_size"
+        raise InputError(text + f"The smallest card that fits it: {cards[0]} GB, with {smallest.settings()}")
+    raise InputError(text + "No rented card fits it: lower the resolution or batch_size")
 
 
-def plan_generation(spec: ModelSpec, height: int, width: int, images: int, card_gib: float) -> Plan:
-    """Generation: the whole pipeline in bf16, one forward's and the VAE decode's transient."""
-    weights = (spec.denoiser_params + spec.encoder_params) * WEIGHT_BYTES["bf16"]
-    run = weights + inference_bytes(spec, height, width, images)
-    peak = round(run / GIB, 2)
-    return Plan(None, "none", peak, round(needed(peak), 2), round(card_gib, 2), {"generation": peak}, [], spec.name)
+def _explicit(values: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """The settings left open, and a test of a plan's settings against the explicit ones."""
+    open_ = {name: None for name, value in values.items() if value is None}
+
+    def allowed(settings: dict[str, Any]) -> bool:
+        return all(value is None or settings[name] == value for name, value in values.items())
+
+    return open_, allowed
+
+
+def plan_training(
+    spec: ModelSpec,
+    job: TrainJob,
+    card_gib: float,
+    checkpointing: bool | None = None,
+    quantize: str | None = None,
+    offload: bool | None = None,
+) -> Plan:
+    """The cheapest plan that fits ``card_gib``; explicit settings restrict the choice.
+    Raises :class:`InputError` when none fits."""
+    open_, allowed = _explicit(
+        {"gradient_checkpointing": checkpointing, "quantize_base": quantize, "cpu_offload": offload}
+    )
+    every, plans = [], []
+    for settings in PLANS:
+        named = dict(zip(SETTINGS, settings, strict=True))
+        if settings[1] == "nf4" and job.adapter:
+            continue  # a training adapter is merged into the base weights: not into NF4 ones
+        chosen = {name: named[name] for name in open_}
+        plan = _plan(train_phases(spec, job, *settings), settings, card_gib, chosen, spec.name)
+        every.append(plan)
+        if allowed(named):
+            plans.append(plan)
+    what = f"train_lora of {spec.name} at {job.width}x{job.height}, batch {job.batch}, rank {job.rank}"
+    return _choose(plans, card_gib, what, every if len(open_) < len(SETTINGS) else [])
+
+
+def generation_bytes(spec: ModelSpec, height: int, width: int, images: int, quantize: str, offload: bool) -> float:
+    """The generation's peak: the denoiser, the encoders (all, or the largest while it runs),
+    one forward's and the VAE decode's transient."""
+    weight = WEIGHT_BYTES["bf16"]
+    denoiser = spec.denoiser_params * (NF4_BYTES if quantize == "nf4" else weight)
+    text, largest, vae = (
+        spec.text_encoder_params * weight,
+        spec.largest_text_encoder * weight,
+        spec.vae_params * weight,
+    )
+    encoders = max(largest, vae) if offload else text + vae
+    return denoiser + encoders + inference_bytes(spec, height, width, images)
+
+
+def plan_generation(
+    spec: ModelSpec,
+    height: int,
+    width: int,
+    images: int,
+    card_gib: float,
+    quantize: str | None = None,
+    offload: bool | None = None,
+) -> Plan:
+    """The cheapest generation plan that fits ``card_gib`` (bf16 before NF4, resident before
+    ``cpu_offload``); explicit settings restrict the choice. Raises :class:`InputError` when none fits."""
+    open_, allowed = _explicit({"quantize_base": quantize, "cpu_offload": offload})
+    every, plans = [], []
+    for quant, off in GENERATION_PLANS:
+        named = {"quantize_base": quant, "cpu_offload": off}
+        chosen = {name: named[name] for name in open_}
+        phases = {"generation": generation_bytes(spec, height, width, images, quant, off)}
+        plan = _plan(phases, (None, quant, off), card_gib, chosen, spec.name)
+        every.append(plan)
+        if allowed(named):
+            plans.append(plan)
+    what = f"generate of {spec.name} at {width}x{height}, {images} image(s)"
+    return _choose(plans, card_gib, what, every if len(open_) < 2 else [])

@@ -49,7 +49,20 @@ class ModelSpec:
 
     @property
     def encoder_params(self) -> int:
+        """The text encoders and the VAE."""
         return sum(n for name, n in self.components.items() if name != self.denoiser)
+
+    @property
+    def vae_params(self) -> int:
+        return self.components.get("vae", 0)
+
+    @property
+    def text_encoder_params(self) -> int:
+        return self.encoder_params - self.vae_params
+
+    @property
+    def largest_text_encoder(self) -> int:
+        return max((n for name, n in self.components.items() if name not in (self.denoiser, "vae")), default=0)
 
 
 def _known(key: str, family: str, counts: dict[str, int], lora: dict[str, int], **extra: Any) -> ModelSpec:

@@ -237,6 +237,7 @@ def _finish(run: PreparedRun, trained: _Trained, stop: StopSignal | None) -> Tra
         trained.buckets,
         params.quantize_base,
     )
+    metrics["cpu_offload"] = bool(params.cpu_offload)
     metrics["memory_plan"] = run.memory_plan.metrics() if run.memory_plan is not None else None
     if cfg.compile:
         warmup = trained.stats.first_step_seconds

@@ -83,6 +83,7 @@ def prepare_run(
     precision = resolve_precision(params.mixed_precision, device)
     quantize = params.quantize_base == "nf4"
     entry = models.load_pipeline(model, settings, torch_dtype(precision), device, quantize=quantize)
+    entry.placement.set_offload(bool(params.cpu_offload))  # the plan's (services.gpu.placement)
     family = trainable(entry.family, entry.pipe)
     family.check_precision(precision)
     formats = export_formats(params, family)

@@ -113,6 +113,15 @@ def encode_latent_dist(vae: Any, pixels: torch.Tensor) -> tuple[torch.Tensor, to
     return torch.cat(means), torch.cat(stds)
 
 
+def on_device(value: Any, device: torch.device) -> Any:
+    """``value`` (a tensor, or a dict or list of them) on ``device``."""
+    if isinstance(value, dict):
+        return {key: on_device(item, device) for key, item in value.items()}
+    if isinstance(value, list):
+        return [on_device(item, device) for item in value]
+    return value.to(device) if hasattr(value, "to") else value
+
+
 def _by_size(images: Sequence[Image.Image]) -> dict[tuple[int, int], list[int]]:
     groups: dict[tuple[int, int], list[int]] = {}
     for index, image in enumerate(images):
@@ -136,7 +145,7 @@ class LoraTrainer:
         self.device = self.denoiser.device
         self._attached = False
         self._checkpointing = False
-        self._offloaded: list[str] = []
+        self._offload_at_rest = entry.placement.offloaded  # the cached pipeline's placement, restored at close
         self.losses: LossLog | None = None  # set by run_steps
         # Data-parallel (services.gpu.train.distributed): this rank's rows of each planned batch, and the
         # all-reduce of the gradients and the loss after each step's backward passes.
@@ -146,15 +155,41 @@ class LoraTrainer:
     # setup
 
     def setup(self, images: Sequence[Image.Image], captions: Sequence[str], stop: StopSignal | None = None) -> None:
-        """Attach the adapter, build the optimizer, the batch plan and the latent / text caches.
+        """Fill the latent / text caches, then attach the adapter and build the optimizer and the
+        batch plan.
 
         ``images`` are already at their bucket's size; each batch holds one size. ``stop`` is
-        checked between chunks of captions while they are encoded.
+        checked between chunks of captions while they are encoded. Under the plan's
+        ``cpu_offload`` the denoiser (unless NF4) waits on the CPU while the encoders run, and the
+        caches live on the CPU; with everything cached the encoders leave the device for the loop.
         """
         import torch
         from peft import LoraConfig
 
-        cfg, denoiser = self.cfg, self.denoiser
+        cfg, denoiser, placement = self.cfg, self.denoiser, self.entry.placement
+        self.plan = BatchPlan.draw(
+            [image.size for image in images],
+            cfg.batch_size * cfg.world_size,
+            cfg.steps * cfg.gradient_accumulation,
+            cfg.seed,
+        )
+        self.variants = CaptionVariants.build(
+            captions, cfg.caption_dropout, cfg.shuffle_caption, cfg.keep_tokens, cfg.seed
+        )
+        self.pixels = [pixel_tensor([image])[0] for image in images]
+        self.latent_dist: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.text: list[dict[str, Any]] | None = None
+        cache_device = torch.device("cpu") if placement.offloaded else self.device
+        caching = cfg.cache_latents or cfg.cache_text_embeddings
+        with placement.denoiser_parked(caching and placement.offloaded and not self.entry.quantized):
+            if cfg.cache_latents:
+                self.latent_dist = self._encode_latents(images, cache_device)
+                self.pixels = []
+            if cfg.cache_text_embeddings:
+                self.text = self._encode_captions(self.variants.texts, stop, cache_device)
+        if cfg.cache_latents and cfg.cache_text_embeddings:
+            placement.set_offload(True)  # nothing encodes in the loop: the encoders wait on the CPU
+
         suffixes = list(cfg.targets) or self.family.target_modules("attention")
         targets = self.family.lora_module_names(denoiser, suffixes)
         config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian", target_modules=targets)
@@ -180,46 +215,34 @@ class LoraTrainer:
         self.schedule = self.family.schedule(self.pipe, self.device)
         self.schedule.use_sampling(cfg.timestep_sampling or self.family.defaults.timestep_sampling)
         self.noise_generator = torch.Generator(self.device).manual_seed(cfg.seed)
-        self.plan = BatchPlan.draw(
-            [image.size for image in images],
-            cfg.batch_size * cfg.world_size,
-            cfg.steps * cfg.gradient_accumulation,
-            cfg.seed,
-        )
 
-        self.pixels = [pixel_tensor([image])[0] for image in images]
-        self.latent_dist: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-        if cfg.cache_latents:
-            self.latent_dist = [None] * len(images)  # type: ignore[list-item]
-            for indices in _by_size(images).values():
-                mean, std = encode_latent_dist(self.pipe.vae, torch.stack([self.pixels[i] for i in indices]))
-                for row, index in enumerate(indices):
-                    self.latent_dist[index] = (mean[row], std[row])
-            self.pixels = []
-        self.variants = CaptionVariants.build(
-            captions, cfg.caption_dropout, cfg.shuffle_caption, cfg.keep_tokens, cfg.seed
-        )
-        self.text = self._encode_captions(self.variants.texts, stop) if cfg.cache_text_embeddings else None
-        if cfg.cache_latents and cfg.cache_text_embeddings and cuda:
-            self._offload_encoders()
-
-    def _encode_captions(self, captions: list[str], stop: StopSignal | None) -> list[dict[str, Any]]:
-        """Encode in chunks of ``ENCODE_CHUNK`` (bounded memory), checking ``stop`` between them."""
-        encoded: list[dict[str, Any]] = []
-        for start in range(0, len(captions), ENCODE_CHUNK):
-            if stop is not None:
-                stop.check(f"train_lora encoding captions ({start} of {len(captions)} done)")
-            encoded += self.family.encode_text(self.pipe, captions[start : start + ENCODE_CHUNK])
-        return encoded
-
-    def _offload_encoders(self) -> None:
-        """Move the text encoders and the VAE to the CPU for the loop (back in :meth:`close`)."""
+    def _encode_latents(
+        self, images: Sequence[Image.Image], cache_device: torch.device
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each image's latent distribution (mean, std), encoded one size at a time."""
         import torch
 
-        for name in self.family.encoder_modules(self.pipe):
-            getattr(self.pipe, name).to("cpu")
-            self._offloaded.append(name)
-        torch.cuda.empty_cache()
+        latent_dist: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(images)  # type: ignore[list-item]
+        with self.entry.placement.holding(["vae"]):
+            for indices in _by_size(images).values():
+                mean, std = encode_latent_dist(self.pipe.vae, torch.stack([self.pixels[i] for i in indices]))
+                mean, std = mean.to(cache_device), std.to(cache_device)
+                for row, index in enumerate(indices):
+                    latent_dist[index] = (mean[row], std[row])
+        return latent_dist
+
+    def _encode_captions(
+        self, captions: list[str], stop: StopSignal | None, cache_device: torch.device
+    ) -> list[dict[str, Any]]:
+        """Encode in chunks of ``ENCODE_CHUNK`` (bounded memory), checking ``stop`` between them."""
+        encoded: list[dict[str, Any]] = []
+        with self.entry.placement.holding(self.family.text_encoders):
+            for start in range(0, len(captions), ENCODE_CHUNK):
+                if stop is not None:
+                    stop.check(f"train_lora encoding captions ({start} of {len(captions)} done)")
+                chunk = self.family.encode_text(self.pipe, captions[start : start + ENCODE_CHUNK])
+                encoded += [on_device(item, cache_device) for item in chunk]
+        return encoded
 
     # one optimizer step
 
@@ -227,17 +250,18 @@ class LoraTrainer:
         import torch
 
         if self.latent_dist is not None:
-            mean = torch.stack([self.latent_dist[i][0] for i in index])
-            std = torch.stack([self.latent_dist[i][1] for i in index])
+            mean = torch.stack([self.latent_dist[i][0] for i in index]).to(self.device)
+            std = torch.stack([self.latent_dist[i][1] for i in index]).to(self.device)
         else:
-            mean, std = encode_latent_dist(self.pipe.vae, torch.stack([self.pixels[i] for i in index]))
+            with self.entry.placement.holding(["vae"]):
+                mean, std = encode_latent_dist(self.pipe.vae, torch.stack([self.pixels[i] for i in index]))
         sample = mean + std * torch.randn(mean.shape, generator=self.noise_generator, device=self.device)
         return self.family.to_model_latents(self.pipe, sample)
 
     def _text(self, index: list[int]) -> dict[str, Any]:
         chosen = self.variants.choose(index, self.plan.cursor)[self.rows]
         if self.text is not None:
-            return self.family.collate_text([self.text[t] for t in chosen])
+            return on_device(self.family.collate_text([self.text[t] for t in chosen]), self.device)
         texts = [self.variants.texts[t] for t in chosen]
         return self.family.collate_text(self.family.encode_text(self.pipe, texts))
 
@@ -313,8 +337,9 @@ class LoraTrainer:
 
     @contextmanager
     def sampling(self) -> Iterator[None]:
-        """For rendering samples mid-run with the training adapter: the encoders on the device,
-        and every torch RNG forked (sampling draws none of training's).
+        """For rendering samples mid-run with the training adapter: every torch RNG forked
+        (sampling draws none of training's). The encoders come to the device while they run
+        (:mod:`services.gpu.placement`).
 
         No autocast: the pipeline runs in its own dtype as ``generate`` does (peft casts into and
         out of the fp32 LoRA layers), so a snapshot's samples match the final ones, and an fp16
@@ -324,13 +349,7 @@ class LoraTrainer:
 
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), torch.no_grad():
-            for name in self._offloaded:
-                getattr(self.pipe, name).to(self.device)
-            try:
-                yield
-            finally:
-                for name in self._offloaded:
-                    getattr(self.pipe, name).to("cpu")
+            yield
 
     # results and teardown
 
@@ -358,9 +377,7 @@ class LoraTrainer:
         self.params, self.named_params = [], {}
         self.scaler = None
         try:
-            for name in self._offloaded:
-                getattr(self.pipe, name).to(self.device)
-            self._offloaded = []
+            self.entry.placement.set_offload(self._offload_at_rest)
             if self._attached and getattr(self.denoiser, "peft_config", None):
                 self.denoiser.unload_lora()
             if self._checkpointing:

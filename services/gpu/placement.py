@@ -1,0 +1,147 @@
+"""Where a cached pipeline's components live while it works: the memory plan's ``cpu_offload``.
+
+Resident (the default): every component on the device. Offloaded: the text encoders and the
+VAE wait on the CPU and come to the device only while they run: a text encoder for its forward,
+the VAE from its ``encode``/``decode`` call until :meth:`Placement.release` (the end of a
+pipeline call, or of the trainer's caching). The denoiser stays on the device, and is never
+hooked: ``torch.compile``, peft and the optimizer see a plain module.
+
+The moves are accelerate hooks, the mechanism of diffusers' own ``enable_model_cpu_offload``: a
+hooked component reports the device it runs on, so a pipeline's ``_execution_device`` is the GPU
+while its first component waits on the CPU, and diffusers' ``apply_forward_hook`` triggers the
+VAE's on ``encode`` and ``decode``. :attr:`Placement.resident` is the placement's own record of
+what is on the device (what the tests and the logs read, on a CPU as on a GPU).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+PARK_DEVICE = "cpu"
+
+
+class _OnDeviceWhileRunning(ModelHook):
+    """Brings one parked component to the device before it runs; a text encoder leaves again
+    after its forward (unless held), the VAE at :meth:`Placement.release`."""
+
+    def __init__(self, placement: Placement, name: str) -> None:
+        super().__init__()
+        self.placement = placement
+        self.name = name
+        self.execution_device = placement.device  # what diffusers' _execution_device reads
+
+    def pre_forward(self, module: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        self.placement.bring(self.name)
+        return args, kwargs
+
+    def post_forward(self, module: Any, output: Any) -> Any:
+        if self.name != "vae":
+            self.placement.drop(self.name)
+        return output
+
+
+class Placement:
+    """The components of ``pipe`` and where they are; ``offloaded`` parks all but ``denoiser``."""
+
+    def __init__(self, pipe: Any, denoiser: str, device: torch.device) -> None:
+        import torch
+
+        self.pipe = pipe
+        self.device = device
+        self.denoiser = denoiser
+        self.parkable = [
+            name
+            for name, component in pipe.components.items()
+            if isinstance(component, torch.nn.Module) and name != denoiser
+        ]
+        self.offloaded = False
+        self.resident: set[str] = {self.denoiser, *self.parkable}
+        self.moves = 0  # component moves between the CPU and the device, for the logs and tests
+        self._held: set[str] = set()
+
+    # switching
+
+    def set_offload(self, offload: bool) -> None:
+        """Park the encoders and the VAE on the CPU (hooks on) or bring them back for good."""
+        if offload == self.offloaded:
+            return
+        for name in self.parkable:
+            module = getattr(self.pipe, name)
+            if offload:
+                add_hook_to_module(module, _OnDeviceWhileRunning(self, name))
+                self._move(name, False)
+            else:
+                remove_hook_from_module(module)
+                self._move(name, True)
+        self.offloaded = offload
+        self._held.clear()
+        log.info("placement of %s: %s", type(self.pipe).__name__, self.describe())
+
+    def describe(self) -> str:
+        if not self.offloaded:
+            return "every component on the device"
+        return f"{self.denoiser} on the device; {', '.join(self.parkable)} on the CPU while they do not run"
+
+    # moves
+
+    def bring(self, name: str) -> None:
+        """``name`` to the device (a no-op when it is there)."""
+        if name not in self.resident:
+            self._move(name, True)
+
+    def drop(self, name: str) -> None:
+        """``name`` back to the CPU when offloaded and not held."""
+        if self.offloaded and name in self.resident and name != self.denoiser and name not in self._held:
+            self._move(name, False)
+
+    def release(self) -> None:
+        """Every parked component that came to the device goes back (end of a pipeline call)."""
+        for name in self.parkable:
+            self.drop(name)
+
+    @contextmanager
+    def holding(self, names: Sequence[str]) -> Iterator[None]:
+        """``names`` on the device for the whole block (many calls, one move each way)."""
+        names = [n for n in names if n in self.parkable]
+        for name in names:
+            self.bring(name)
+        self._held.update(names)
+        try:
+            yield
+        finally:
+            self._held.difference_update(names)
+            for name in names:
+                self.drop(name)
+
+    @contextmanager
+    def denoiser_parked(self, park: bool) -> Iterator[None]:
+        """With ``park``, the denoiser waits on the CPU for the block (while the encoders fill the
+        caches, so the largest encoder never sits beside it); back on the device after."""
+        if not park or self.denoiser not in self.resident:
+            yield
+            return
+        self._move(self.denoiser, False)
+        try:
+            yield
+        finally:
+            self._move(self.denoiser, True)
+
+    def _move(self, name: str, to_device: bool) -> None:
+        import torch
+
+        getattr(self.pipe, name).to(self.device if to_device else PARK_DEVICE)
+        # On a CPU worker both places are the CPU: the record still follows the plan.
+        (self.resident.add if to_device else self.resident.discard)(name)
+        self.moves += 1
+        if not to_device and self.device.type == "cuda":
+            torch.cuda.empty_cache()

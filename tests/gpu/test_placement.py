@@ -1,0 +1,163 @@
+"""``cpu_offload``: the text encoders and the VAE on the device only while they run, the denoiser
+waiting on the CPU while the training caches fill, the same pixels and losses as resident.
+
+On a CPU worker both places are the CPU, so these tests read the placement's own record of what
+is on the device (:attr:`Placement.resident`), sampled from inside each component's forward, and
+check the pipeline's execution device against a sentinel device the hooks report.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from services.gpu.families import FAMILIES, build_tiny_pipeline
+from services.gpu.generate.render import GenerationRequest, render
+from services.gpu.models import LoadedPipeline, PipelineKey, wrap_pipeline
+from services.gpu.train.dataset import fit, load_rgb
+from services.gpu.train.trainer import LoraTrainer, TrainConfig
+from tests.gpu.conftest import write_dataset
+
+pytestmark = pytest.mark.gpu
+
+BUILTINS = [family.builtin for family in FAMILIES]
+SIZE = 32
+
+
+def _entry(model: str) -> LoadedPipeline:
+    return wrap_pipeline(build_tiny_pipeline(model), PipelineKey(model, "float32", "cpu"))
+
+
+@contextmanager
+def _while_running(entry: LoadedPipeline, names: list[str]) -> Iterator[dict[str, list[set[str]]]]:
+    """For each component, the resident set seen from inside its forward (hooks on its
+    submodules run after the placement's own hook has brought the component)."""
+    seen: dict[str, list[set[str]]] = {name: [] for name in names}
+    handles = []
+    for name in names:
+        record = seen[name]
+        for child in list(getattr(entry.pipe, name).modules())[1:]:
+            hook = child.register_forward_pre_hook(lambda *_a, r=record: r.append(set(entry.placement.resident)))
+            handles.append(hook)
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("model", BUILTINS)
+def test_offloaded_pipeline_runs_on_the_device_the_hooks_report(model: str) -> None:
+    """Catches a pipeline that would run on the CPU because its first component waits there:
+    diffusers' ``_execution_device`` must be the hooks' device (a sentinel here), and the
+    denoiser must carry no hook (compile, peft and the optimizer see a plain module)."""
+    from services.gpu.placement import Placement
+
+    pipe = build_tiny_pipeline(model)
+    entry = _entry(model)
+    sentinel = torch.device("meta")
+    placement = Placement(pipe, entry.denoiser_name, sentinel)
+    placement.set_offload(True)
+    assert pipe._execution_device == sentinel
+    assert not hasattr(getattr(pipe, entry.denoiser_name), "_hf_hook")
+    assert placement.resident == {entry.denoiser_name}
+
+
+@pytest.mark.parametrize("model", BUILTINS)
+def test_generation_with_cpu_offload_renders_the_same_image_one_encoder_at_a_time(model: str) -> None:
+    """Catches offloaded generation that differs from resident generation, keeps an encoder on
+    the device beside the denoiser's steps, or leaves one there after the call."""
+    entry = _entry(model)
+    request = GenerationRequest(prompt="a red square", width=SIZE, height=SIZE, seed=3, steps=2)
+    resident = np.asarray(render(entry, request, None, compile=False)[0])
+    placement = entry.placement
+    placement.set_offload(True)
+    encoders = [n for n in placement.parkable if n != "vae"]
+    with _while_running(entry, [*encoders, entry.denoiser_name]) as seen:
+        offloaded = np.asarray(render(entry, request, None, compile=False)[0])
+    np.testing.assert_array_equal(offloaded, resident)
+    for name in encoders:
+        assert seen[name] and all(r == {entry.denoiser_name, name} for r in seen[name]), (name, seen[name])
+    assert seen[entry.denoiser_name] and all(r == {entry.denoiser_name} for r in seen[entry.denoiser_name])
+    assert placement.resident == {entry.denoiser_name}
+    placement.set_offload(False)
+    assert placement.resident == {entry.denoiser_name, *placement.parkable}
+    assert not any(hasattr(getattr(entry.pipe, n), "_hf_hook") for n in placement.parkable)
+
+
+def _losses(entry: LoadedPipeline, tmp_path: Path, steps: int = 2) -> tuple[list[float], LoraTrainer]:
+    paths = sorted(write_dataset(tmp_path, 2).glob("*.png"))
+    images = [fit(load_rgb(p), (SIZE, SIZE)) for p in paths]
+    trainer = LoraTrainer(entry, TrainConfig(steps=steps, rank=2, alpha=2.0, seed=5))
+    try:
+        trainer.setup(images, ["a red square", "a blue circle"])
+        return [float(trainer.step()) for _ in range(steps)], trainer
+    finally:
+        trainer.close()
+
+
+@pytest.mark.parametrize("model", ["builtin:tiny-flux", "builtin:tiny-sdxl"])
+def test_training_with_cpu_offload_parks_the_denoiser_while_the_caches_fill(model: str, tmp_path: Path) -> None:
+    """Catches the largest encoder (T5) filling the caches beside the denoiser, caches kept on
+    the device, a placement not restored after the run, or offloaded training that learns
+    differently: the losses equal the resident run's."""
+    resident_losses, _ = _losses(_entry(model), tmp_path / "a")
+    entry = _entry(model)
+    entry.placement.set_offload(True)
+    encoders = [n for n in entry.placement.parkable if n != "vae"]
+    with _while_running(entry, [*encoders, "vae"]) as seen:
+        losses, trainer = _losses(entry, tmp_path / "b")
+    assert losses == resident_losses
+    for name in encoders:  # the text encoders fill the caches together, the denoiser away
+        assert seen[name] and all(r == set(encoders) for r in seen[name]), (name, seen[name])
+    assert seen["vae"] == [{"vae"}] * len(seen["vae"]) and seen["vae"]
+    assert entry.placement.offloaded and entry.placement.resident == {entry.denoiser_name}
+    assert entry.placement.moves > 0
+    assert trainer.latent_dist is None  # dropped at close; during the run they lived on the CPU
+
+
+def test_cpu_offload_through_test_input_trains_samples_and_generates(tmp_path: Path) -> None:
+    """The README's ``cpu_offload`` as users reach it: a train_lora with sample prompts and a
+    generate, each with ``cpu_offload: true``, through ``rp_handler.py --test_input``."""
+    from tests.test_entrypoint import printed_result, run_worker
+
+    files = [
+        {"name": p.name, "data": base64.b64encode(p.read_bytes()).decode()}
+        for p in sorted(write_dataset(tmp_path / "d", 2).glob("*.png"))
+    ]
+    upload = {"action": "upload_training_files", "dataset": "offset", "files": files}
+    assert run_worker(tmp_path, upload).returncode == 0
+    train = {
+        "action": "train_lora",
+        "dataset": "offset",
+        "output_name": "offloaded",
+        "base_model": "builtin:tiny-zimage",
+        "steps": 2,
+        "rank": 2,
+        "cpu_offload": True,
+        "sample_prompts": ["a red square"],
+        "sample_steps": 2,
+    }
+    trained = run_worker(tmp_path, train)
+    out = printed_result(trained)
+    assert trained.returncode == 0 and "error" not in out, out
+    assert out["metrics"]["cpu_offload"] is True and [s["name"] for s in out["samples"]] == ["sample-0.png"]
+    generate = {
+        "action": "generate",
+        "prompt": "a red square",
+        "base_model": "builtin:tiny-zimage",
+        "lora": "offloaded",
+        "steps": 2,
+        "width": 32,
+        "height": 32,
+        "cpu_offload": True,
+    }
+    generated = run_worker(tmp_path, generate)
+    out = printed_result(generated)
+    assert generated.returncode == 0 and [i["name"] for i in out["images"]] == ["image-0.png"], out
