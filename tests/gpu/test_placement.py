@@ -161,3 +161,26 @@ def test_cpu_offload_through_test_input_trains_samples_and_generates(tmp_path: P
     generated = run_worker(tmp_path, generate)
     out = printed_result(generated)
     assert generated.returncode == 0 and [i["name"] for i in out["images"]] == ["image-0.png"], out
+
+
+def test_a_stop_while_the_caches_fill_leaves_the_pipeline_as_it_was(tmp_path: Path) -> None:
+    """Catches a denoiser left parked on the CPU (or encoders left hooked) when a job stops
+    while the captions encode under cpu_offload: the cached pipeline must be as it was."""
+    from services.errors import JobStopped
+    from services.job.stop import StopSignal
+
+    entry = _entry("builtin:tiny-flux")
+    paths = sorted(write_dataset(tmp_path, 2).glob("*.png"))
+    images = [fit(load_rgb(p), (SIZE, SIZE)) for p in paths]
+    stop = StopSignal()
+    stop.set("shutdown")
+    entry.placement.set_offload(True)
+    trainer = LoraTrainer(entry, TrainConfig(steps=1, rank=2))
+    with pytest.raises(JobStopped):
+        try:
+            trainer.setup(images, ["a", "b"], stop)
+        finally:
+            trainer.close()
+    assert entry.placement.offloaded and entry.placement.resident == {entry.denoiser_name}
+    entry.placement.set_offload(False)
+    assert entry.placement.resident == {entry.denoiser_name, *entry.placement.parkable}

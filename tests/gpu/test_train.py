@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from services.errors import InputError
-from services.gpu import models
+from services.gpu import compiled, models
 from services.gpu.adapters import tuner_layers
 from services.gpu.lora_files import read_metadata
 from services.gpu.params import TrainLoraInput
@@ -162,7 +162,7 @@ def test_training_compile_policy(tmp_path: Path) -> None:
     )
 
     cuda = torch.device("cuda")
-    cache = models.compile_cache_dir(gpu_settings(torchinductor_cache_dir=tmp_path))
+    cache = compiled.compile_cache_dir(gpu_settings(torchinductor_cache_dir=tmp_path))
     assert cache == tmp_path
     assert not should_compile(None, CPU, 100_000, "k", cache)  # off on the CPU unless asked
     assert should_compile(True, CPU, 1, "k", cache) and not should_compile(False, cuda, 100_000, "k", cache)

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from services.errors import InputError
-from services.gpu import models
+from services.gpu import compiled, models
 from services.gpu.adapters import fused_lora
 from services.gpu.catalog import check_pixels
 from services.gpu.encode import encode_image
@@ -158,8 +158,8 @@ def generate_images(
             lora_scale=params.lora_scale,
         )
         request = with_defaults(entry, request, settings.max_gen_steps)
-        compile = models.resolve_compile(settings.compile, device)
-        cache = models.compile_cache_dir(settings) if compile else None
+        compile = compiled.resolve_compile(settings.compile, device)
+        cache = compiled.compile_cache_dir(settings) if compile else None
         images = render(entry, request, lora_path, compile=compile, cache=cache, progress=progress, stop=stop)
     files = [encode_image(image, f"image-{i}", params.format, params.quality) for i, image in enumerate(images)]
     return GenerateResult(images=files, seed=seed, steps=request.steps, guidance_scale=request.guidance_scale)
@@ -272,7 +272,7 @@ def _denoiser(entry: LoadedPipeline, compile: bool, cache: Path | None) -> Itera
         return
     name = entry.denoiser_name
     plain = getattr(entry.pipe, name)
-    setattr(entry.pipe, name, models.compiled_denoiser(entry, cache))
+    setattr(entry.pipe, name, compiled.compiled_denoiser(entry, cache))
 
     def first_call(request: GenerationRequest) -> bool:
         shape = (request.num_images, request.width, request.height, request.guidance_scale)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from services.durable.manifest import dataset_digest, training_config_hash
 from services.errors import InputError
-from services.gpu import models
+from services.gpu import compiled, models
 from services.gpu.catalog import BUILTIN_MODELS, DEFAULT_TINY_TRAIN_STEPS, check_pixels
 from services.gpu.families import ModelFamily, trainable
 from services.gpu.families.base import TINY_NATIVE_LIMIT
@@ -91,7 +91,7 @@ def prepare_run(
     images, sources = bucketed_images(
         [e.path for e in examples], resolutions, family.bucket_step(entry.pipe), settings.max_image_pixels
     )
-    cache = models.compile_cache_dir(settings)
+    cache = compiled.compile_cache_dir(settings)
     cfg = train_config(params, model, entry, settings, precision, resolutions, device, cache)
     if world_size is None:
         from services.gpu.train.world import resolve_world_size

@@ -377,7 +377,9 @@ class LoraTrainer:
         self.params, self.named_params = [], {}
         self.scaler = None
         try:
-            self.entry.placement.set_offload(self._offload_at_rest)
+            placement = self.entry.placement
+            placement.bring(placement.denoiser)  # parked by a setup that failed while the caches filled
+            placement.set_offload(self._offload_at_rest)
             if self._attached and getattr(self.denoiser, "peft_config", None):
                 self.denoiser.unload_lora()
             if self._checkpointing:
