@@ -744,7 +744,8 @@ def flux_train_rows(
     """A LoRA step at batch 1, like for like: both sides train the recipe's 12 target modules at
     the same rank on one instance prompt, the recipe with its prompt embeddings precomputed and
     (second row) ``--cache_latents``, peaks reset after setup on both sides. Then this runner
-    with gradient checkpointing, the baseline of the NF4 row (:func:`flux_nf4_row`)."""
+    with ``cpu_offload`` (:func:`offload_row`) and with gradient checkpointing, the baseline of
+    the NF4 row (:func:`flux_nf4_row`)."""
     label = f"flux {size}px"
     images, _captions = dataset(size, count=4)
     data = (images, ["a photo of sks dog"] * len(images))  # one instance prompt, as the recipe runs
@@ -784,6 +785,7 @@ def flux_train_rows(
                 + ("latents cached on both" if "cache" in name else "recipe encodes the latents every step"),
                 planned,
             )
+    offload_row(args, clock, entry, data, train_args, precision, report)
     ckpt = run_guarded(
         report,
         f"train {label} checkpointing",
@@ -808,6 +810,60 @@ def flux_train_rows(
         estimate(
             "flux", args.tiny, size, 1, rank=args.rank, targets="attention+mlp", precision=precision, checkpointing=True
         ),
+    )
+
+
+def offload_row(
+    args: argparse.Namespace,
+    clock: Clock,
+    entry: Any,
+    data: tuple,
+    train_args: argparse.Namespace,
+    precision: str,
+    report: Report,
+) -> None:
+    """This runner resident against ``cpu_offload`` (services.gpu.placement): the setup's time
+    and peak (T5 alone on the GPU, the transformer parked) and the steps' time and peak."""
+    from services.gpu.memory.estimate import GIB
+    from services.gpu.memory.planner import TrainJob, train_phases
+
+    resident = report.results.get("train flux eager")
+    entry.placement.set_offload(True)
+    try:
+        offloaded = run_guarded(
+            report,
+            "train flux cpu_offload",
+            lambda: ours_train(
+                clock, entry, data, train_args, compile=False, precision=precision, targets=RECIPE_FLUX_TARGETS
+            ),
+        )
+    finally:
+        entry.placement.set_offload(False)
+    job = TrainJob(
+        args.size or (32 if args.tiny else 1024),
+        args.size or (32 if args.tiny else 1024),
+        rank=args.rank,
+        targets="attention+mlp",
+        precision=precision,
+        images=len(data[0]),
+    )
+    phases = {
+        "resident": train_phases(_spec("flux", args.tiny), job, False, "none", False),
+        "offload": train_phases(_spec("flux", args.tiny), job, False, "none", True),
+    }
+
+    def setup(t: Timing | None, name: str) -> str:
+        measured = "-" if t is None or t.setup_peak_gib is None else f"{t.setup_peak_gib:.1f}"
+        seconds = "-" if t is None else f"{t.setup:.1f} s"
+        return f"{name} setup {seconds}, peak {measured} GiB (est. {phases[name]['setup'] / GIB:.1f})"
+
+    report.compare(
+        f"train flux b1 r{args.rank}, ours resident vs cpu_offload",
+        resident,
+        offloaded,
+        "s/step",
+        f"{setup(resident, 'resident')}; {setup(offloaded, 'offload')}",
+        phases["offload"]["training"] / GIB,
     )
 
 
