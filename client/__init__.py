@@ -13,6 +13,7 @@ back inline (base64) or as presigned redirects. Errors the worker reports raise
         worker.upload_dataset("photos/", dataset="cats")
         worker.train("cats", "cat-lora", steps=800, trigger_word="sks")
         worker.generate("a photo of sks cat", lora="cat-lora", out_dir="out/")
+        worker.plan(base_model="black-forest-labs/FLUX.1-dev", gpu_memory_gb=24).fits   # before renting
 """
 
 from client.api import GenerateResult, TrainResult, WorkerClient
@@ -28,6 +29,7 @@ from client.errors import (
 )
 from client.files import save_output_file
 from client.hosts import HostPolicy
+from client.schema import MemoryPlan
 from client.transport import LocalTransport, RunPodTransport, Transport
 from client.uploads import UploadPlan, UploadReport, plan_upload
 
@@ -41,6 +43,7 @@ __all__ = [
     "JobInterrupted",
     "JobTimeout",
     "LocalTransport",
+    "MemoryPlan",
     "RunPodTransport",
     "TrainResult",
     "Transport",

@@ -34,7 +34,7 @@ from client.files import DEFAULT_MAX_DOWNLOAD_BYTES, save_output_file
 from client.hosts import HostPolicy, env_hosts
 from client.jobs import JobRunner, ProgressCallback
 from client.names import local_name
-from client.schema import obj, objects, optional_int, optional_text, output_file, texts
+from client.schema import MemoryPlan, memory_plan, obj, objects, optional_int, optional_text, output_file, texts
 from client.transport import DEFAULT_MAX_RESPONSE_BYTES, LocalTransport, RunPodTransport, Transport
 from client.uploading import DatasetUploader
 from client.uploads import DEFAULT_INLINE_BUDGET, DEFAULT_MAX_FILES_PER_BATCH
@@ -290,6 +290,16 @@ class WorkerClient(JobRunner, DatasetUploader):
             for sample, name in zip(samples, names, strict=True)
         ]
         return result
+
+    def plan(self, action: str = "train_lora", **params: Any) -> MemoryPlan:
+        """Ask whether a ``train_lora`` or ``generate`` job fits a card (``dry_run``; nothing is
+        loaded, trained or stored): e.g. ``plan(base_model="black-forest-labs/FLUX.1-dev",
+        gpu_memory_gb=24)``. A ``train_lora`` plan needs no dataset or output name."""
+        if action not in ("train_lora", "generate"):
+            raise ValueError(f"plan: action must be train_lora or generate, not {action!r}")
+        defaults = {"dataset": "plan", "output_name": "plan"} if action == "train_lora" else {"prompt": "plan"}
+        job = {"action": action, **defaults, **_drop_none(params), "dry_run": True}
+        return memory_plan(self.run(job), f"{action} dry run")
 
     def generate(
         self,

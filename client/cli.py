@@ -7,6 +7,7 @@
     lora-worker train --dataset cats --output-name cat-lora --steps 800 --param trigger_word=sks
     lora-worker generate --prompt "a photo of sks cat" --lora cat-lora --num-images 2 --out out/
     lora-worker get loras/cat-lora/cat-lora.safetensors --out .
+    lora-worker plan --base-model black-forest-labs/FLUX.1-dev --gpu-memory-gb 24   # will it fit?
 
 Progress bars go to stderr, results to stdout (``--json`` for machine-readable output). Ctrl-C
 (SIGINT) or a SIGTERM cancels the running job on the endpoint. A command started with SIGINT ignored (a ``&``
@@ -208,6 +209,37 @@ def cmd_generate(worker: WorkerClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(worker: WorkerClient, args: argparse.Namespace) -> int:
+    """The dry run; exit status 1 when the job does not fit the card (for scripts)."""
+    action = "generate" if args.generate else "train_lora"
+    sizes = {"width": args.width, "height": args.height} if args.generate else {"resolution": args.resolution}
+    params = {"base_model": args.base_model, "gpu_memory_gb": args.gpu_memory_gb, **sizes, **dict(args.param)}
+    answer = worker.plan(action, **params)
+    lines = [f"{action} on {'this worker' if answer.card_gib is None else f'{answer.card_gib:g} GiB'}: "]
+    if answer.plan is not None:
+        lines[0] += f"fits with {_settings(answer.plan)}"
+    else:
+        lines[0] += "no GPU to plan for (give --gpu-memory-gb)" if answer.fits is None else "does not fit"
+    if answer.message:
+        lines.append(answer.message)
+    for card, plan in answer.cards.items():
+        lines.append(f"  {card} GB: " + (_settings(plan) if plan.get("fits") else "does not fit"))
+    data = {"fits": answer.fits, "card_gib": answer.card_gib, "plan": answer.plan, "message": answer.message}
+    _emit(args, {**data, "cards": answer.cards}, lines)
+    return EXIT_FAILED if answer.fits is False else 0
+
+
+def _settings(plan: dict[str, Any]) -> str:
+    """``quantize_base nf4, gradient_checkpointing on, cpu_offload off: peak 16.8 GiB (19.5 with the margin)``"""
+    parts = []
+    for name in ("quantize_base", "gradient_checkpointing", "cpu_offload"):
+        value = plan.get(name)
+        if value is not None:
+            parts.append(f"{name} {'on' if value is True else 'off' if value is False else value}")
+    peak, needed = plan.get("peak_gib"), plan.get("needed_gib")
+    return ", ".join(parts) + f": peak {peak} GiB ({needed} with the margin)"
+
+
 COMMANDS: dict[str, Callable[[WorkerClient, argparse.Namespace], int]] = {
     "health": cmd_health,
     "upload": cmd_upload,
@@ -216,6 +248,7 @@ COMMANDS: dict[str, Callable[[WorkerClient, argparse.Namespace], int]] = {
     "rm": cmd_rm,
     "train": cmd_train,
     "generate": cmd_generate,
+    "plan": cmd_plan,
 }
 
 

@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
     )
     _generate_options(command("generate", "generate images and save them"))
+    _plan_options(
+        command("plan", "ask whether a train or generate job fits a card (nothing runs; exit status 1: it does not)")
+    )
     return parser
 
 
@@ -161,6 +164,21 @@ def _generate_options(generate: argparse.ArgumentParser) -> None:
     generate.add_argument("--format", choices=("png", "jpeg", "webp"), help="image format (default: png)")
     generate.add_argument("--out", default=".", help="folder to save the images into (default: .)")
     _param_option(generate, "generate")
+
+
+def _plan_options(plan: argparse.ArgumentParser) -> None:
+    plan.add_argument("--generate", action="store_true", help="plan a generate job (default: a train_lora job)")
+    plan.add_argument("--base-model", help="e.g. black-forest-labs/FLUX.1-dev (default: the worker's MODEL_ID)")
+    plan.add_argument(
+        "--gpu-memory-gb",
+        type=float,
+        metavar="GB",
+        help="the card to plan for, e.g. 24, 32, 48, 80, 141 (default: the worker's GPU)",
+    )
+    plan.add_argument("--resolution", type=int, help="train_lora: the training side in pixels")
+    plan.add_argument("--width", type=int, help="generate: image width in pixels")
+    plan.add_argument("--height", type=int, help="generate: image height in pixels")
+    _param_option(plan, "train_lora or generate")
 
 
 def _param_option(parser: argparse.ArgumentParser, action: str) -> None:

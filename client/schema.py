@@ -75,6 +75,37 @@ def string_map(value: Any, what: str) -> dict[str, str]:
 
 
 @dataclass(frozen=True)
+class MemoryPlan:
+    """A ``dry_run`` answer: whether the job fits the card, the plan, and every rented card's."""
+
+    fits: bool | None
+    card_gib: float | None
+    plan: dict[str, Any] | None
+    message: str
+    cards: dict[str, dict[str, Any]]
+
+
+def memory_plan(value: Any, what: str) -> MemoryPlan:
+    fields = obj(value, what)
+    if fields.get("dry_run") is not True:
+        raise BadResponse(f"{what}: not a dry-run answer (dry_run is {_shown(fields.get('dry_run'))})")
+    fits, card = fields.get("fits"), fields.get("card_gib")
+    if fits is not None and not isinstance(fits, bool):
+        raise BadResponse(f"{what}.fits: expected true, false or null, got {_shown(fits)}")
+    if card is not None and (not isinstance(card, int | float) or isinstance(card, bool)):
+        raise BadResponse(f"{what}.card_gib: expected a number, got {_shown(card)}")
+    plan = fields.get("plan")
+    cards = obj(fields.get("cards") or {}, f"{what}.cards")
+    return MemoryPlan(
+        fits=fits,
+        card_gib=card,
+        plan=None if plan is None else obj(plan, f"{what}.plan"),
+        message=optional_text(fields.get("message"), f"{what}.message") or "",
+        cards={name: obj(card_plan, f"{what}.cards.{name}") for name, card_plan in cards.items()},
+    )
+
+
+@dataclass(frozen=True)
 class OutputFile:
     """One output file: ``{"type": "base64", "data"}`` or ``{"type": "redirect", "url"}``."""
 

@@ -140,7 +140,7 @@ def test_every_option_has_help() -> None:
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             parsers += list(action.choices.values())
-    assert len(parsers) == 8
+    assert len(parsers) == 9
     for each in parsers:
         for action in each._actions:
             if action.dest != "command":
@@ -560,6 +560,39 @@ def test_the_command_against_the_workers_local_api(
     assert "generate finished [" in generate.stderr  # the spinner: the local API shows no steps
     assert (tmp_path / "5-image-0.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Traceback" not in upload.stderr + listing.stderr + generate.stderr
+
+
+def test_plan_asks_the_worker_whether_a_job_fits_a_card(
+    lora_worker: Path, local_api: tuple[str, Path], tmp_path: Path
+) -> None:
+    """The README's "will it fit?" from the command line, against the real worker (a CPU one:
+    the plan comes from the model's configs): FLUX.1-dev LoRA training fits 24 GB in NF4; bf16
+    asked explicitly does not (exit status 1, the message names what would fit); generation
+    plans too. Nothing is stored."""
+    base, storage = local_api
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith(CONFIG_PREFIXES)}
+    env.pop("PYTHONPATH", None)
+    flux = ("--base-model", "black-forest-labs/FLUX.1-dev", "--gpu-memory-gb", "24")
+
+    def command(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(lora_worker), "--local", base, "plan", *flux, *args],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+
+    fits, refused, generate = command(), command("--param", "quantize_base=none"), command("--generate", "--json")
+    assert fits.returncode == 0, fits.stderr
+    assert fits.stdout.startswith("train_lora on 24 GiB: fits with quantize_base nf4, gradient_checkpointing on")
+    assert "  48 GB: quantize_base none, gradient_checkpointing on, cpu_offload off" in fits.stdout
+    assert refused.returncode == 1, refused.stderr
+    assert "does not fit" in refused.stdout and "fits this card with gradient_checkpointing True" in refused.stdout
+    assert generate.returncode == 0 and json.loads(generate.stdout)["plan"]["quantize_base"] == "nf4"
+    assert not (storage / "loras" / "plan").exists()
 
 
 def test_rm_deletes_a_lora_and_exits_1_when_a_key_failed(lora_worker: Path, tmp_path: Path) -> None:

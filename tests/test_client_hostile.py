@@ -230,6 +230,26 @@ def test_hostile_train_and_get_file_results_are_refused(tmp_path: Path) -> None:
     assert tree(tmp_path) == {"out"}
 
 
+def test_malformed_dry_run_answers_are_refused() -> None:
+    """Catches a plan answer that is not a dry run (a job that ran), or fields of the wrong type,
+    reaching the caller as a plan instead of a ClientError."""
+    outputs = [
+        {"dry_run": False, "fits": True},  # the worker ran the job instead
+        {"fits": True},
+        {"dry_run": True, "fits": "yes"},
+        {"dry_run": True, "fits": True, "card_gib": "24"},
+        {"dry_run": True, "fits": True, "plan": [1]},
+        {"dry_run": True, "fits": False, "message": 7},
+        {"dry_run": True, "fits": True, "cards": {"24": "fits"}},
+        "not an object",
+    ]
+    with FakeEndpoint([completed(output) for output in outputs]) as fake, client_for(fake) as worker:
+        for output in outputs:
+            with pytest.raises(BadResponse):
+                worker.plan(base_model="black-forest-labs/FLUX.1-dev", gpu_memory_gb=24)
+            assert fake.runs[-1]["dry_run"] is True, output
+
+
 def test_malformed_presign_answers_fail_the_files_not_the_client(tmp_path: Path, storage: Storage) -> None:
     """Catches ``uploads`` as strings or ``headers`` as a list crashing the upload, and a PUT to a
     host that is not allowed."""
