@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DRY_RUN_IMAGES = 100  # images (and captions) a dry run assumes in the caches
+_SPECS: dict[tuple[str, float], ModelSpec] = {}  # described models: (folder or builtin, index mtime)
 
 
 def spec_for(model: str, settings: Settings) -> ModelSpec:
@@ -42,9 +43,16 @@ def spec_for(model: str, settings: Settings) -> ModelSpec:
         )
     targets = {name: family.target_modules(name) for name in family.lora_targets}
     if model in BUILTIN_MODELS:
-        return _builtin_spec(model, family.name, targets)
+        key: tuple[str, float] = (model, 0.0)
+        if key not in _SPECS:
+            _SPECS[key] = _builtin_spec(model, family.name, targets)
+        return _SPECS[key]
     folder = Path(model) if model.startswith("/") else _cached_folder(model, settings)
-    return spec_of_directory(folder, family.name, targets)
+    index = folder / "model_index.json"
+    key = (str(folder.resolve()), index.stat().st_mtime if index.is_file() else 0.0)
+    if key not in _SPECS:  # every generate job plans: describe a model once (its configs on meta)
+        _SPECS[key] = spec_of_directory(folder, family.name, targets)
+    return _SPECS[key]
 
 
 def _cached_folder(repo_id: str, settings: Settings) -> Path:
