@@ -28,17 +28,19 @@ class MemoryPlanResult(BaseModel):
     )
     message: str = Field("", description="Why the job does not fit, and the smallest card or option that would.")
     cards: dict[str, Any] = Field(
-        default_factory=dict, description="The plan (or the refusal) on each rented card size: 24, 48, 80, 141 GB."
+        default_factory=dict,
+        description="The plan (or the refusal) on each rented card class: 24, 32, 48, 80, 141 GB, each at the "
+        "usable memory of its smaller card (L4 22.5, RTX 5090 31.8, L40S 45.0, H100 79.6, H200 140.4 GiB).",
     )
 
 
 def _answer(plan_of: Any, request: Any, model: str) -> MemoryPlanResult:
-    from services.gpu.memory.planner import CARDS_GB
+    from services.gpu.memory.planner import CARDS
 
     cards: dict[str, Any] = {}
-    for gb in CARDS_GB:
+    for gb, capacity in CARDS.items():
         try:
-            cards[str(gb)] = plan_of(request.model_copy(update={"gpu_memory_gb": gb})).metrics()
+            cards[str(gb)] = plan_of(request.model_copy(update={"gpu_memory_gb": capacity})).metrics()
         except InputError as exc:
             cards[str(gb)] = {"fits": False, "message": str(exc)}
     try:

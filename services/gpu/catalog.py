@@ -14,6 +14,7 @@ BUILTIN_MODELS: tuple[str, ...] = tuple(
     name for family in FAMILIES for name in (family.builtin, *family.builtin_variants)
 )
 DEFAULT_TINY_TRAIN_STEPS = 100  # the builtin models train in seconds on a CPU
+SHUFFLE_VARIANTS = 8  # shuffle_caption: fixed tag orders per caption, each encoded once and cached
 
 # RunPod mounts its cached models here (REFERENCE.md, "RunPod SDK").
 RUNPOD_HF_CACHE = Path("/runpod-volume/huggingface-cache/hub")

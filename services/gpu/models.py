@@ -242,7 +242,7 @@ def wrap_pipeline(pipe: DiffusionPipeline, key: PipelineKey) -> LoadedPipeline:
     denoiser = family.denoiser_name if family is not None else ("unet" if hasattr(pipe, "unet") else "transformer")
     from services.gpu.placement import Placement
 
-    placement = Placement(pipe, denoiser, torch.device(key.device))
+    placement = Placement(pipe, denoiser, torch.device(key.device), denoiser_movable=not is_quantized(key.dtype))
     return LoadedPipeline(key, pipe, family, native, pipe.scheduler, placement)
 
 

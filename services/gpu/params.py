@@ -106,8 +106,9 @@ DryRun = Annotated[
 CpuOffload = Annotated[
     bool | None,
     Field(
-        description="The text encoders, the VAE and the caches on the CPU, on the GPU only while they run "
-        "(a few seconds of transfers per job). Default: the memory plan's (on only where it is needed to fit).",
+        description="The text encoders, the VAE and the caches on the CPU, on the GPU only while they run; "
+        "the largest text encoder (T5, Qwen3) runs while a bf16 denoiser waits on the CPU (seconds of "
+        "transfers per job). Default: the memory plan's (on only where it is needed to fit).",
     ),
 ]
 GpuMemoryGb = Annotated[
@@ -115,7 +116,10 @@ GpuMemoryGb = Annotated[
     Field(
         gt=0,
         le=1024,
-        description="Plan for a card of this much memory (GiB; 24, 48, 80, 141) instead of this worker's GPU.",
+        strict=True,  # a number: not "24", not true
+        allow_inf_nan=False,
+        description="Plan for a card of this much memory instead of this worker's GPU: GiB as nvidia-smi "
+        "reports it (L4 22.5, RTX 4090 24.0, RTX 5090 31.8, L40S 45.0, A6000 48.0, H100 79.6, H200 140.4).",
     ),
 ]
 

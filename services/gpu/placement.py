@@ -3,8 +3,10 @@
 Resident (the default): every component on the device. Offloaded: the text encoders and the
 VAE wait on the CPU and come to the device only while they run: a text encoder for its forward,
 the VAE from its ``encode``/``decode`` call until :meth:`Placement.release` (the end of a
-pipeline call, or of the trainer's caching). The denoiser stays on the device, and is never
-hooked: ``torch.compile``, peft and the optimizer see a plain module.
+pipeline call, or of the trainer's caching). The largest text encoder (T5, Qwen3) runs alone:
+a bf16 denoiser waits on the CPU during its forward (an NF4 one stays: it is small, and
+bitsandbytes' packed weights are not moved). The denoiser is never hooked: ``torch.compile``,
+peft and the optimizer see a plain module.
 
 The moves are accelerate hooks, the mechanism of diffusers' own ``enable_model_cpu_offload``: a
 hooked component reports the device it runs on, so a pipeline's ``_execution_device`` is the GPU
@@ -50,10 +52,14 @@ class _OnDeviceWhileRunning(ModelHook):
         return output
 
 
+def _size(module: Any) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
 class Placement:
     """The components of ``pipe`` and where they are; ``offloaded`` parks all but ``denoiser``."""
 
-    def __init__(self, pipe: Any, denoiser: str, device: torch.device) -> None:
+    def __init__(self, pipe: Any, denoiser: str, device: torch.device, denoiser_movable: bool = True) -> None:
         import torch
 
         self.pipe = pipe
@@ -64,6 +70,10 @@ class Placement:
             for name, component in pipe.components.items()
             if isinstance(component, torch.nn.Module) and name != denoiser
         ]
+        encoders = [name for name in self.parkable if name != "vae"]
+        # the encoder that runs alone when offloaded (None: the denoiser never moves)
+        self.alone = max(encoders, key=lambda n: _size(getattr(pipe, n))) if encoders and denoiser_movable else None
+        self._denoiser_away = False  # parked for the lone encoder's forward
         self.offloaded = False
         self.resident: set[str] = {self.denoiser, *self.parkable}
         self.moves = 0  # component moves between the CPU and the device, for the logs and tests
@@ -90,24 +100,37 @@ class Placement:
     def describe(self) -> str:
         if not self.offloaded:
             return "every component on the device"
-        return f"{self.denoiser} on the device; {', '.join(self.parkable)} on the CPU while they do not run"
+        alone = f"; {self.alone} runs alone" if self.alone else ""
+        return f"{self.denoiser} on the device; {', '.join(self.parkable)} on the CPU while they do not run{alone}"
 
     # moves
 
     def bring(self, name: str) -> None:
-        """``name`` to the device (a no-op when it is there)."""
-        if name not in self.resident:
-            self._move(name, True)
+        """``name`` to the device (a no-op when it is there); the lone encoder sends the denoiser
+        to the CPU first."""
+        if name in self.resident:
+            return
+        if self.offloaded and name == self.alone and self.denoiser in self.resident:
+            self._move(self.denoiser, False)
+            self._denoiser_away = True
+        self._move(name, True)
 
     def drop(self, name: str) -> None:
-        """``name`` back to the CPU when offloaded and not held."""
+        """``name`` back to the CPU when offloaded and not held; after the lone encoder, the
+        denoiser comes back."""
         if self.offloaded and name in self.resident and name != self.denoiser and name not in self._held:
             self._move(name, False)
+            if self._denoiser_away and name == self.alone:
+                self._denoiser_away = False
+                self._move(self.denoiser, True)
 
     def release(self) -> None:
-        """Every parked component that came to the device goes back (end of a pipeline call)."""
+        """Every parked component that came to the device goes back, and the denoiser is on the
+        device (the end of a pipeline call, or a forward that raised)."""
         for name in self.parkable:
             self.drop(name)
+        self.bring(self.denoiser)
+        self._denoiser_away = False
 
     @contextmanager
     def holding(self, names: Sequence[str]) -> Iterator[None]:

@@ -17,7 +17,7 @@ from services.gpu.families import FAMILIES, FLUX, SD, SDXL, ZIMAGE
 from services.gpu.families import full_size as configs
 from services.gpu.memory import specs
 from services.gpu.memory.estimate import ACTIVATION_ERROR, activation_bytes
-from services.gpu.memory.jobs import generate_plan, train_plan
+from services.gpu.memory.jobs import generate_plan, spec_for, train_plan
 from services.gpu.memory.measure import measure
 from services.gpu.memory.planner import TrainJob, plan_generation, plan_training
 from services.gpu.params import GenerateInput, TrainLoraInput
@@ -173,7 +173,9 @@ def test_a_job_no_plan_fits_fails_naming_estimate_card_and_smallest_card() -> No
     text = str(caught.value)
     assert "does not fit this GPU" in text and "the card has 24.0 GiB" in text
     assert "peaks at about 30.2 GiB" in text
-    assert "The smallest card that fits it: 48 GB, with gradient_checkpointing True, quantize_base nf4" in text
+    assert (
+        "The smallest card that fits it: 48 GB (44.99 GiB), with gradient_checkpointing True, quantize_base nf4" in text
+    )
     with pytest.raises(InputError, match="No rented card fits it"):
         plan_training(specs.FLUX_DEV, TrainJob(2048, 2048, batch=64), 141)
     with pytest.raises(InputError, match=r"quantize_base none, cpu_offload True\)?.*32 GB"):  # an adapter rules NF4 out
@@ -184,6 +186,7 @@ def test_a_job_no_plan_fits_fails_naming_estimate_card_and_smallest_card() -> No
 GENERATION = {
     ("flux-dev", 80): ("none", False),
     ("flux-dev", 48): ("none", False),
+    ("flux-dev", 32): ("none", True),  # T5 runs alone while the bf16 transformer waits on the CPU
     ("flux-dev", 24): ("nf4", False),  # bf16 FLUX.1 does not fit 24 GB even with the encoders away
     ("zimage-turbo", 48): ("none", False),
     ("zimage-turbo", 24): ("none", True),  # Qwen3 runs alone, then the transformer
@@ -209,6 +212,52 @@ def test_every_builtin_gets_a_train_and_a_generation_plan(model: str) -> None:
     train = TrainLoraInput(action="train_lora", dataset="d", output_name="o", base_model=model, gpu_memory_gb=24)
     generate = GenerateInput(action="generate", prompt="p", base_model=model, gpu_memory_gb=24)
     assert train_plan(train, settings).fits and generate_plan(generate, settings).fits
+
+
+def test_shuffled_captions_count_in_the_caches() -> None:
+    """Catches an estimate that ignores shuffle_caption's cached orders (8 T5 embeddings per
+    image instead of one: about 2.7 GiB more for 100 FLUX.1 captions)."""
+    one = plan_training(specs.FLUX_DEV, TrainJob(1024, 1024), 80)
+    shuffled = plan_training(specs.FLUX_DEV, TrainJob(1024, 1024, caption_variants=8), 80)
+    assert shuffled.phases["setup"] - one.phases["setup"] == pytest.approx(7 * 100 * 512 * 4096 * 2 / 2**30, abs=0.02)
+    params = TrainLoraInput(
+        action="train_lora",
+        dataset="d",
+        output_name="o",
+        base_model="black-forest-labs/FLUX.1-dev",
+        shuffle_caption=True,
+    )
+    assert train_plan(params.model_copy(update={"gpu_memory_gb": 80}), build_settings()).phases == shuffled.phases
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        ({"num_layers": 10**9}, r"num_layers = 1000000000 is not a model's \(0 to 1024\)"),
+        ({"num_layers": -3}, r"num_layers = -3 is not a model's"),
+        ({"num_layers": "many"}, r"cannot describe .*transformer/config.json \(FluxTransformer2DModel\)"),
+    ],
+)
+def test_a_model_directory_no_model_has_is_refused_at_once(tmp_path: Path, config: dict, expected: str) -> None:
+    """Catches a dry run on a hostile config.json that builds a billion layers (minutes, the
+    worker's memory) or crashes with a traceback: a one-line input error naming the file."""
+    model = _configs_only_flux(tmp_path / "flux")
+    path = model / "transformer" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **config}))
+    with pytest.raises(InputError, match=expected):
+        spec_for(str(model), build_settings())
+    with pytest.raises(InputError, match="is not a diffusers pipeline directory"):
+        spec_for(str(path), build_settings())
+
+
+@pytest.mark.parametrize("value", ["24", True, float("nan"), float("inf"), 0, -1])
+def test_gpu_memory_gb_is_a_positive_finite_number(value: object) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        TrainLoraInput(action="train_lora", dataset="d", output_name="o", gpu_memory_gb=value)
+    with pytest.raises(ValidationError):
+        GenerateInput(action="generate", prompt="p", gpu_memory_gb=value)
 
 
 def test_generation_refuses_explicit_settings_that_do_not_fit_naming_what_would() -> None:
@@ -261,7 +310,7 @@ def test_dry_run_through_the_entrypoint_returns_a_plan_without_training(tmp_path
     }
     out = _dry_run(tmp_path, job)
     assert out["dry_run"] is True and out["fits"] is True and out["card_gib"] == 24
-    assert out["plan"]["quantize_base"] == "none" and out["plan"]["gradient_checkpointing"] is False
+    assert out["plan"]["quantize_base"] == "none" and out["plan"]["gradient_checkpointing"] is False, out["plan"]
     assert set(out["cards"]) == {"24", "32", "48", "80", "141"}
     storage = tmp_path / "storage"
     assert not storage.exists() or not any(p.is_file() for p in storage.rglob("*"))

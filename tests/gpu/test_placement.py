@@ -8,7 +8,6 @@ check the pipeline's execution device against a sentinel device the hooks report
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -72,7 +71,8 @@ def test_offloaded_pipeline_runs_on_the_device_the_hooks_report(model: str) -> N
 @pytest.mark.parametrize("model", BUILTINS)
 def test_generation_with_cpu_offload_renders_the_same_image_one_encoder_at_a_time(model: str) -> None:
     """Catches offloaded generation that differs from resident generation, keeps an encoder on
-    the device beside the denoiser's steps, or leaves one there after the call."""
+    the device beside the denoiser's steps, runs the largest encoder (T5, Qwen3) beside the
+    denoiser, or leaves one on the device after the call."""
     entry = _entry(model)
     request = GenerationRequest(prompt="a red square", width=SIZE, height=SIZE, seed=3, steps=2)
     resident = np.asarray(render(entry, request, None, compile=False)[0])
@@ -82,8 +82,10 @@ def test_generation_with_cpu_offload_renders_the_same_image_one_encoder_at_a_tim
     with _while_running(entry, [*encoders, entry.denoiser_name]) as seen:
         offloaded = np.asarray(render(entry, request, None, compile=False)[0])
     np.testing.assert_array_equal(offloaded, resident)
-    for name in encoders:
-        assert seen[name] and all(r == {entry.denoiser_name, name} for r in seen[name]), (name, seen[name])
+    assert placement.alone == max(encoders, key=lambda n: sum(p.numel() for p in getattr(entry.pipe, n).parameters()))
+    for name in encoders:  # the largest runs alone (the denoiser on the CPU), the others beside it
+        expected = {name} if name == placement.alone else {entry.denoiser_name, name}
+        assert seen[name] and all(r == expected for r in seen[name]), (name, seen[name])
     assert seen[entry.denoiser_name] and all(r == {entry.denoiser_name} for r in seen[entry.denoiser_name])
     assert placement.resident == {entry.denoiser_name}
     placement.set_offload(False)
@@ -127,12 +129,7 @@ def test_cpu_offload_through_test_input_trains_samples_and_generates(tmp_path: P
     generate, each with ``cpu_offload: true``, through ``rp_handler.py --test_input``."""
     from tests.test_entrypoint import printed_result, run_worker
 
-    files = [
-        {"name": p.name, "data": base64.b64encode(p.read_bytes()).decode()}
-        for p in sorted(write_dataset(tmp_path / "d", 2).glob("*.png"))
-    ]
-    upload = {"action": "upload_training_files", "dataset": "offset", "files": files}
-    assert run_worker(tmp_path, upload).returncode == 0
+    write_dataset(tmp_path / "storage" / "datasets" / "offset", 2)  # the local store's layout
     train = {
         "action": "train_lora",
         "dataset": "offset",
@@ -184,3 +181,26 @@ def test_a_stop_while_the_caches_fill_leaves_the_pipeline_as_it_was(tmp_path: Pa
     assert entry.placement.offloaded and entry.placement.resident == {entry.denoiser_name}
     entry.placement.set_offload(False)
     assert entry.placement.resident == {entry.denoiser_name, *entry.placement.parkable}
+
+
+def test_an_encoder_that_raises_mid_step_does_not_stay_on_the_device(tmp_path: Path) -> None:
+    """Catches T5 (and a parked denoiser) left where the failed forward left them: with
+    cpu_offload and uncached captions, a text encoder that raises (an out-of-memory error) in a
+    step; after close the denoiser is back and only it is on the device."""
+    entry = _entry("builtin:tiny-flux")
+    entry.placement.set_offload(True)
+    paths = sorted(write_dataset(tmp_path, 2).glob("*.png"))
+    trainer = LoraTrainer(entry, TrainConfig(steps=2, rank=2, cache_text_embeddings=False))
+    lone = getattr(entry.pipe, entry.placement.alone)
+
+    def out_of_memory(*args: object, **kwargs: object) -> None:
+        raise torch.OutOfMemoryError("simulated")
+
+    with pytest.raises(torch.OutOfMemoryError):
+        try:
+            trainer.setup([fit(load_rgb(p), (SIZE, SIZE)) for p in paths], ["a", "b"])
+            lone._old_forward = out_of_memory
+            trainer.step()
+        finally:
+            trainer.close()
+    assert entry.placement.resident == {entry.denoiser_name}

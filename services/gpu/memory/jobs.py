@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from services.errors import InputError
-from services.gpu.catalog import BUILTIN_MODELS
+from services.gpu.catalog import BUILTIN_MODELS, SHUFFLE_VARIANTS
 from services.gpu.memory.estimate import MODELLED_FAMILIES
 from services.gpu.memory.planner import Plan, TrainJob, plan_generation, plan_training
 from services.gpu.memory.specs import REPO_IDS, ModelSpec, spec_of_directory
@@ -32,6 +32,8 @@ def spec_for(model: str, settings: Settings) -> ModelSpec:
 
     if model in REPO_IDS:
         return REPO_IDS[model]
+    if model.startswith("/") and not (Path(model) / "model_index.json").is_file():
+        raise InputError(f"input.base_model: {model} is not a diffusers pipeline directory (no model_index.json)")
     family = models.peek_family(model, settings)
     if family is None:
         known = ", ".join(REPO_IDS)
@@ -133,6 +135,7 @@ def train_job(params: TrainLoraInput, spec: ModelSpec, images: int, precision: s
         cache_latents=params.cache_latents,
         cache_text=params.cache_text_embeddings,
         samples=bool(params.sample_prompts),
+        caption_variants=SHUFFLE_VARIANTS if params.shuffle_caption else 1,
         adapter=bool(params.training_adapter or params.training_adapter_url),
     )
 

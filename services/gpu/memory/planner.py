@@ -35,7 +35,11 @@ from services.gpu.memory.specs import ModelSpec
 
 MARGIN = 0.10
 RESERVE_GIB = 1.0
-CARDS_GB = (24, 32, 48, 80, 141)  # what RunPod rents: RTX 4090 / L4, RTX 5090, A6000 / L40S, A100 / H100, H200
+# What RunPod rents, by class: the usable GiB (nvidia-smi's total) of the smaller card of each:
+# 24 GB: L4 22.5 (RTX 4090 24.0); 32 GB: RTX 5090; 48 GB: L40S 45.0 (A6000 48.0); 80 GB: H100
+# 79.6 (A100 80.0); 141 GB: H200. The CUDA context comes out of RESERVE_GIB.
+CARDS = {24: 22.49, 32: 31.84, 48: 44.99, 80: 79.65, 141: 140.4}
+CARDS_GB = tuple(CARDS)
 VAE_ENCODE_PER_PIXEL = 768.0  # one image (VAE slicing), 128 channels, 3 live tensors, bf16: to measure
 WEIGHT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 # (gradient_checkpointing, quantize_base, cpu_offload), cheapest first (see the module docstring)
@@ -59,6 +63,7 @@ class TrainJob:
     cache_text: bool = True
     samples: bool = False
     adapter: bool = False
+    caption_variants: int = 1  # cached texts per image: shuffle_caption's orders (+ the empty one)
 
 
 @dataclass(frozen=True)
@@ -100,7 +105,7 @@ def needed(peak_gib: float) -> float:
 def _caches(spec: ModelSpec, job: TrainJob) -> float:
     latents = 2 * 4 * spec.latent_channels * (job.height // 8) * (job.width // 8) if job.cache_latents else 0
     text = spec.text_tokens * spec.text_width * WEIGHT_BYTES[job.precision] if job.cache_text else 0
-    return (latents + text) * job.images
+    return (latents + text * job.caption_variants) * job.images
 
 
 def train_phases(
@@ -109,7 +114,7 @@ def train_phases(
     """Bytes of each phase of the job under one plan."""
     weight = WEIGHT_BYTES[job.precision]
     denoiser = spec.denoiser_params * (NF4_BYTES if quantize == "nf4" else weight)
-    text, largest_text = spec.text_encoder_params * weight, spec.largest_text_encoder * weight
+    text = spec.text_encoder_params * weight
     vae = spec.vae_params * weight
     vae_run = vae + VAE_ENCODE_PER_PIXEL * job.height * job.width
     targets = job.targets or spec.default_targets
@@ -123,15 +128,29 @@ def train_phases(
     encoding = (0.0 if job.cache_text else text) + (0.0 if job.cache_latents else vae_run)
     if offload:
         setup = (denoiser if quantize == "nf4" else 0.0) + max(text, vae_run)
-        training = denoiser + lora + max(step, max(largest_text, vae_run) if not cached else 0.0)
+        on_demand = 0.0 if cached else _one_at_a_time(spec, weight, vae_run, quantize)
+        training = lora + max(denoiser + step, on_demand)
     else:
         setup = denoiser + text + vae_run + caches
         training = denoiser + lora + caches + step + encoding
     phases = {"setup": setup, "training": training}
     if job.samples:
-        encoders = max(largest_text, vae) if (offload or cached) else text + vae
-        phases["sampling"] = denoiser + lora + caches + encoders + inference_bytes(spec, job.height, job.width, 1)
+        inference = inference_bytes(spec, job.height, job.width, 1)
+        if offload or cached:  # the encoders come to the device one at a time (placement hooks)
+            phases["sampling"] = lora + caches + max(denoiser + inference, _one_at_a_time(spec, weight, vae, quantize))
+        else:
+            phases["sampling"] = denoiser + lora + caches + text + vae + inference
     return phases
+
+
+def _one_at_a_time(spec: ModelSpec, weight: int, vae: float, quantize: str) -> float:
+    """The peak of the encoders coming to the device one at a time beside the denoiser, the
+    largest text encoder alone (a bf16 denoiser waits on the CPU; an NF4 one stays)."""
+    denoiser = spec.denoiser_params * (NF4_BYTES if quantize == "nf4" else weight)
+    largest, second = spec.largest_text_encoder * weight, spec.second_text_encoder * weight
+    if quantize == "nf4":
+        return denoiser + max(largest, vae)
+    return max(largest, denoiser + max(second, vae))
 
 
 def _plan(phases: dict[str, float], settings: tuple[Any, ...], card: float, chosen: dict[str, Any], model: str) -> Plan:
@@ -158,10 +177,11 @@ def _choose(plans: list[Plan], card: float, what: str, free: list[Plan]) -> Plan
     fitting = [p for p in free if p.fits]
     if fitting:
         raise InputError(text + f"Without the explicit setting it fits this card with {fitting[0].settings()}")
-    smallest = min([*plans, *free], key=lambda p: p.needed_gib)
-    cards = [gb for gb in CARDS_GB if smallest.needed_gib <= gb]
-    if cards:
-        raise InputError(text + f"The smallest card that fits it: {cards[0]} GB, with {smallest.settings()}")
+    for candidates, lead in ((plans, "The smallest card"), (free, "Without the explicit setting, the smallest card")):
+        for gb, capacity in CARDS.items():
+            chosen = next((p for p in candidates if p.needed_gib <= capacity), None)
+            if chosen is not None:
+                raise InputError(text + f"{lead} that fits it: {gb} GB ({capacity:g} GiB), with {chosen.settings()}")
     raise InputError(text + "No rented card fits it: lower the resolution or batch_size")
 
 
@@ -203,17 +223,15 @@ def plan_training(
 
 
 def generation_bytes(spec: ModelSpec, height: int, width: int, images: int, quantize: str, offload: bool) -> float:
-    """The generation's peak: the denoiser, the encoders (all, or the largest while it runs),
-    one forward's and the VAE decode's transient."""
+    """The generation's peak: the denoiser beside the encoders (all of them, or with
+    ``cpu_offload`` one at a time, the largest alone), one forward's and the VAE decode's transient."""
     weight = WEIGHT_BYTES["bf16"]
     denoiser = spec.denoiser_params * (NF4_BYTES if quantize == "nf4" else weight)
-    text, largest, vae = (
-        spec.text_encoder_params * weight,
-        spec.largest_text_encoder * weight,
-        spec.vae_params * weight,
-    )
-    encoders = max(largest, vae) if offload else text + vae
-    return denoiser + encoders + inference_bytes(spec, height, width, images)
+    inference = inference_bytes(spec, height, width, images)
+    vae = spec.vae_params * weight
+    if offload:
+        return max(denoiser + inference, _one_at_a_time(spec, weight, vae, quantize))
+    return denoiser + spec.text_encoder_params * weight + vae + inference
 
 
 def plan_generation(

@@ -62,7 +62,15 @@ class ModelSpec:
 
     @property
     def largest_text_encoder(self) -> int:
-        return max((n for name, n in self.components.items() if name not in (self.denoiser, "vae")), default=0)
+        return max(self._text_encoders(), default=0)
+
+    @property
+    def second_text_encoder(self) -> int:
+        """The largest text encoder but one (CLIP beside T5; 0 with one text encoder)."""
+        return sorted(self._text_encoders(), reverse=True)[1] if len(self._text_encoders()) > 1 else 0
+
+    def _text_encoders(self) -> list[int]:
+        return [n for name, n in self.components.items() if name not in (self.denoiser, "vae")]
 
 
 def _known(key: str, family: str, counts: dict[str, int], lora: dict[str, int], **extra: Any) -> ModelSpec:
@@ -136,6 +144,19 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+MAX_COUNT = 1024  # layers, blocks or heads of one component: more is not a model, and would take minutes to build
+
+
+def _check_counts(path: Path, config: dict[str, Any]) -> None:
+    """Refuse a config whose layer, block or head counts no model has (building it on the meta
+    device would take minutes and the worker's memory)."""
+    for key, value in config.items():
+        counts = [value] if isinstance(value, int) and not isinstance(value, bool) else []
+        counts += [v for v in value if isinstance(v, int)] if isinstance(value, list) else []
+        if any(word in key for word in ("layers", "blocks", "heads")) and any(not 0 <= v <= MAX_COUNT for v in counts):
+            raise InputError(f"input.base_model: {path}: {key} = {value} is not a model's (0 to {MAX_COUNT})")
+
+
 def spec_of_directory(folder: Path, family_name: str, lora_targets: dict[str, list[str]]) -> ModelSpec:
     """Describe a diffusers model directory from its configs (weights are never read): every
     component is built on the meta device and counted. ``lora_targets``: target name -> module
@@ -154,7 +175,12 @@ def spec_of_directory(folder: Path, family_name: str, lora_targets: dict[str, li
         if not path.is_file():
             continue
         raw = _read_json(path)
-        module = build_empty(entry[0], entry[1], {k: v for k, v in raw.items() if not k.startswith("_")})
+        fields = {k: v for k, v in raw.items() if not k.startswith("_")}
+        _check_counts(path, fields)
+        try:
+            module = build_empty(entry[0], entry[1], fields)
+        except (TypeError, ValueError, AttributeError, KeyError, RuntimeError, ImportError) as exc:
+            raise InputError(f"input.base_model: cannot describe {path} ({entry[1]}): {exc}") from exc
         counts[name] = count_parameters(module)
         if name == reference.denoiser:
             config = raw

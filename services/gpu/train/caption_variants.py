@@ -22,7 +22,8 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-SHUFFLE_VARIANTS = 8
+from services.gpu.catalog import SHUFFLE_VARIANTS
+
 _SCALE = float(1 << 53)
 
 

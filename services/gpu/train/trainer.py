@@ -378,7 +378,7 @@ class LoraTrainer:
         self.scaler = None
         try:
             placement = self.entry.placement
-            placement.bring(placement.denoiser)  # parked by a setup that failed while the caches filled
+            placement.release()  # what an encoder that raised left on the device; the denoiser back
             placement.set_offload(self._offload_at_rest)
             if self._attached and getattr(self.denoiser, "peft_config", None):
                 self.denoiser.unload_lora()
