@@ -74,6 +74,7 @@ class Placement:
         # the encoder that runs alone when offloaded (None: the denoiser never moves)
         self.alone = max(encoders, key=lambda n: _size(getattr(pipe, n))) if encoders and denoiser_movable else None
         self._denoiser_away = False  # parked for the lone encoder's forward
+        self._alone_active = True
         self.offloaded = False
         self.resident: set[str] = {self.denoiser, *self.parkable}
         self.moves = 0  # component moves between the CPU and the device, for the logs and tests
@@ -81,8 +82,11 @@ class Placement:
 
     # switching
 
-    def set_offload(self, offload: bool) -> None:
-        """Park the encoders and the VAE on the CPU (hooks on) or bring them back for good."""
+    def set_offload(self, offload: bool, alone: bool = True) -> None:
+        """Park the encoders and the VAE on the CPU (hooks on) or bring them back for good.
+        ``alone``: the largest text encoder runs with the denoiser on the CPU (the plan's
+        ``cpu_offload``; off where the card holds both and only the encoders should wait)."""
+        self._alone_active = alone
         if offload == self.offloaded:
             return
         for name in self.parkable:
@@ -100,7 +104,7 @@ class Placement:
     def describe(self) -> str:
         if not self.offloaded:
             return "every component on the device"
-        alone = f"; {self.alone} runs alone" if self.alone else ""
+        alone = f"; {self.alone} runs alone" if self.alone and self._alone_active else ""
         return f"{self.denoiser} on the device; {', '.join(self.parkable)} on the CPU while they do not run{alone}"
 
     # moves
@@ -110,7 +114,7 @@ class Placement:
         to the CPU first."""
         if name in self.resident:
             return
-        if self.offloaded and name == self.alone and self.denoiser in self.resident:
+        if self.offloaded and self._alone_active and name == self.alone and self.denoiser in self.resident:
             self._move(self.denoiser, False)
             self._denoiser_away = True
         self._move(name, True)

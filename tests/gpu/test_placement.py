@@ -204,3 +204,24 @@ def test_an_encoder_that_raises_mid_step_does_not_stay_on_the_device(tmp_path: P
         finally:
             trainer.close()
     assert entry.placement.resident == {entry.denoiser_name}
+
+
+def test_resident_training_renders_samples_with_the_denoiser_in_place(tmp_path: Path) -> None:
+    """Catches a resident plan (the card holds everything) paying cpu_offload's transfers: the
+    encoders wait on the CPU during the loop and come back one at a time for the samples, but
+    the denoiser never leaves the device, not even for T5; at close all is resident again."""
+    entry = _entry("builtin:tiny-flux")
+    paths = sorted(write_dataset(tmp_path, 2).glob("*.png"))
+    trainer = LoraTrainer(entry, TrainConfig(steps=1, rank=2))
+    request = GenerationRequest(prompt="a red square", width=SIZE, height=SIZE, seed=3, steps=2)
+    try:
+        trainer.setup([fit(load_rgb(p), (SIZE, SIZE)) for p in paths], ["a", "b"])
+        assert entry.placement.resident == {entry.denoiser_name}  # the loop: encoders on the CPU
+        with _while_running(entry, [entry.placement.alone]) as seen, trainer.sampling():
+            render(entry, request, None, compile=False)
+    finally:
+        trainer.close()
+    lone = entry.placement.alone
+    assert seen[lone] and all(r == {entry.denoiser_name, lone} for r in seen[lone]), seen[lone]
+    assert not entry.placement.offloaded
+    assert entry.placement.resident == {entry.denoiser_name, *entry.placement.parkable}

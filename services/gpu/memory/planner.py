@@ -114,7 +114,7 @@ def train_phases(
     """Bytes of each phase of the job under one plan."""
     weight = WEIGHT_BYTES[job.precision]
     denoiser = spec.denoiser_params * (NF4_BYTES if quantize == "nf4" else weight)
-    text = spec.text_encoder_params * weight
+    text, largest = spec.text_encoder_params * weight, spec.largest_text_encoder * weight
     vae = spec.vae_params * weight
     vae_run = vae + VAE_ENCODE_PER_PIXEL * job.height * job.width
     targets = job.targets or spec.default_targets
@@ -136,8 +136,10 @@ def train_phases(
     phases = {"setup": setup, "training": training}
     if job.samples:
         inference = inference_bytes(spec, job.height, job.width, 1)
-        if offload or cached:  # the encoders come to the device one at a time (placement hooks)
-            phases["sampling"] = lora + caches + max(denoiser + inference, _one_at_a_time(spec, weight, vae, quantize))
+        if offload:  # the encoders come to the device one at a time, the largest alone
+            phases["sampling"] = lora + max(denoiser + inference, _one_at_a_time(spec, weight, vae, quantize))
+        elif cached:  # one at a time beside the denoiser
+            phases["sampling"] = denoiser + lora + caches + max(largest, vae) + inference
         else:
             phases["sampling"] = denoiser + lora + caches + text + vae + inference
     return phases

@@ -187,8 +187,10 @@ class LoraTrainer:
                 self.pixels = []
             if cfg.cache_text_embeddings:
                 self.text = self._encode_captions(self.variants.texts, stop, cache_device)
-        if cfg.cache_latents and cfg.cache_text_embeddings:
-            placement.set_offload(True)  # nothing encodes in the loop: the encoders wait on the CPU
+        if cfg.cache_latents and cfg.cache_text_embeddings and not placement.offloaded:
+            # nothing encodes in the loop: the encoders wait on the CPU, and come back one at a
+            # time beside the denoiser to render samples (the card holds both: none runs alone)
+            placement.set_offload(True, alone=False)
 
         suffixes = list(cfg.targets) or self.family.target_modules("attention")
         targets = self.family.lora_module_names(denoiser, suffixes)
@@ -379,7 +381,7 @@ class LoraTrainer:
         try:
             placement = self.entry.placement
             placement.release()  # what an encoder that raised left on the device; the denoiser back
-            placement.set_offload(self._offload_at_rest)
+            placement.set_offload(self._offload_at_rest, alone=True)
             if self._attached and getattr(self.denoiser, "peft_config", None):
                 self.denoiser.unload_lora()
             if self._checkpointing:
