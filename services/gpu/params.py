@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from services.errors import InputError
-from services.gpu.caption.options import CaptionOptions
+from services.gpu.caption.options import CaptionOptions, one_line_text
 from services.gpu.catalog import (
     BUILTIN_MODELS,
     BUILTIN_PREFIX,
@@ -146,7 +146,9 @@ class TrainLoraInput(BaseModel):
     alpha: float | None = Field(
         None, gt=0, le=1024, description="LoRA alpha; default: the rank. Folded into the saved weights."
     )
-    learning_rate: float | None = Field(None, gt=0, le=1.0, description="Default: the family's (1e-4).")
+    learning_rate: float | None = Field(
+        None, gt=0, le=1.0, allow_inf_nan=False, description="Default: the family's (1e-4)."
+    )
     resolution: Side | list[Side] | None = Field(
         None,
         description="Training side in pixels, or a list of sides for multi-resolution training: each image "
@@ -274,9 +276,9 @@ class TrainLoraInput(BaseModel):
     @field_validator("trigger_word")
     @classmethod
     def _trigger_word(cls, value: str | None) -> str | None:
-        if value is not None and (not value.strip() or any(c in value for c in "\r\n\t")):
+        if value is not None and not value.strip():
             raise ValueError("must be non-blank text on one line")
-        return None if value is None else value.strip()
+        return None if value is None else one_line_text(value)
 
     @field_validator("export_formats")
     @classmethod

@@ -156,3 +156,20 @@ def test_generate_limits_from_settings() -> None:
 def test_json_schema_is_available() -> None:
     schema = Job.json_schema()
     assert {"TrainLoraInput", "GenerateInput"} <= set(schema["$defs"])
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"learning_rate": float("nan")}, "finite number"),
+        ({"learning_rate": float("inf")}, "finite number"),
+        ({"trigger_word": "sks\u202e"}, r"invisible characters \(found '\\u202e'\)"),
+        ({"trigger_word": "s\u200bks"}, r"invisible characters \(found '\\u200b'\)"),
+        ({"auto_caption": {"prefix": "a\u2028photo"}}, "on one line"),
+    ],
+)
+def test_numbers_are_finite_and_caption_text_has_no_hidden_characters(fields: dict[str, Any], message: str) -> None:
+    """Catches a NaN learning rate refused with a misleading bound, and a trigger word or caption
+    prefix that writes a right-to-left override or a zero-width space into every caption."""
+    with pytest.raises(ValidationError, match=message):
+        train(**fields)

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -26,9 +27,13 @@ TriggerPlacement = Literal["start", "end", "none"]
 DEFAULT_MAX_LENGTH = 300
 
 
-def _one_line(value: str) -> str:
-    if any(c in value for c in "\r\n\t\x00"):
-        raise ValueError("must be text on one line")
+def one_line_text(value: str) -> str:
+    """Caption text the user gives (trigger word, prefix, suffix): one line without control or
+    invisible formatting characters (U+202E reverses how a caption reads, U+200B splits a tag
+    unseen), stripped."""
+    bad = next((c for c in value if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp")), None)
+    if bad is not None:
+        raise ValueError(f"must be text on one line without control or invisible characters (found {bad!a})")
     return value.strip()
 
 
@@ -60,7 +65,7 @@ class CaptionOptions(BaseModel):
     @field_validator("prefix", "suffix")
     @classmethod
     def _text(cls, value: str) -> str:
-        return _one_line(value)
+        return one_line_text(value)
 
     def check_caption_limits(self, settings: Settings, field: str) -> None:
         if self.max_length > settings.max_caption_chars:
@@ -88,9 +93,9 @@ class CaptionDatasetInput(CaptionOptions):
     @field_validator("trigger_word")
     @classmethod
     def _trigger(cls, value: str | None) -> str | None:
-        if value is not None and not _one_line(value):
+        if value is not None and not one_line_text(value):
             raise ValueError("must be non-blank text on one line")
-        return None if value is None else _one_line(value)
+        return None if value is None else one_line_text(value)
 
     def check_limits(self, settings: Settings) -> None:
         self.check_caption_limits(settings, "")
