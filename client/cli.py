@@ -13,7 +13,8 @@ Progress bars go to stderr, results to stdout (``--json`` for machine-readable o
 (SIGINT) or a SIGTERM cancels the running job on the endpoint. A command started with SIGINT ignored (a ``&``
 job of a non-interactive shell, so the terminal's Ctrl-C is meant for the foreground) keeps
 ignoring it, as Python and every POSIX tool do; ``nohup`` ignores only SIGHUP. Exit status: 0
-done, 1 a job or a file failed, 2 bad usage or configuration, 130 interrupted.
+done, 1 a job or a file failed, 2 bad usage or configuration, 3 ``plan``: the job does not fit,
+130 interrupted.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from client.uploads import REQUEST_LIMIT_BYTES
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_DOES_NOT_FIT = 3  # plan: the job fits no plan on the card
 EXIT_INTERRUPTED = 130
 
 
@@ -210,9 +212,14 @@ def cmd_generate(worker: WorkerClient, args: argparse.Namespace) -> int:
 
 
 def cmd_plan(worker: WorkerClient, args: argparse.Namespace) -> int:
-    """The dry run; exit status 1 when the job does not fit the card (for scripts)."""
+    """The dry run; exit status 3 when the job does not fit the card (1: the dry run failed)."""
     action = "generate" if args.generate else "train_lora"
-    sizes = {"width": args.width, "height": args.height} if args.generate else {"resolution": args.resolution}
+    if args.generate:
+        sizes = {"width": args.width or args.resolution, "height": args.height or args.resolution}
+    elif args.width or args.height:
+        raise ValueError("--width and --height plan a --generate job; a training job takes --resolution")
+    else:
+        sizes = {"resolution": args.resolution}
     params = {"base_model": args.base_model, "gpu_memory_gb": args.gpu_memory_gb, **sizes, **dict(args.param)}
     answer = worker.plan(action, **params)
     lines = [f"{action} on {'this worker' if answer.card_gib is None else f'{answer.card_gib:g} GiB'}: "]
@@ -226,7 +233,7 @@ def cmd_plan(worker: WorkerClient, args: argparse.Namespace) -> int:
         lines.append(f"  {card} GB: " + (_settings(plan) if plan.get("fits") else "does not fit"))
     data = {"fits": answer.fits, "card_gib": answer.card_gib, "plan": answer.plan, "message": answer.message}
     _emit(args, {**data, "cards": answer.cards}, lines)
-    return EXIT_FAILED if answer.fits is False else 0
+    return EXIT_DOES_NOT_FIT if answer.fits is False else 0
 
 
 def _settings(plan: dict[str, Any]) -> str:

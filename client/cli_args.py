@@ -14,7 +14,8 @@ from client.uploads import DEFAULT_INLINE_BUDGET, DEFAULT_MAX_FILES_PER_BATCH, R
 
 PROG = "lora-worker"
 EXIT_TEXT = (
-    "Exit status: 0 done, 1 a job or a file failed, 2 bad usage or configuration, 130 interrupted "
+    "Exit status: 0 done, 1 a job or a file failed, 2 bad usage or configuration, 3 plan: the job does not "
+    "fit, 130 interrupted "
     "(Ctrl-C cancels the running job on the endpoint)."
 )
 
@@ -83,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _generate_options(command("generate", "generate images and save them"))
     _plan_options(
-        command("plan", "ask whether a train or generate job fits a card (nothing runs; exit status 1: it does not)")
+        command("plan", "ask whether a train or generate job fits a card (nothing runs; exit status 3: it does not)")
     )
     return parser
 
@@ -171,14 +172,25 @@ def _plan_options(plan: argparse.ArgumentParser) -> None:
     plan.add_argument("--base-model", help="e.g. black-forest-labs/FLUX.1-dev (default: the worker's MODEL_ID)")
     plan.add_argument(
         "--gpu-memory-gb",
-        type=float,
+        type=_gigabytes,
         metavar="GB",
         help="the card to plan for, e.g. 24, 32, 48, 80, 141 (default: the worker's GPU)",
     )
-    plan.add_argument("--resolution", type=int, help="train_lora: the training side in pixels")
-    plan.add_argument("--width", type=int, help="generate: image width in pixels")
-    plan.add_argument("--height", type=int, help="generate: image height in pixels")
+    plan.add_argument("--resolution", type=int, help="the side in pixels (training; generate: both sides)")
+    plan.add_argument("--width", type=int, help="generate: image width in pixels (default: --resolution)")
+    plan.add_argument("--height", type=int, help="generate: image height in pixels (default: --resolution)")
     _param_option(plan, "train_lora or generate")
+
+
+def _gigabytes(text: str) -> float:
+    """A card's memory: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of GiB, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of GiB above 0, got {text!r}")
+    return value
 
 
 def _param_option(parser: argparse.ArgumentParser, action: str) -> None:

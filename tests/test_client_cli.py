@@ -567,8 +567,8 @@ def test_plan_asks_the_worker_whether_a_job_fits_a_card(
 ) -> None:
     """The README's "will it fit?" from the command line, against the real worker (a CPU one:
     the plan comes from the model's configs): FLUX.1-dev LoRA training fits 24 GB in NF4; bf16
-    asked explicitly does not (exit status 1, the message names what would fit); generation
-    plans too. Nothing is stored."""
+    asked explicitly does not (exit status 3, the message names what would fit); generation
+    plans too; a bad input exits 1 and a non-finite size is a usage error. Nothing is stored."""
     base, storage = local_api
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith(CONFIG_PREFIXES)}
     env.pop("PYTHONPATH", None)
@@ -586,12 +586,17 @@ def test_plan_asks_the_worker_whether_a_job_fits_a_card(
         )
 
     fits, refused, generate = command(), command("--param", "quantize_base=none"), command("--generate", "--json")
+    bad, nan = command("--param", "batch_size=0"), command("--gpu-memory-gb", "nan")
     assert fits.returncode == 0, fits.stderr
     assert fits.stdout.startswith("train_lora on 24 GiB: fits with quantize_base nf4, gradient_checkpointing on")
     assert "  48 GB: quantize_base none, gradient_checkpointing on, cpu_offload off" in fits.stdout
-    assert refused.returncode == 1, refused.stderr
+    assert refused.returncode == 3, refused.stderr
     assert "does not fit" in refused.stdout and "fits this card with gradient_checkpointing True" in refused.stdout
+    assert "With your settings, the smallest card that fits it: 32 GB" in refused.stdout
     assert generate.returncode == 0 and json.loads(generate.stdout)["plan"]["quantize_base"] == "nf4"
+    assert bad.returncode == 1 and "input.batch_size" in bad.stderr
+    assert nan.returncode == 2 and "expected a number of GiB above 0" in nan.stderr
+    assert "Traceback" not in "".join(c.stderr for c in (fits, refused, generate, bad, nan))
     assert not (storage / "loras" / "plan").exists()
 
 

@@ -85,21 +85,28 @@ class Placement:
     def set_offload(self, offload: bool, alone: bool = True) -> None:
         """Park the encoders and the VAE on the CPU (hooks on) or bring them back for good.
         ``alone``: the largest text encoder runs with the denoiser on the CPU (the plan's
-        ``cpu_offload``; off where the card holds both and only the encoders should wait)."""
+        ``cpu_offload``; off where the card holds both and only the encoders should wait).
+
+        Each component is brought to the asked state on every call, so a call that failed
+        half-way (an out-of-memory ``.to``) is repaired by the next one."""
         self._alone_active = alone
-        if offload == self.offloaded:
-            return
-        for name in self.parkable:
-            module = getattr(self.pipe, name)
-            if offload:
-                add_hook_to_module(module, _OnDeviceWhileRunning(self, name))
-                self._move(name, False)
-            else:
-                remove_hook_from_module(module)
-                self._move(name, True)
+        changed = offload != self.offloaded
         self.offloaded = offload
         self._held.clear()
-        log.info("placement of %s: %s", type(self.pipe).__name__, self.describe())
+        for name in self.parkable:
+            module = getattr(self.pipe, name)
+            hooked = isinstance(getattr(module, "_hf_hook", None), _OnDeviceWhileRunning)
+            if offload and not hooked:
+                add_hook_to_module(module, _OnDeviceWhileRunning(self, name))
+            elif not offload and hooked:
+                remove_hook_from_module(module)
+            if offload and name in self.resident:
+                self._move(name, False)
+            elif not offload and name not in self.resident:
+                self._move(name, True)
+        self.bring(self.denoiser)
+        if changed:
+            log.info("placement of %s: %s", type(self.pipe).__name__, self.describe())
 
     def describe(self) -> str:
         if not self.offloaded:

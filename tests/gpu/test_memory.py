@@ -171,7 +171,7 @@ def test_a_job_no_plan_fits_fails_naming_estimate_card_and_smallest_card() -> No
     with pytest.raises(InputError) as caught:
         plan_training(specs.FLUX_DEV, TrainJob(1024, 1024, batch=8), 24)
     text = str(caught.value)
-    assert "does not fit this GPU" in text and "the card has 24.0 GiB" in text
+    assert "does not fit a 24.0 GiB card" in text
     assert "peaks at about 30.2 GiB" in text
     assert (
         "The smallest card that fits it: 48 GB (44.99 GiB), with gradient_checkpointing True, quantize_base nf4" in text
@@ -233,8 +233,10 @@ def test_shuffled_captions_count_in_the_caches() -> None:
 @pytest.mark.parametrize(
     ("config", "expected"),
     [
-        ({"num_layers": 10**9}, r"num_layers = 1000000000 is not a model's \(0 to 1024\)"),
-        ({"num_layers": -3}, r"num_layers = -3 is not a model's"),
+        ({"num_layers": 10**9}, r"num_layers is not a model's: 1000000000 \(counts are 0 to 1024\)"),
+        ({"num_layers": -3}, r"num_layers is not a model's: -3"),
+        ({"num_attention_heads": True}, r"num_attention_heads is not a model's: True"),
+        ({"axes_dims_rope": [16] * 2000}, r"axes_dims_rope is not a model's: 2000 entries \(at most 1024\)"),
         ({"num_layers": "many"}, r"cannot describe .*transformer/config.json \(FluxTransformer2DModel\)"),
     ],
 )
@@ -248,6 +250,24 @@ def test_a_model_directory_no_model_has_is_refused_at_once(tmp_path: Path, confi
         spec_for(str(model), build_settings())
     with pytest.raises(InputError, match="is not a diffusers pipeline directory"):
         spec_for(str(path), build_settings())
+
+
+def test_a_unet_with_thousands_of_blocks_or_a_broken_index_is_refused_at_once(tmp_path: Path) -> None:
+    """Catches block lists of a hostile UNet config (2000 down blocks: minutes of building on the
+    meta device) and an index entry that is not [library, class] (an IndexError traceback)."""
+    folder = tmp_path / "sdxl"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "model_index.json").write_text(
+        json.dumps({"_class_name": "StableDiffusionXLPipeline", "unet": ["diffusers", "UNet2DConditionModel"]})
+    )
+    (folder / "unet" / "config.json").write_text(json.dumps({"down_block_types": ["DownBlock2D"] * 2000}))
+    with pytest.raises(InputError, match=r"down_block_types is not a model's: 2000 entries \(at most 16\)"):
+        spec_for(str(folder), build_settings())
+    (folder / "model_index.json").write_text(
+        json.dumps({"_class_name": "StableDiffusionXLPipeline", "unet": ["diffusers"]})
+    )
+    with pytest.raises(InputError, match=r"unet is not \[library, class\]"):
+        spec_for(str(folder), build_settings())
 
 
 @pytest.mark.parametrize("value", ["24", True, float("nan"), float("inf"), 0, -1])

@@ -225,3 +225,24 @@ def test_resident_training_renders_samples_with_the_denoiser_in_place(tmp_path: 
     assert seen[lone] and all(r == {entry.denoiser_name, lone} for r in seen[lone]), seen[lone]
     assert not entry.placement.offloaded
     assert entry.placement.resident == {entry.denoiser_name, *entry.placement.parkable}
+
+
+def test_a_placement_change_that_failed_half_way_is_repaired_by_the_next(tmp_path: Path) -> None:
+    """Catches a flag-only early return: a move that raises (out of memory) during set_offload
+    leaves components half-hooked; asking for the same placement again must finish the job."""
+    entry = _entry("builtin:tiny-flux")
+    placement, vae = entry.placement, entry.pipe.vae
+
+    def out_of_memory(*args: object, **kwargs: object) -> None:
+        raise torch.OutOfMemoryError("simulated")
+
+    vae.to = out_of_memory  # the instance's, over the module's method
+    with pytest.raises(torch.OutOfMemoryError):
+        placement.set_offload(True)
+    del vae.to
+    placement.set_offload(True)
+    assert placement.resident == {entry.denoiser_name}
+    assert all(hasattr(getattr(entry.pipe, n), "_hf_hook") for n in placement.parkable)
+    placement.set_offload(False)
+    assert placement.resident == {entry.denoiser_name, *placement.parkable}
+    assert not any(hasattr(getattr(entry.pipe, n), "_hf_hook") for n in placement.parkable)

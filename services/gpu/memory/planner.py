@@ -164,27 +164,42 @@ def _plan(phases: dict[str, float], settings: tuple[Any, ...], card: float, chos
 
 def _choose(plans: list[Plan], card: float, what: str, free: list[Plan]) -> Plan:
     """The first plan that fits, else :class:`InputError` naming the smallest plan, and what would
-    fit: the plan without the job's explicit settings (``free``), else the smallest card."""
+    fit: this card without the job's explicit settings (``free``), and the smallest rented card
+    with them (or, when none, without them)."""
     if not plans:
         raise InputError(f"input: no memory plan has these settings for {what}")
     for plan in plans:
         if plan.fits:
             return plan
     smallest = min(plans, key=lambda p: p.needed_gib)
-    text = (
-        f"input.base_model: {what} does not fit this GPU: its smallest plan ({smallest.settings()}) peaks at "
-        f"about {smallest.peak_gib:.1f} GiB and needs {smallest.needed_gib:.1f} GiB with the margin; the card has "
-        f"{card:.1f} GiB. "
-    )
+    parts = [
+        f"input.base_model: {what} does not fit a {card:.1f} GiB card: its smallest plan ({smallest.settings()}) "
+        f"peaks at about {smallest.peak_gib:.1f} GiB and needs {smallest.needed_gib:.1f} GiB with the margin."
+    ]
     fitting = [p for p in free if p.fits]
     if fitting:
-        raise InputError(text + f"Without the explicit setting it fits this card with {fitting[0].settings()}")
-    for candidates, lead in ((plans, "The smallest card"), (free, "Without the explicit setting, the smallest card")):
-        for gb, capacity in CARDS.items():
-            chosen = next((p for p in candidates if p.needed_gib <= capacity), None)
-            if chosen is not None:
-                raise InputError(text + f"{lead} that fits it: {gb} GB ({capacity:g} GiB), with {chosen.settings()}")
-    raise InputError(text + "No rented card fits it: lower the resolution or batch_size")
+        parts.append(f"Without the explicit setting it fits this card with {fitting[0].settings()}.")
+    card_with = _smallest_card(plans)
+    if card_with is not None:
+        lead = "With your settings, the smallest card" if free else "The smallest card"
+        parts.append(f"{lead} that fits it: {card_with}.")
+    elif not fitting:
+        card_without = _smallest_card(free)
+        parts.append(
+            f"Without the explicit setting, the smallest card that fits it: {card_without}."
+            if card_without
+            else "No rented card fits it: lower the resolution or batch_size."
+        )
+    raise InputError(" ".join(parts))
+
+
+def _smallest_card(plans: list[Plan]) -> str | None:
+    """The smallest rented card some plan fits, with the plan it would take (the cheapest)."""
+    for gb, capacity in CARDS.items():
+        chosen = next((p for p in plans if p.needed_gib <= capacity), None)
+        if chosen is not None:
+            return f"{gb} GB ({capacity:g} GiB), with {chosen.settings()}"
+    return None
 
 
 def _explicit(values: dict[str, Any]) -> tuple[dict[str, Any], Any]:

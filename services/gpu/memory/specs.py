@@ -145,16 +145,24 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 MAX_COUNT = 1024  # layers, blocks or heads of one component: more is not a model, and would take minutes to build
+MAX_BLOCK_LIST = 16  # a UNet's per-resolution lists (block types, channels): real ones have 3 to 5
+MAX_LIST = 1024
 
 
 def _check_counts(path: Path, config: dict[str, Any]) -> None:
-    """Refuse a config whose layer, block or head counts no model has (building it on the meta
-    device would take minutes and the worker's memory)."""
+    """Refuse a config whose layer, block or head counts (or lists) no model has: building it on
+    the meta device would take minutes and the worker's memory."""
     for key, value in config.items():
-        counts = [value] if isinstance(value, int) and not isinstance(value, bool) else []
-        counts += [v for v in value if isinstance(v, int)] if isinstance(value, list) else []
-        if any(word in key for word in ("layers", "blocks", "heads")) and any(not 0 <= v <= MAX_COUNT for v in counts):
-            raise InputError(f"input.base_model: {path}: {key} = {value} is not a model's (0 to {MAX_COUNT})")
+        problem = ""
+        if isinstance(value, list):
+            limit = MAX_BLOCK_LIST if "block" in key else MAX_LIST
+            problem = f"{len(value)} entries (at most {limit})" if len(value) > limit else ""
+        if not problem and any(word in key for word in ("layers", "blocks", "heads")):
+            counts = value if isinstance(value, list) else [value]
+            if any(isinstance(v, bool) or (isinstance(v, int) and not 0 <= v <= MAX_COUNT) for v in counts):
+                problem = f"{str(value)[:80]} (counts are 0 to {MAX_COUNT})"
+        if problem:
+            raise InputError(f"input.base_model: {path}: {key} is not a model's: {problem}")
 
 
 def spec_of_directory(folder: Path, family_name: str, lora_targets: dict[str, list[str]]) -> ModelSpec:
@@ -169,8 +177,14 @@ def spec_of_directory(folder: Path, family_name: str, lora_targets: dict[str, li
     lora: dict[str, int] = {}
     config: dict[str, Any] = {}
     for name, entry in index.items():
-        if name.startswith("_") or not isinstance(entry, list) or entry[0] not in ("diffusers", "transformers"):
+        if name.startswith("_") or not isinstance(entry, list):
             continue
+        if len(entry) != 2:
+            raise InputError(f"input.base_model: {folder / 'model_index.json'}: {name} is not [library, class]")
+        if entry[0] not in ("diffusers", "transformers"):
+            continue  # [null, null] (no safety checker), a pipeline's own module
+        if not isinstance(entry[1], str):
+            raise InputError(f"input.base_model: {folder / 'model_index.json'}: {name} has no class name")
         path = folder / name / "config.json"
         if not path.is_file():
             continue
