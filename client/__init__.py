@@ -29,12 +29,13 @@ from client.errors import (
 )
 from client.files import save_output_file
 from client.hosts import HostPolicy
-from client.schema import MemoryPlan
+from client.schema import CaptionReport, MemoryPlan
 from client.transport import LocalTransport, RunPodTransport, Transport
 from client.uploads import UploadPlan, UploadReport, plan_upload
 
 __all__ = [
     "BadResponse",
+    "CaptionReport",
     "ClientError",
     "DownloadError",
     "GenerateResult",

@@ -34,7 +34,18 @@ from client.files import DEFAULT_MAX_DOWNLOAD_BYTES, save_output_file
 from client.hosts import HostPolicy, env_hosts
 from client.jobs import JobRunner, ProgressCallback
 from client.names import local_name
-from client.schema import MemoryPlan, memory_plan, obj, objects, optional_int, optional_text, output_file, texts
+from client.schema import (
+    CaptionReport,
+    MemoryPlan,
+    caption_report,
+    memory_plan,
+    obj,
+    objects,
+    optional_int,
+    optional_text,
+    output_file,
+    texts,
+)
 from client.transport import DEFAULT_MAX_RESPONSE_BYTES, LocalTransport, RunPodTransport, Transport
 from client.uploading import DatasetUploader
 from client.uploads import DEFAULT_INLINE_BUDGET, DEFAULT_MAX_FILES_PER_BATCH
@@ -290,6 +301,28 @@ class WorkerClient(JobRunner, DatasetUploader):
             for sample, name in zip(samples, names, strict=True)
         ]
         return result
+
+    def caption_dataset(
+        self,
+        dataset: str,
+        *,
+        out_dir: str | Path = ".",
+        on_progress: ProgressCallback | None = None,
+        timeout: float | None = None,
+        **options: Any,
+    ) -> CaptionReport:
+        """Caption the dataset's images that have no ``.txt`` caption (``caption_dataset``;
+        ``options`` are its other fields: ``trigger_word``, ``detail``, ``overwrite``, ...). The
+        captions are stored beside the images; a full list the worker sent as a file (over 200
+        captions) is saved into ``out_dir`` as ``captions.json``."""
+        job = {"action": "caption_dataset", "dataset": dataset, **_drop_none(options)}
+        output = self.run(job, timeout=timeout, on_progress=on_progress)
+        report = caption_report(output, "caption_dataset result")
+        if report.captions_file is not None:
+            folder = Path(out_dir)
+            folder.mkdir(parents=True, exist_ok=True)
+            self.save_output_file(obj(output, "caption_dataset result")["captions_file"], folder)
+        return report
 
     def plan(self, action: str = "train_lora", **params: Any) -> MemoryPlan:
         """Ask whether a ``train_lora`` or ``generate`` job fits a card (``dry_run``; nothing is

@@ -7,6 +7,7 @@
     lora-worker train --dataset cats --output-name cat-lora --steps 800 --param trigger_word=sks
     lora-worker generate --prompt "a photo of sks cat" --lora cat-lora --num-images 2 --out out/
     lora-worker get loras/cat-lora/cat-lora.safetensors --out .
+    lora-worker caption --dataset cats --trigger-word sks         # .txt captions beside the images
     lora-worker plan --base-model black-forest-labs/FLUX.1-dev --gpu-memory-gb 24   # will it fit?
 
 Progress bars go to stderr, results to stdout (``--json`` for machine-readable output). Ctrl-C
@@ -211,6 +212,23 @@ def cmd_generate(worker: WorkerClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_caption(worker: WorkerClient, args: argparse.Namespace) -> int:
+    """Captions written go to stdout (``image: caption``); images that failed to stderr, exit 1."""
+    options = {"trigger_word": args.trigger_word, "detail": args.detail, "overwrite": args.overwrite}
+    with StepBar(f"caption {args.dataset}", disable=args.quiet) as bar:
+        _local_note(worker, bar)
+        report = worker.caption_dataset(args.dataset, out_dir=args.out, on_progress=bar, **options, **dict(args.param))
+    lines = [f"{entry['image']}: {entry['caption']}" for entry in report.captions]
+    lines.append(f"{len(report.captions)} captioned, {len(report.skipped)} had a caption, {len(report.failed)} failed")
+    if report.captions_file is not None:
+        lines.append(f"every caption: {args.out}/{report.captions_file.name}")
+    data = {"captions": report.captions, "skipped": report.skipped, "failed": report.failed}
+    _emit(args, {**data, "partial": report.partial}, lines)
+    for problem in report.failed:
+        print(f"failed: {problem['image']}: {problem['reason']}", file=sys.stderr)
+    return EXIT_FAILED if report.failed else 0
+
+
 def cmd_plan(worker: WorkerClient, args: argparse.Namespace) -> int:
     """The dry run; exit status 3 when the job does not fit the card (1: the dry run failed)."""
     action = "generate" if args.generate else "train_lora"
@@ -255,6 +273,7 @@ COMMANDS: dict[str, Callable[[WorkerClient, argparse.Namespace], int]] = {
     "rm": cmd_rm,
     "train": cmd_train,
     "generate": cmd_generate,
+    "caption": cmd_caption,
     "plan": cmd_plan,
 }
 

@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
     )
     _generate_options(command("generate", "generate images and save them"))
+    _caption_options(command("caption", "caption a dataset's images that have no .txt caption (stored beside them)"))
     _plan_options(
         command("plan", "ask whether a train or generate job fits a card (nothing runs; exit status 3: it does not)")
     )
@@ -164,7 +165,18 @@ def _generate_options(generate: argparse.ArgumentParser) -> None:
     generate.add_argument("--base-model", help="the model to generate with (default: MODEL_ID)")
     generate.add_argument("--format", choices=("png", "jpeg", "webp"), help="image format (default: png)")
     generate.add_argument("--out", default=".", help="folder to save the images into (default: .)")
-    _param_option(generate, "generate")
+    _param_option(generate, "generate", "guidance_scale=3.5 or scheduler=euler")
+
+
+def _caption_options(caption: argparse.ArgumentParser) -> None:
+    caption.add_argument("--dataset", required=True, help="the dataset whose images are captioned (see 'upload')")
+    caption.add_argument("--trigger-word", help="put into every caption (see --param trigger_placement=end)")
+    caption.add_argument("--detail", choices=("short", "detailed"), help="one sentence (default) or a paragraph")
+    caption.add_argument(
+        "--overwrite", action="store_true", default=None, help="caption images that have a caption too (replaced)"
+    )
+    caption.add_argument("--out", default=".", help="folder for captions.json when the worker sends it (default: .)")
+    _param_option(caption, "caption_dataset", "prefix='a photo of' or max_length=200")
 
 
 def _plan_options(plan: argparse.ArgumentParser) -> None:
@@ -179,7 +191,7 @@ def _plan_options(plan: argparse.ArgumentParser) -> None:
     plan.add_argument("--resolution", type=int, help="the side in pixels (training; generate: both sides)")
     plan.add_argument("--width", type=int, help="generate: image width in pixels (default: --resolution)")
     plan.add_argument("--height", type=int, help="generate: image height in pixels (default: --resolution)")
-    _param_option(plan, "train_lora or generate")
+    _param_option(plan, "train_lora or generate", "quantize_base=none or batch_size=4")
 
 
 def _gigabytes(text: str) -> float:
@@ -193,13 +205,13 @@ def _gigabytes(text: str) -> float:
     return value
 
 
-def _param_option(parser: argparse.ArgumentParser, action: str) -> None:
+def _param_option(parser: argparse.ArgumentParser, action: str, example: str = "") -> None:
+    example = example or 'learning_rate=5e-5 or export_formats=\'["diffusers","kohya"]\''
     parser.add_argument(
         "--param",
         action="append",
         type=parse_param,
         default=[],
         metavar="KEY=VALUE",
-        help=f'any other {action} field, e.g. learning_rate=5e-5 or export_formats=\'["diffusers","kohya"]\' '
-        "(values are JSON when they parse, else text)",
+        help=f"any other {action} field, e.g. {example} (values are JSON when they parse, else text)",
     )

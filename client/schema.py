@@ -75,6 +75,45 @@ def string_map(value: Any, what: str) -> dict[str, str]:
 
 
 @dataclass(frozen=True)
+class CaptionReport:
+    """A ``caption_dataset`` answer: the captions written (``image``, ``key``, ``caption``), the
+    images skipped (they had one) and failed (``image``, ``reason``), and the full list's file
+    when the worker sent it apart (over 200 captions)."""
+
+    captions: list[dict[str, Any]]
+    skipped: list[dict[str, Any]]
+    failed: list[dict[str, Any]]
+    partial: bool
+    captions_file: OutputFile | None
+
+
+def caption_report(value: Any, what: str) -> CaptionReport:
+    fields = obj(value, what)
+    captions = objects(fields.get("captions"), f"{what}.captions")
+    for index, entry in enumerate(captions):
+        text(entry.get("image"), f"{what}.captions[{index}].image")
+        text(entry.get("caption"), f"{what}.captions[{index}].caption")
+        optional_text(entry.get("key"), f"{what}.captions[{index}].key")
+    problems = {}
+    for kind in ("skipped", "failed"):
+        problems[kind] = objects(fields.get(kind), f"{what}.{kind}")
+        for index, entry in enumerate(problems[kind]):
+            text(entry.get("image"), f"{what}.{kind}[{index}].image")
+            text(entry.get("reason"), f"{what}.{kind}[{index}].reason")
+    partial = fields.get("partial", False)
+    if not isinstance(partial, bool):
+        raise BadResponse(f"{what}.partial: expected true or false, got {_shown(partial)}")
+    file = fields.get("captions_file")
+    return CaptionReport(
+        captions=captions,
+        skipped=problems["skipped"],
+        failed=problems["failed"],
+        partial=partial,
+        captions_file=None if file is None else output_file(file, f"{what}.captions_file"),
+    )
+
+
+@dataclass(frozen=True)
 class MemoryPlan:
     """A ``dry_run`` answer: whether the job fits the card, the plan, and every rented card's."""
 

@@ -29,7 +29,7 @@ import pytest
 
 from client.cli import build_parser
 from tests.conftest import CONFIG_PREFIXES
-from tests.test_client import make_dataset, serve_local_api
+from tests.test_client import make_dataset, png_bytes, serve_local_api
 
 ROOT = Path(__file__).resolve().parent.parent
 ENDPOINT = "ep-test"
@@ -140,7 +140,7 @@ def test_every_option_has_help() -> None:
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             parsers += list(action.choices.values())
-    assert len(parsers) == 9
+    assert len(parsers) == 10
     for each in parsers:
         for action in each._actions:
             if action.dest != "command":
@@ -521,8 +521,9 @@ def test_usage_and_bad_results_exit_without_a_traceback(lora_worker: Path, tmp_p
 
 @pytest.fixture(scope="module")
 def local_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    """The real worker's local API (``--rp_serve_api``) on the tiny model."""
-    with serve_local_api(tmp_path_factory.mktemp("local-api")) as served:
+    """The real worker's local API (``--rp_serve_api``) on the tiny models (the tiny Florence-2
+    captions)."""
+    with serve_local_api(tmp_path_factory.mktemp("local-api"), {"CAPTION_MODEL": "builtin:tiny-florence2"}) as served:
         yield served
 
 
@@ -598,6 +599,37 @@ def test_plan_asks_the_worker_whether_a_job_fits_a_card(
     assert nan.returncode == 2 and "expected a number of GiB above 0" in nan.stderr
     assert "Traceback" not in "".join(c.stderr for c in (fits, refused, generate, bad, nan))
     assert not (storage / "loras" / "plan").exists()
+
+
+def test_caption_writes_the_missing_captions_and_prints_them(
+    lora_worker: Path, local_api: tuple[str, Path], tmp_path: Path
+) -> None:
+    """Catches a caption command that does not reach caption_dataset or drops its options: the
+    images without a caption get one (with the trigger word) stored beside them and printed;
+    the captioned image is left alone."""
+    base, storage = local_api
+    folder = storage / "datasets" / "capset"
+    folder.mkdir(parents=True)
+    for name in ("a.png", "b.png"):
+        (folder / name).write_bytes(png_bytes("red"))
+    (folder / "b.txt").write_text("my own caption", encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith(CONFIG_PREFIXES)}
+    env.pop("PYTHONPATH", None)
+    done = subprocess.run(
+        [str(lora_worker), "--local", base, "caption", "--dataset", "capset", "--trigger-word", "sks"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    stored = (folder / "a.txt").read_text(encoding="utf-8")
+    assert stored.startswith("sks, ") and f"a.png: {stored}" in done.stdout
+    assert "1 captioned, 1 had a caption, 0 failed" in done.stdout
+    assert (folder / "b.txt").read_text(encoding="utf-8") == "my own caption"
+    assert "Traceback" not in done.stderr
 
 
 def test_rm_deletes_a_lora_and_exits_1_when_a_key_failed(lora_worker: Path, tmp_path: Path) -> None:

@@ -250,6 +250,26 @@ def test_malformed_dry_run_answers_are_refused() -> None:
             assert fake.runs[-1]["dry_run"] is True, output
 
 
+def test_malformed_caption_answers_are_refused_and_write_nothing(tmp_path: Path) -> None:
+    """Catches a caption_dataset answer whose fields have the wrong types, or whose captions
+    file would be saved outside ``out_dir``, reaching the caller instead of a ClientError."""
+    outputs = [
+        {"captions": "abc"},
+        {"captions": [{"image": "a.png", "caption": 7}]},
+        {"captions": [{"image": None, "caption": "a cat"}]},
+        {"captions": [], "failed": [{"image": "a.png"}]},
+        {"captions": [], "partial": "yes"},
+        {"captions": [], "captions_file": image("../../captions.json")},
+        "not an object",
+    ]
+    before = tree(tmp_path)
+    with FakeEndpoint([completed(output) for output in outputs]) as fake, client_for(fake) as worker:
+        for output in outputs:
+            with pytest.raises(ClientError):
+                worker.caption_dataset("cats", out_dir=tmp_path / "out")
+            assert tree(tmp_path) - before <= {"out"}, output
+
+
 def test_malformed_presign_answers_fail_the_files_not_the_client(tmp_path: Path, storage: Storage) -> None:
     """Catches ``uploads`` as strings or ``headers`` as a list crashing the upload, and a PUT to a
     host that is not allowed."""
