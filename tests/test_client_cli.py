@@ -527,24 +527,29 @@ def local_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, P
         yield served
 
 
+def run_local(lora_worker: Path, base: str, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``lora-worker --local BASE ARGS`` from ``cwd``, without this environment's worker settings."""
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith(CONFIG_PREFIXES)}
+    env.pop("PYTHONPATH", None)
+    return subprocess.run(
+        [str(lora_worker), "--local", base, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
 def test_the_command_against_the_workers_local_api(
     lora_worker: Path, local_api: tuple[str, Path], tmp_path: Path
 ) -> None:
     base, storage = local_api
     make_dataset(tmp_path / "photos")
-    env = {k: v for k, v in os.environ.items() if not k.upper().startswith(CONFIG_PREFIXES)}
-    env.pop("PYTHONPATH", None)
 
     def command(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [str(lora_worker), "--local", base, *args],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-        )
+        return run_local(lora_worker, base, tmp_path, *args)
 
     upload = command("upload", "photos", "--dataset", "e2e")
     listing = command("ls", "--dataset", "e2e")
@@ -571,20 +576,10 @@ def test_plan_asks_the_worker_whether_a_job_fits_a_card(
     asked explicitly does not (exit status 3, the message names what would fit); generation
     plans too; a bad input exits 1 and a non-finite size is a usage error. Nothing is stored."""
     base, storage = local_api
-    env = {k: v for k, v in os.environ.items() if not k.upper().startswith(CONFIG_PREFIXES)}
-    env.pop("PYTHONPATH", None)
     flux = ("--base-model", "black-forest-labs/FLUX.1-dev", "--gpu-memory-gb", "24")
 
     def command(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [str(lora_worker), "--local", base, "plan", *flux, *args],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-        )
+        return run_local(lora_worker, base, tmp_path, "plan", *flux, *args)
 
     fits, refused, generate = command(), command("--param", "quantize_base=none"), command("--generate", "--json")
     bad, nan = command("--param", "batch_size=0"), command("--gpu-memory-gb", "nan")
@@ -613,17 +608,7 @@ def test_caption_writes_the_missing_captions_and_prints_them(
     for name in ("a.png", "b.png"):
         (folder / name).write_bytes(png_bytes("red"))
     (folder / "b.txt").write_text("my own caption", encoding="utf-8")
-    env = {k: v for k, v in os.environ.items() if not k.upper().startswith(CONFIG_PREFIXES)}
-    env.pop("PYTHONPATH", None)
-    done = subprocess.run(
-        [str(lora_worker), "--local", base, "caption", "--dataset", "capset", "--trigger-word", "sks"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    done = run_local(lora_worker, base, tmp_path, "caption", "--dataset", "capset", "--trigger-word", "sks")
     assert done.returncode == 0, done.stderr
     stored = (folder / "a.txt").read_text(encoding="utf-8")
     assert stored.startswith("sks, ") and f"a.png: {stored}" in done.stdout
