@@ -246,3 +246,24 @@ def test_a_placement_change_that_failed_half_way_is_repaired_by_the_next(tmp_pat
     placement.set_offload(False)
     assert placement.resident == {entry.denoiser_name, *placement.parkable}
     assert not any(hasattr(getattr(entry.pipe, n), "_hf_hook") for n in placement.parkable)
+
+
+def test_offloaded_generation_runs_the_denoiser_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Catches cpu_offload generation through CUDA graphs (COMPILE on): the denoiser moves to the
+    CPU and back every call, so captured graphs would re-record each time."""
+    from services.gpu import compiled
+    from services.gpu.generate.render import generate_images
+    from services.gpu.params import GenerateInput
+    from tests.gpu.conftest import gpu_settings
+
+    def no_compile(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the denoiser was compiled under cpu_offload")
+
+    monkeypatch.setattr(compiled, "compiled_denoiser", no_compile)
+    params = GenerateInput(
+        action="generate", prompt="a red square", base_model="builtin:tiny-sd", steps=1, width=32, height=32
+    )
+    settings = gpu_settings(compile=True)
+    assert len(generate_images(params.model_copy(update={"cpu_offload": True}), None, settings).images) == 1
+    with pytest.raises(AssertionError, match="compiled under cpu_offload"):  # resident: compiled
+        generate_images(params.model_copy(update={"cpu_offload": False}), None, settings)
