@@ -53,13 +53,9 @@ def _answer(plan_of: Any, request: Any, model: str) -> MemoryPlanResult:
         )
     if plan is None:
         return MemoryPlanResult(model=model, card_gib=None, fits=None, plan=None, cards=cards)
-    message = (
-        ""
-        if plan.fits
-        else f"needs about {plan.needed_gib:.1f} GiB with the margin; the card has {plan.card_gib:.1f} GiB"
-    )
+    # a plan comes back only when it fits; one that does not is the InputError above
     return MemoryPlanResult(
-        model=model, card_gib=plan.card_gib, fits=plan.fits, plan=plan.metrics(), message=message, cards=cards
+        model=model, card_gib=plan.card_gib, fits=plan.fits, plan=plan.metrics(), message="", cards=cards
     )
 
 

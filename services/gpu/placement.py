@@ -80,6 +80,11 @@ class Placement:
         self.moves = 0  # component moves between the CPU and the device, for the logs and tests
         self._held: set[str] = set()
 
+    @property
+    def moves_denoiser(self) -> bool:
+        """Offloaded with a denoiser that leaves the device for the largest encoder (bf16, not NF4)."""
+        return self.offloaded and self.alone is not None
+
     # switching
 
     def set_offload(self, offload: bool, alone: bool = True) -> None:

@@ -160,8 +160,7 @@ def generate_images(
         request = with_defaults(entry, request, settings.max_gen_steps)
         # Under cpu_offload the denoiser leaves the device while T5 runs: CUDA graphs captured at
         # its old addresses would re-record every call, so it runs eager.
-        moves = entry.placement.offloaded and entry.placement.alone is not None
-        compile = compiled.resolve_compile(settings.compile, device) and not moves
+        compile = compiled.resolve_compile(settings.compile, device) and not entry.placement.moves_denoiser
         cache = compiled.compile_cache_dir(settings) if compile else None
         images = render(entry, request, lora_path, compile=compile, cache=cache, progress=progress, stop=stop)
     files = [encode_image(image, f"image-{i}", params.format, params.quality) for i, image in enumerate(images)]

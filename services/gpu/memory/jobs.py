@@ -74,27 +74,15 @@ def _builtin_spec(model: str, family: str, targets: dict[str, list[str]]) -> Mod
 
     from services.gpu.families import build_tiny_pipeline, family_of_builtin
     from services.gpu.families.full_size import count_parameters, lora_parameters_per_rank
-    from services.gpu.memory.specs import _REFERENCE
+    from services.gpu.memory.specs import described
 
     pipe = build_tiny_pipeline(model)
     fam = family_of_builtin(model)
     counts = {n: count_parameters(c) for n, c in pipe.components.items() if isinstance(c, torch.nn.Module)}
     denoiser = fam.denoiser(pipe)
     lora = {t: lora_parameters_per_rank(denoiser, s, fam.lora_scope) for t, s in targets.items()}
-    ref = _REFERENCE[family]
-    return ModelSpec(
-        model,
-        family,
-        counts,
-        fam.denoiser_name,
-        lora,
-        config=dict(denoiser.config),
-        text_tokens=ref.text_tokens,
-        text_width=ref.text_width,
-        latent_channels=ref.latent_channels,
-        default_targets=ref.default_targets,
-        native=fam.native_size(pipe),
-    )
+    config = dict(denoiser.config)
+    return described(family, model, counts, lora, config, denoiser=fam.denoiser_name, native=fam.native_size(pipe))
 
 
 def card_gib(requested_gb: float | None) -> float | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +134,15 @@ REPO_IDS: dict[str, ModelSpec] = {
 _REFERENCE = {"flux": FLUX_DEV, "zimage": ZIMAGE_TURBO, "sdxl": SDXL, "sd": SD15}
 
 
+def described(
+    family: str, name: str, components: dict[str, int], lora: dict[str, int], config: dict[str, Any], **extra: Any
+) -> ModelSpec:
+    """A model of ``family`` counted from its own components: the text and latent sizes, default
+    targets and native side are the family's reference model's (``extra`` overrides them)."""
+    reference = _REFERENCE[family]
+    return replace(reference, name=name, components=components, lora_per_rank=lora, config=config, **extra)
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -202,16 +211,4 @@ def spec_of_directory(folder: Path, family_name: str, lora_targets: dict[str, li
     if reference.denoiser not in counts:
         raise InputError(f"input.base_model: {folder} has no {reference.denoiser}/config.json to plan memory with")
     log.info("memory plan: %s described from its configs: %s", folder, counts)
-    return ModelSpec(
-        str(folder),
-        family_name,
-        counts,
-        reference.denoiser,
-        lora,
-        config=config,
-        text_tokens=reference.text_tokens,
-        text_width=reference.text_width,
-        latent_channels=reference.latent_channels,
-        default_targets=reference.default_targets,
-        native=reference.native,
-    )
+    return described(family_name, str(folder), counts, lora, config)

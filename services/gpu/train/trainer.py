@@ -181,7 +181,7 @@ class LoraTrainer:
         self.text: list[dict[str, Any]] | None = None
         cache_device = torch.device("cpu") if placement.offloaded else self.device
         caching = cfg.cache_latents or cfg.cache_text_embeddings
-        with placement.denoiser_parked(caching and placement.offloaded and not self.entry.quantized):
+        with placement.denoiser_parked(caching and placement.moves_denoiser):
             if cfg.cache_latents:
                 self.latent_dist = self._encode_latents(images, cache_device)
                 self.pixels = []
